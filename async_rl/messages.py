@@ -1,0 +1,123 @@
+"""Typed messages that cross process boundaries.
+
+Every message is a msgspec Struct, tagged by `kind` so one decoder reads any of
+them, and carries `schema` so a receiver can refuse a message from an
+incompatible build with a clear reason instead of misreading it.
+msgpack on the wire; pickle never crosses a socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class Message(msgspec.Struct, tag_field="kind", forbid_unknown_fields=False, kw_only=True):
+    schema: int = SCHEMA_VERSION
+
+
+class PromptTask(Message, tag="prompt"):
+    """One prompt to roll out `group_size` times (a GRPO group)."""
+
+    task_id: str
+    prompt_ids: list[int]
+    group_size: int = 1
+    prompt_text: str | None = None
+    # Whatever the reward function needs (reference answer, test cases, ...).
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Timings(msgspec.Struct, kw_only=True):
+    """Wall-clock seconds (time.time()) of a trajectory's life."""
+
+    submitted: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    reward_done: float = 0.0
+
+
+class Trajectory(Message, tag="trajectory"):
+    """One finished (or partial) response with everything the trainer needs.
+
+    `token_versions[i]` is the policy version whose weights produced
+    `response_ids[i]`; staleness at trainer version t is t - min(token_versions).
+    """
+
+    sample_id: str
+    group_id: str
+    group_size: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behavior_logprobs: list[float]
+    token_versions: list[int]
+    reward: float = 0.0
+    finish_reason: str = "length"
+    # 1 = trained on, 0 = masked (e.g. tool output inserted in a multi-turn rollout).
+    loss_mask: list[int] | None = None
+    timings: Timings = msgspec.field(default_factory=Timings)
+    engine_id: str = ""
+    attempt: int = 1
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def oldest_version(self) -> int:
+        return min(self.token_versions) if self.token_versions else -1
+
+    def staleness(self, trainer_version: int) -> int:
+        return trainer_version - self.oldest_version
+
+
+class TrajectoryAck(Message, tag="ack"):
+    """The buffer's reply once a trajectory is durable (or was a duplicate)."""
+
+    sample_id: str
+    accepted: bool
+    reason: str = ""
+
+
+class BatchRequest(Message, tag="batch_request"):
+    trainer_version: int
+    num_groups: int
+    max_staleness: int
+    timeout_s: float = 30.0
+
+
+class BatchResponse(Message, tag="batch_response"):
+    trainer_version: int
+    trajectories: list[Trajectory]
+    dropped_stale: int = 0
+    error: str = ""
+
+
+class WeightsPublished(Message, tag="weights_published"):
+    version: int
+    method: str  # disk | tensor | distributed
+    path: str = ""
+    sync_seconds: float = 0.0
+
+
+AnyMessage = Union[PromptTask, Trajectory, TrajectoryAck, BatchRequest, BatchResponse, WeightsPublished]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+
+
+class MessageError(ValueError):
+    """A frame that is not a valid message of this schema."""
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes) -> AnyMessage:
+    try:
+        message = _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MessageError(f"undecodable frame ({len(frame)} bytes): {exc}") from exc
+    if message.schema != SCHEMA_VERSION:
+        raise MessageError(f"schema {message.schema} is not {SCHEMA_VERSION}")
+    return message
