@@ -60,7 +60,14 @@ class Trajectory(Message, tag="trajectory"):
     timings: Timings = msgspec.field(default_factory=Timings)
     engine_id: str = ""
     attempt: int = 1
+    # A retracted, unfinished response bound for the buffer's partial-rollout pool.
+    partial: bool = False
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def submission_key(self) -> str:
+        """What the buffer de-duplicates on: a partial is resubmitted once per attempt."""
+        return f"{self.sample_id}@{self.attempt}" if self.partial else self.sample_id
 
     @property
     def oldest_version(self) -> int:
@@ -71,11 +78,16 @@ class Trajectory(Message, tag="trajectory"):
 
 
 class TrajectoryAck(Message, tag="ack"):
-    """The buffer's reply once a trajectory is durable (or was a duplicate)."""
+    """The buffer's reply once a trajectory is durable (or was a duplicate).
+
+    `sample_id` echoes the trajectory's `submission_key`. A refusal with
+    `retry=True` (buffer full) asks the sender to try again later.
+    """
 
     sample_id: str
     accepted: bool
     reason: str = ""
+    retry: bool = False
 
 
 class BatchRequest(Message, tag="batch_request"):
@@ -83,6 +95,10 @@ class BatchRequest(Message, tag="batch_request"):
     num_groups: int
     max_staleness: int
     timeout_s: float = 30.0
+    # A resend with the same id gets the same answer instead of a second batch.
+    request_id: str = ""
+    # Serve groups beyond max_staleness too (buffer kept them for importance-weighted use).
+    include_stale: bool = False
 
 
 class BatchResponse(Message, tag="batch_response"):
@@ -90,6 +106,51 @@ class BatchResponse(Message, tag="batch_response"):
     trajectories: list[Trajectory]
     dropped_stale: int = 0
     error: str = ""
+    request_id: str = ""
+
+
+class StatsRequest(Message, tag="stats_request"):
+    trainer_version: int | None = None
+    request_id: str = ""
+
+
+class BufferStats(Message, tag="buffer_stats"):
+    """Counts admission control and dashboards read; staleness is at `trainer_version`."""
+
+    trainer_version: int
+    stored: int = 0
+    complete_groups: int = 0
+    incomplete_groups: int = 0
+    partials: int = 0
+    served: int = 0
+    dropped_stale: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    capacity: int = 0
+    stored_by_version: dict[int, int] = msgspec.field(default_factory=dict)
+    stored_by_staleness: dict[int, int] = msgspec.field(default_factory=dict)
+    request_id: str = ""
+
+
+class TakePartials(Message, tag="take_partials"):
+    """Remove up to `max_n` partial rollouts whose oldest token version is >= `min_version`."""
+
+    max_n: int
+    min_version: int
+    request_id: str = ""
+
+
+class PartialsResponse(Message, tag="partials"):
+    trajectories: list[Trajectory]
+    dropped_stale: int = 0
+    request_id: str = ""
+
+
+class Rejected(Message, tag="rejected"):
+    """A request the receiver could not act on, with the reason."""
+
+    reason: str
+    request_id: str = ""
 
 
 class WeightsPublished(Message, tag="weights_published"):
@@ -99,7 +160,10 @@ class WeightsPublished(Message, tag="weights_published"):
     sync_seconds: float = 0.0
 
 
-AnyMessage = Union[PromptTask, Trajectory, TrajectoryAck, BatchRequest, BatchResponse, WeightsPublished]
+AnyMessage = Union[
+    PromptTask, Trajectory, TrajectoryAck, BatchRequest, BatchResponse, StatsRequest, BufferStats,
+    TakePartials, PartialsResponse, Rejected, WeightsPublished,
+]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyMessage)

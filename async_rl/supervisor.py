@@ -1,0 +1,256 @@
+"""Start a run's component processes, watch them, and stop them all together.
+
+Each child runs in its own process group (its own session), so stopping it also
+stops anything it spawned, and a terminal's Ctrl-C reaches only the supervisor,
+which then shuts children down in order: SIGTERM to the group, a grace period,
+SIGKILL. Every child writes to its own log file; when one dies unexpectedly, the
+run stops and the report names it with its exit code and the tail of its log.
+
+    async with Supervisor(run_dir / "logs") as supervisor:
+        await supervisor.start(ProcessSpec(name="buffer", argv=[...]))
+        await supervisor.guard(wait_until_healthy(...))   # raises ChildFailed if a child dies meanwhile
+        await supervisor.start(ProcessSpec(name="trainer", argv=[...], finishes_run=True))
+        outcome = await supervisor.wait()
+    # leaving the block stops and reaps every child
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections import deque
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import msgspec
+
+LOG_TAIL_LINES = 40
+T = TypeVar("T")
+
+
+class ProcessSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str  # unique; also the log file's name
+    argv: list[str]
+    env: dict[str, str] = {}  # added to (and overriding) the supervisor's environment
+    cwd: str | None = None
+    # True for the component whose clean exit means the run is done (the trainer after its
+    # last step); any other exit, of any child, is a failure.
+    finishes_run: bool = False
+
+
+class ChildExit(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    returncode: int  # negative: killed by that signal
+    log_path: str
+    log_tail: list[str]
+
+    def describe(self) -> str:
+        if self.returncode < 0:
+            how = f"was killed by {signal.Signals(-self.returncode).name}"
+        else:
+            how = f"exited with code {self.returncode}"
+        tail = "\n".join(f"    {line}" for line in self.log_tail) or "    (log is empty)"
+        return f"component {self.name!r} {how}; last {len(self.log_tail)} lines of {self.log_path}:\n{tail}"
+
+
+class RunOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    status: Literal["finished", "failed", "interrupted", "timed_out"]
+    message: str
+    child: ChildExit | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """For a CLI: 0 finished, 1 a component failed, 130 interrupted, 124 timed out."""
+        return {"finished": 0, "failed": 1, "interrupted": 130, "timed_out": 124}[self.status]
+
+
+class RunEnded(RuntimeError):
+    """The run ended (signal, wall-clock limit) while something was still being awaited."""
+
+    def __init__(self, outcome: RunOutcome):
+        super().__init__(outcome.message)
+        self.outcome = outcome
+
+
+class ChildFailed(RunEnded):
+    """A component died; `child` has its exit code and log tail."""
+
+    def __init__(self, outcome: RunOutcome):
+        super().__init__(outcome)
+        self.child = outcome.child
+
+
+class _Child:
+    def __init__(self, spec: ProcessSpec, process: asyncio.subprocess.Process, log_path: Path):
+        self.spec = spec
+        self.process = process
+        self.log_path = log_path
+        self.stopping = False  # set when the supervisor itself asked it to stop
+
+
+class Supervisor:
+    """Owns child processes for the lifetime of an `async with` block.
+
+    SIGINT/SIGTERM to the supervisor end `wait()` with status "interrupted"; a second
+    signal skips the grace period and SIGKILLs everything at once.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, grace_s: float = 10.0, handle_signals: bool = True):
+        self.log_dir = Path(log_dir)
+        self.grace_s = grace_s
+        self.handle_signals = handle_signals
+        self._children: dict[str, _Child] = {}
+        self._watchers = asyncio.TaskGroup()
+        self._ended: asyncio.Future[RunOutcome] | None = None
+        self._kill_now = asyncio.Event()
+        self._signals_installed: list[signal.Signals] = []
+
+    async def __aenter__(self) -> Supervisor:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._ended = asyncio.get_running_loop().create_future()
+        await self._watchers.__aenter__()
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                self._signals_installed.append(sig)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self.stop_all()
+        finally:
+            await self._watchers.__aexit__(None, None, None)
+            loop = asyncio.get_running_loop()
+            for sig in self._signals_installed:
+                loop.remove_signal_handler(sig)
+            self._signals_installed.clear()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: child.process.pid for name, child in self._children.items()}
+
+    @property
+    def returncodes(self) -> dict[str, int | None]:
+        """None while running; negative: killed by that signal."""
+        return {name: child.process.returncode for name, child in self._children.items()}
+
+    async def start(self, spec: ProcessSpec) -> int:
+        """Start one child (its output to `log_dir/NAME.log`) and watch it; returns its pid."""
+        if self._ended is None:
+            raise RuntimeError("use Supervisor inside `async with`")
+        if spec.name in self._children:
+            raise ValueError(f"a component named {spec.name!r} is already running")
+        if self._ended.done():
+            raise _ended_error(self._ended.result())
+        log_path = self.log_dir / f"{spec.name}.log"
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **spec.env}, cwd=spec.cwd, start_new_session=True,
+            )
+        child = _Child(spec, process, log_path)
+        self._children[spec.name] = child
+        self._watchers.create_task(self._watch(child), name=f"watch-{spec.name}")
+        return process.pid
+
+    async def wait(self, timeout_s: float | None = None) -> RunOutcome:
+        """Until the run ends: the finishing child exits 0, a child fails, a signal arrives,
+        or `timeout_s` passes. Children keep running until the `async with` block exits."""
+        assert self._ended is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(self._ended)
+        except TimeoutError:
+            return RunOutcome(status="timed_out", message=f"stopped after the wall-clock limit of {timeout_s:g} s")
+
+    async def guard(self, awaitable: Awaitable[T]) -> T:
+        """Await `awaitable` unless the run ends first (a child died, a signal): then cancel
+        it and raise ChildFailed (or RunEnded for a signal)."""
+        assert self._ended is not None
+        work = asyncio.ensure_future(awaitable)
+        ended = asyncio.shield(self._ended)
+        try:
+            await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()  # cancels only the shield's view; `_ended` itself stays intact
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if work.done() and not work.cancelled():
+            return work.result()
+        raise _ended_error(self._ended.result())
+
+    async def stop_all(self) -> None:
+        """Stop every child (SIGTERM to its group, grace period, SIGKILL) and reap it."""
+        async with asyncio.TaskGroup() as group:
+            for child in self._children.values():
+                child.stopping = True
+                group.create_task(self._stop(child))
+
+    # ---- internals ------------------------------------------------------------------------
+
+    async def _watch(self, child: _Child) -> None:
+        returncode = await child.process.wait()
+        if child.stopping:
+            return
+        finished = child.spec.finishes_run and returncode == 0
+        if finished:
+            self._end(RunOutcome(status="finished", message=f"{child.spec.name} finished"))
+        else:
+            exit_ = ChildExit(name=child.spec.name, returncode=returncode, log_path=str(child.log_path),
+                              log_tail=log_tail(child.log_path))
+            self._end(RunOutcome(status="failed", message=exit_.describe(), child=exit_))
+
+    async def _stop(self, child: _Child) -> None:
+        pgid = child.process.pid  # start_new_session: the child leads its own group
+        if child.process.returncode is None:
+            _signal_group(pgid, signal.SIGTERM)
+            kill = asyncio.ensure_future(self._kill_now.wait())
+            exited = asyncio.ensure_future(child.process.wait())
+            try:
+                await asyncio.wait({kill, exited}, timeout=self.grace_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                kill.cancel()
+        # Also reaches grandchildren left in the group after the leader exited.
+        _signal_group(pgid, signal.SIGKILL)
+        await child.process.wait()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        assert self._ended is not None
+        if self._ended.done():
+            self._kill_now.set()  # second signal: no more grace
+        self._end(RunOutcome(status="interrupted", message=f"received {sig.name}; stopping all components"))
+
+    def _end(self, outcome: RunOutcome) -> None:
+        assert self._ended is not None
+        if not self._ended.done():
+            self._ended.set_result(outcome)
+
+
+def _ended_error(outcome: RunOutcome) -> RunEnded:
+    return ChildFailed(outcome) if outcome.child is not None else RunEnded(outcome)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def log_tail(path: str | os.PathLike, lines: int = LOG_TAIL_LINES, max_bytes: int = 256 * 1024) -> list[str]:
+    """The last `lines` lines of a (possibly huge, possibly binary-garbled) log file."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - max_bytes))
+            data = file.read()
+    except OSError as exc:
+        return [f"(cannot read log: {exc})"]
+    text = data.decode("utf-8", errors="replace")
+    return list(deque(text.splitlines(), maxlen=lines))
+

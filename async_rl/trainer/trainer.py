@@ -1,0 +1,389 @@
+"""PyTorch trainer on an HF causal LM: one `train_step` per policy version.
+
+A step takes a list of Trajectories sampled by policy versions <= t, computes
+GRPO advantages and the configured off-policy objective, applies one or more
+AdamW updates, and advances the version to t + 1 (the weights to publish).
+Given the same (weights, optimizer state, batch, version) a step is
+deterministic on CPU, so a replay of the batches an async run trained on is a
+synchronous reference for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from async_rl.messages import Trajectory
+from async_rl.trainer import checkpoint
+from async_rl.trainer.batch import BatchError, PaddedBatch, pack_microbatches, pad_trajectories, split_minibatches, validate_trajectory
+from async_rl.trainer.config import TrainerConfig
+from async_rl.trainer.distributed import all_reduce_sum, full_tensor, init_distributed, shard_model
+from staleness.corrections import aggregate_loss, group_advantages, kl_k1, kl_k3, policy_token_loss
+from staleness.metrics import check_staleness_bound, staleness_histogram, staleness_summary
+
+log = logging.getLogger(__name__)
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Per-token quantities summed over valid tokens, then divided by the token count.
+_TOKEN_SUMS = (
+    "clip_frac", "is_weight/mean", "is_weight/capped_frac", "kl/behav_current_k1", "kl/behav_current_k3", "kl/current_ref_k3",
+)
+
+
+class StepResult(msgspec.Struct, kw_only=True):
+    version: int  # the trainer's version after the step: the weights to publish
+    metrics: dict[str, float]
+    staleness_histogram: dict[int, int]
+    skipped: bool = False  # True when a non-finite loss or gradient skipped an update
+    skip_reason: str = ""
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token at j+1 | tokens <= j) for every target position j, in float32: [B, L-1]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
+
+
+def load_model(path: str | Path, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path, "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a local HF model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    _disable_dropout(model)
+    return model
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout rate but stay in train mode, which gradient checkpointing needs.
+
+    The trainer's log-probabilities must describe the policy the engines sample from.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    model.train()
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig, *, weights_from: str | Path | None = None):
+        """Fresh trainer at version 0 on `config.model_path` (or on `weights_from`, as resume does)."""
+        self.config = config
+        self.rank, self.world_size, self.device = init_distributed(config.device)
+        _seed_everything(config.seed + self.rank)
+        self.weights_path = Path(weights_from or config.model_path)
+        self.model = load_model(self.weights_path, self.device)
+        self.vocab_size = int(self.model.config.vocab_size)
+        if config.gradient_checkpointing:  # renamed in transformers 5.x; the old name still works
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            enable()
+        self.compute_dtype = torch.bfloat16 if config.compute_dtype == "bfloat16" else torch.float32
+        if self.world_size > 1:
+            shard_model(self.model, self.compute_dtype)
+        self.reference = None
+        if config.loss.kl_coef > 0:
+            self.reference = load_model(config.model_path, self.device).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=self.lr_at(0),
+            betas=config.adam_betas,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self.version = 0
+
+    # ----------------------------------------------------------------- training
+
+    def lr_at(self, version: int) -> float:
+        c = self.config
+        if version < c.warmup_steps:
+            return c.lr * (version + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return c.lr
+        progress = min((version - c.warmup_steps) / (c.total_steps - c.warmup_steps), 1.0)
+        shape = 1.0 - progress if c.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return c.lr * (c.min_lr_ratio + (1.0 - c.min_lr_ratio) * shape)
+
+    def train_step(self, trajectories: list[Trajectory]) -> StepResult:
+        """Train on `trajectories` at version t and move to t + 1.
+
+        Raises BatchError (bad trajectory) or StalenessBoundError before touching
+        any state. A non-finite loss or gradient skips that update (weights and
+        optimizer untouched) and is reported, but the version still advances:
+        the batch was consumed, and admission control counts on one version per batch.
+        """
+        started = time.perf_counter()
+        if not trajectories:
+            raise BatchError("empty batch")
+        for trajectory in trajectories:
+            validate_trajectory(trajectory, self.vocab_size)
+        if self.config.max_staleness is not None:
+            check_staleness_bound(trajectories, self.version, self.config.max_staleness)
+        histogram = staleness_histogram(trajectories, self.version)
+
+        loss_config = self.config.loss
+        batch = pad_trajectories(trajectories, self.device)
+        advantages = group_advantages(batch.rewards, batch.group_index, std_norm=loss_config.adv_std_norm, eps=loss_config.adv_eps)
+        minibatches = split_minibatches(batch.size, self.config.num_minibatches)
+        # One update per batch: the step-start weights are the current ones, so the
+        # loss uses cur.detach() as proximal and this extra forward is not needed.
+        prox = self._logprobs_no_grad(self.model, batch) if loss_config.correction != "none" and len(minibatches) > 1 else None
+        ref = self._logprobs_no_grad(self.reference, batch) if self.reference is not None else None
+
+        lr = self.lr_at(self.version)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(len(_TOKEN_SUMS) + 1, dtype=torch.float64, device=self.device)  # + token count
+        is_weight_max = torch.zeros((), dtype=torch.float32, device=self.device)
+        losses, grad_norms, skip_reasons = [], [], []
+        for rows in minibatches:
+            loss, grad_norm, weight_max = self._update(batch, rows, advantages, prox, ref, sums)
+            losses.append(loss)
+            grad_norms.append(grad_norm)
+            is_weight_max = torch.maximum(is_weight_max, weight_max)
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                skip_reasons.append(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}")
+        self.version += 1
+
+        sums = all_reduce_sum(sums)
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(is_weight_max, op=dist.ReduceOp.MAX)
+        elapsed = time.perf_counter() - started
+        tokens = max(float(sums[-1]), 1.0)
+        metrics = {name: float(sums[i]) / tokens for i, name in enumerate(_TOKEN_SUMS)}
+        metrics.update(staleness_summary(histogram))
+        metrics.update({
+            "loss": float(np.mean(losses)),
+            "is_weight/max": float(is_weight_max),
+            "grad_norm": float(np.mean(grad_norms)),
+            "reward/mean": float(batch.rewards.mean()),
+            "reward/std": float(batch.rewards.std(unbiased=False)),
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            "response_tokens": float(sums[-1]),
+            "samples": float(batch.size),
+            "lr": lr,
+            "skipped_updates": float(len(skip_reasons)),
+            "step_seconds": elapsed,
+            "tokens_per_s": sum(batch.lengths) / elapsed,
+            "version": float(self.version),
+        })
+        return StepResult(
+            version=self.version,
+            metrics=metrics,
+            staleness_histogram=histogram,
+            skipped=bool(skip_reasons),
+            skip_reason="; ".join(skip_reasons),
+        )
+
+    def _update(self, batch: PaddedBatch, rows: list[int], advantages: torch.Tensor, prox: torch.Tensor | None,
+                ref: torch.Tensor | None, sums: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        """One optimizer update on minibatch `rows`, skipped if the loss or gradient is not finite.
+
+        Returns (loss over all ranks, gradient norm, max importance weight); adds token sums to `sums`.
+        """
+        loss_config = self.config.loss
+        num_tokens = int(batch.loss_mask[rows].sum())
+        num_seqs = int(batch.loss_mask[rows].any(-1).sum())
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        is_weight_max = torch.zeros((), dtype=torch.float32, device=self.device)
+        for micro, weight in self._microbatches_of_this_rank(rows, batch.lengths):
+            part = batch.rows(micro)
+            with self._autocast():
+                cur = token_logprobs(self.model, part.input_ids, part.attention_mask)
+            token_loss, diagnostics = policy_token_loss(
+                cur, part.behav, advantages[micro], loss_config,
+                prox=_take(prox, micro, cur.shape[1]), ref=_take(ref, micro, cur.shape[1]),
+            )
+            loss = aggregate_loss(token_loss, part.loss_mask, loss_config.aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+            # FSDP averages gradients over ranks; each rank's loss is its share of the sum.
+            (loss * (weight * self.world_size)).backward()
+            if weight:
+                total += loss.detach().double()
+                is_weight_max = torch.maximum(is_weight_max, self._accumulate(sums, cur.detach(), part, diagnostics))
+        total = float(all_reduce_sum(total))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)))
+        if math.isfinite(total) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm, is_weight_max
+
+    def _accumulate(self, sums: torch.Tensor, cur: torch.Tensor, part: PaddedBatch, diagnostics: dict) -> torch.Tensor:
+        """Add this micro-batch's masked token sums; return its max importance weight."""
+        mask = part.loss_mask
+        values = (
+            diagnostics["clipped"],
+            diagnostics["is_weight"],
+            diagnostics["is_capped"],
+            kl_k1(part.behav, cur),
+            kl_k3(part.behav, cur),
+            diagnostics["kl_ref"],
+        )
+        for i, value in enumerate(values):
+            sums[i] += torch.where(mask, value, torch.zeros_like(value)).sum().double()
+        sums[-1] += mask.sum()
+        return torch.where(mask, diagnostics["is_weight"], torch.zeros_like(cur)).max()
+
+    def _microbatches_of_this_rank(self, rows: list[int], lengths: list[int]) -> list[tuple[list[int], float]]:
+        """This rank's share of the micro-batches, as (rows, weight).
+
+        FSDP needs every rank to run the same number of forward/backward passes,
+        so a rank short of work repeats one micro-batch with weight 0.
+        """
+        packs = pack_microbatches(rows, lengths, self.config.max_tokens_per_microbatch)
+        mine = [(pack, 1.0) for pack in packs[self.rank :: self.world_size]]
+        return mine + [(packs[0], 0.0)] * (math.ceil(len(packs) / self.world_size) - len(mine))
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
+        """[B, L-1] log-probabilities of every row under `model` as it is now, on every rank."""
+        result = torch.zeros_like(batch.behav)
+        for micro, weight in self._microbatches_of_this_rank(list(range(batch.size)), batch.lengths):
+            part = batch.rows(micro)
+            with self._autocast():
+                logprobs = token_logprobs(model, part.input_ids, part.attention_mask)
+            if weight:
+                result[micro, : logprobs.shape[1]] = logprobs
+        return all_reduce_sum(result)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32 or self.world_size > 1:  # FSDP's mixed-precision policy casts instead
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    # ----------------------------------------------------------------- weights
+
+    def named_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF parameter name, full tensor) for a weight sync; tied weights appear once.
+
+        A collective under FSDP: every rank must iterate it to the end.
+        """
+        for name, parameter in self.model.named_parameters():
+            tensor = full_tensor(parameter.detach())
+            yield name, tensor if dtype is None else tensor.to(dtype)
+
+    def state_dict_for_sync(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return dict(self.named_tensors(dtype))
+
+    def save_weights_for_engine(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write an HF model folder an engine can load (update_weights_from_disk); replaced atomically."""
+        path = Path(path)
+        state = self._hf_state_dict(dtype)
+        if self.rank == 0:
+            tmp = path.parent / f".{path.name}.tmp"
+            self._write_hf_folder(tmp, state)
+            old = path.parent / f".{path.name}.old"
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            if old.exists():
+                shutil.rmtree(old)
+        self._barrier()
+        return path
+
+    def _hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Full state dict on rank 0 (empty elsewhere) without tied duplicates."""
+        state = get_model_state_dict(self.model, options=_FULL)
+        keep = {name for name, _ in self.model.named_parameters()} | {
+            name for name, _ in self.model.named_buffers() if name in state
+        }
+        return {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items() if k in keep}
+
+    def _write_hf_folder(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        from huggingface_hub import save_torch_state_dict
+
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        save_torch_state_dict(state, folder)
+        self.model.config.save_pretrained(folder)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(folder)
+        checkpoint.copy_tokenizer_files(self.weights_path, folder)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Save weights, optimizer, version and RNG states to ckpt_dir/step_{version}/."""
+        if not self.config.ckpt_dir:
+            raise ValueError("TrainerConfig.ckpt_dir is empty: nowhere to checkpoint")
+        final = checkpoint.step_dir(self.config.ckpt_dir, self.version)
+        tmp = final.parent / f".{final.name}.tmp"
+        model_state = self._hf_state_dict()
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
+        if self.rank == 0:
+            self._write_hf_folder(tmp, model_state)
+            (tmp / checkpoint.STATE_DIR).mkdir()
+            torch.save(optimizer_state, tmp / checkpoint.STATE_DIR / "optimizer.pt")
+        self._barrier()
+        torch.save(checkpoint.capture_rng(), tmp / checkpoint.STATE_DIR / f"rng_rank{self.rank}.pt")
+        self._barrier()
+        if self.rank == 0:
+            meta = {"version": self.version, "world_size": self.world_size, "seed": self.config.seed}
+            (tmp / checkpoint.STATE_DIR / "meta.json").write_text(json.dumps(meta))
+            checkpoint.publish(tmp, final)
+            checkpoint.prune(self.config.ckpt_dir, self.config.keep_checkpoints)
+        self._barrier()
+        return final
+
+    @classmethod
+    def resume(cls, config: TrainerConfig, path: str | Path | None = None) -> Trainer:
+        """A trainer continuing exactly where checkpoint `path` (default: ckpt_dir's latest) stopped.
+
+        Bit-exact with the same number of ranks; another rank count also resumes (weights and
+        optimizer state are saved whole), only the per-rank RNG states are then not restored.
+        """
+        path = Path(path) if path is not None else checkpoint.latest_checkpoint(config.ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint under {config.ckpt_dir!r}")
+        state_dir = path / checkpoint.STATE_DIR
+        meta = json.loads((state_dir / "meta.json").read_text())
+        trainer = cls(config, weights_from=path)
+        optimizer_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(trainer.model, trainer.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+        trainer.version = int(meta["version"])
+        rng_file = state_dir / f"rng_rank{trainer.rank}.pt"
+        if rng_file.is_file():
+            checkpoint.restore_rng(torch.load(rng_file, weights_only=True))
+        else:  # weights and optimizer state are full tensors, so a different rank count can resume
+            log.warning("%s was saved by %d ranks: rank %d keeps its fresh RNG state", path, meta["world_size"], trainer.rank)
+        return trainer
+
+    @classmethod
+    def resume_or_new(cls, config: TrainerConfig) -> Trainer:
+        if config.ckpt_dir and checkpoint.latest_checkpoint(config.ckpt_dir) is not None:
+            return cls.resume(config)
+        return cls(config)
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and self.world_size > 1:
+            dist.barrier()
+
+
+def _take(tensor: torch.Tensor | None, rows: list[int], width: int) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows, :width]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,318 @@
+"""The buffer service: trajectories in over ZMQ, batches out, every change logged first.
+
+Sockets (both ROUTER, so every message gets its own reply):
+- submit: workers' DEALERs send Trajectory frames; each gets a TrajectoryAck
+  only after its WAL record is committed. The architecture sketches PUSH/PULL;
+  ROUTER/DEALER is a deliberate departure, because one-way PUSH cannot carry
+  the per-message acks that at-least-once delivery needs.
+- serve: the trainer's BatchRequest, StatsRequest and the APRIL controller's
+  TakePartials. A batch's Served record is committed before the reply leaves,
+  so after any crash a served id is never served again: at most once per
+  sample id. A reply lost in flight is re-sent from a cache when the client
+  repeats the request id; if the buffer itself dies between commit and send,
+  those samples are lost to training (counted as served), never duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from async_rl import zmq_auth
+from async_rl.messages import (
+    BatchRequest, BatchResponse, Message, MessageError, PartialsResponse, Rejected, StatsRequest, TakePartials,
+    TrajectoryAck, decode, encode,
+)
+from buffer.frames import read_header
+from buffer.replay import ReplayBuffer, Sampling, StalePolicy
+from buffer.wal import FsyncPolicy, Put, WriteAheadLog
+
+log = logging.getLogger("buffer.service")
+
+WAL_NAME = "buffer.wal"
+_DRAIN = 512  # messages handled per WAL commit (group commit)
+_REPLY_CACHE = 64
+
+
+@dataclass
+class BufferConfig:
+    directory: Path
+    submit: str = "tcp://127.0.0.1:5601"
+    serve: str = "tcp://127.0.0.1:5602"
+    capacity: int = 65536
+    # Hard ceiling on staleness: a BatchRequest may ask for less, never more.
+    max_staleness: int = 4
+    stale_policy: StalePolicy = "drop"
+    sampling: Sampling = "fifo"
+    fsync: FsyncPolicy = "batch"
+    fsync_interval_s: float = 1.0
+    max_frame_bytes: int = 64 << 20
+    compact_min_bytes: int = 64 << 20
+    hwm: int = 1000
+    curve: zmq_auth.CurveServer | None = None
+    allow_insecure_bind: bool = False
+
+
+@dataclass
+class _PendingBatch:
+    identity: bytes
+    request: BatchRequest
+    deadline: float
+    dropped_stale: int = 0
+
+
+@dataclass
+class BufferService:
+    """Usable in-process (`await service.run()`, cancel to stop) or via `async-rl buffer serve`."""
+
+    config: BufferConfig
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config.directory.mkdir(parents=True, exist_ok=True)
+        self.wal = WriteAheadLog(self.config.directory / WAL_NAME, self.config.fsync, self.config.fsync_interval_s)
+        self.buffer = ReplayBuffer(self.config.capacity, self.config.stale_policy, self.config.sampling)
+        for record in self.wal.recovered:
+            self.buffer.apply(record)
+        log.info("recovered %d WAL records: %s", len(self.wal.recovered), self.buffer.stats())
+        self.wal.recovered = []
+        self.ready = asyncio.Event()
+        self._pending: dict[str, _PendingBatch] = {}
+        self._replies: OrderedDict[str, bytes] = OrderedDict()
+
+    async def run(self) -> None:
+        context = zmq.asyncio.Context()
+        authenticator = zmq_auth.start_authenticator(context, self.config.curve) if self.config.curve else None
+        sockets = {name: self._bind(context, name) for name in ("submit", "serve")}
+        self.ready.set()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._submit_loop(sockets["submit"], sockets["serve"]))
+                tasks.create_task(self._serve_loop(sockets["serve"]))
+                if self.config.fsync == "batch":
+                    tasks.create_task(self._sync_loop())
+        finally:
+            for socket in sockets.values():
+                socket.close(linger=0)
+            if authenticator:
+                authenticator.stop()
+            context.term()
+            self.wal.close()
+
+    def _bind(self, context: zmq.asyncio.Context, name: str) -> zmq.asyncio.Socket:
+        endpoint = getattr(self.config, name)
+        zmq_auth.check_bind(endpoint, self.config.curve is not None, self.config.allow_insecure_bind)
+        socket = context.socket(zmq.ROUTER)
+        socket.sndhwm = socket.rcvhwm = self.config.hwm
+        # Hard memory guard in libzmq; frames between max_frame_bytes and this are rejected with a reason.
+        socket.maxmsgsize = 4 * self.config.max_frame_bytes
+        socket.router_mandatory = False
+        if self.config.curve:
+            zmq_auth.secure_server(socket, self.config.curve)
+        socket.bind(endpoint)
+        self.endpoints[name] = socket.last_endpoint.decode()
+        return socket
+
+    # ---- submission -----------------------------------------------------
+    async def _submit_loop(self, submit: zmq.asyncio.Socket, serve: zmq.asyncio.Socket) -> None:
+        while True:
+            messages = [await submit.recv_multipart()]
+            while len(messages) < _DRAIN:
+                try:
+                    messages.append(await submit.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            acks = [(parts[0], self._accept(parts[1:])) for parts in messages]
+            self._commit()
+            for identity, ack in acks:
+                await submit.send_multipart([identity, encode(ack)])
+            await self._serve_pending(serve)
+
+    def _accept(self, frames: list[bytes]) -> TrajectoryAck:
+        """Validate, de-duplicate and log one trajectory; the ack is sent after the commit."""
+        try:
+            header = read_header(self._single_frame(frames))
+        except MessageError as exc:
+            log.warning("rejected submission: %s", exc)
+            return self.buffer.reject("", str(exc))
+        try:
+            refusal = self.buffer.admit(header)
+        except Exception as exc:  # a bug must cost one message, never the service
+            log.exception("could not admit %s", header.submission_key)
+            return self.buffer.reject(header.submission_key, f"internal error: {exc!r}")
+        if refusal is not None:
+            return refusal
+        record = Put(frame=msgspec.Raw(frames[0]))
+        self.wal.append(record)
+        self.buffer.apply(record, header)
+        return TrajectoryAck(sample_id=header.submission_key, accepted=True)
+
+    def _single_frame(self, frames: list[bytes]) -> bytes:
+        if len(frames) != 1:
+            raise MessageError(f"expected 1 frame, got {len(frames)}")
+        if len(frames[0]) > self.config.max_frame_bytes:
+            raise MessageError(f"oversized frame: {len(frames[0])} > {self.config.max_frame_bytes} bytes")
+        return frames[0]
+
+    def _commit(self) -> None:
+        self.wal.commit()
+        if self.wal.size > self.config.compact_min_bytes and self.buffer.live_bytes < self.wal.size // 2:
+            before = self.wal.size
+            self.wal.rewrite(self.buffer.live_records())
+            log.info("compacted WAL %d -> %d bytes", before, self.wal.size)
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.fsync_interval_s)
+            self.wal.sync()
+
+    # ---- serving --------------------------------------------------------
+    async def _serve_loop(self, serve: zmq.asyncio.Socket) -> None:
+        while True:
+            deadlines = [pending.deadline for pending in self._pending.values()]
+            wait_ms = max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1) if deadlines else None
+            if await serve.poll(wait_ms, zmq.POLLIN):
+                identity, *frames = await serve.recv_multipart()
+                try:
+                    await self._handle_request(serve, identity, frames)
+                except Exception as exc:  # a bug must cost one request, never the service
+                    log.exception("request failed")
+                    self.buffer.reject("", repr(exc))
+                    await serve.send_multipart([identity, encode(Rejected(reason=f"internal error: {exc!r}"))])
+            await self._serve_pending(serve)
+
+    async def _handle_request(self, serve: zmq.asyncio.Socket, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            request = decode(self._single_frame(frames))
+            if isinstance(request, BatchRequest) and not (0 <= request.timeout_s <= 3600 and request.num_groups >= 1):
+                raise MessageError(f"BatchRequest needs num_groups >= 1 and 0 <= timeout_s <= 3600: {request}")
+        except MessageError as exc:
+            log.warning("rejected request: %s", exc)
+            self.buffer.reject("", str(exc))
+            await serve.send_multipart([identity, encode(Rejected(reason=str(exc)))])
+            return
+        request_id = getattr(request, "request_id", "")
+        if request_id and request_id in self._replies:
+            await serve.send_multipart([identity, self._replies[request_id]])
+            return
+        match request:
+            case BatchRequest():
+                self.buffer.trainer_version = max(self.buffer.trainer_version, request.trainer_version)
+                if request_id in self._pending:  # a repeat: answer the newest connection, keep the count
+                    self._pending[request_id].identity = identity
+                else:
+                    self._pending[request_id] = _PendingBatch(identity, request, time.monotonic() + request.timeout_s)
+            case StatsRequest():
+                stats = self.buffer.stats(request.trainer_version)
+                stats.request_id = request_id
+                await serve.send_multipart([identity, encode(stats)])
+            case TakePartials():
+                taken, frames_out = self.buffer.plan_partials(request.max_n, request.min_version)
+                self.wal.append(taken)
+                self._commit()
+                self.buffer.apply(taken)
+                reply = PartialsResponse(trajectories=frames_out, dropped_stale=len(taken.dropped_keys),
+                                         request_id=request_id)
+                await self._reply(serve, identity, request_id, reply)
+            case _:
+                reason = f"{type(request).__name__} is not a request this service answers"
+                self.buffer.reject("", reason)
+                await serve.send_multipart([identity, encode(Rejected(reason=reason, request_id=request_id))])
+
+    async def _serve_pending(self, serve: zmq.asyncio.Socket) -> None:
+        for request_id, pending in list(self._pending.items()):
+            request = pending.request
+            plan = self.buffer.plan_batch(
+                request.trainer_version, request.num_groups,
+                min(request.max_staleness, self.config.max_staleness), request.include_stale,
+            )
+            records = [record for record in (plan.dropped, plan.served) if record is not None]
+            for record in records:
+                self.wal.append(record)
+            if records:
+                self._commit()
+                for record in records:
+                    self.buffer.apply(record)
+            pending.dropped_stale += len(plan.dropped.sample_ids) if plan.dropped else 0
+            if plan.served is not None:
+                # The frames are encoded Trajectories: msgspec.Raw embeds them without re-encoding.
+                reply = BatchResponse(trainer_version=request.trainer_version, trajectories=plan.frames,
+                                      dropped_stale=pending.dropped_stale, request_id=request_id)
+            elif time.monotonic() >= pending.deadline:
+                ready = self.buffer.stats(request.trainer_version).complete_groups
+                reply = BatchResponse(trainer_version=request.trainer_version, trajectories=[],
+                                      dropped_stale=pending.dropped_stale,
+                                      error=f"timeout: {ready} of {request.num_groups} groups ready",
+                                      request_id=request_id)
+            else:
+                continue
+            del self._pending[request_id]
+            await self._reply(serve, pending.identity, request_id, reply)
+
+    async def _reply(self, serve: zmq.asyncio.Socket, identity: bytes, request_id: str, reply: Message) -> None:
+        frame = encode(reply)
+        if request_id:
+            self._replies[request_id] = frame
+            while len(self._replies) > _REPLY_CACHE:
+                self._replies.popitem(last=False)
+        await serve.send_multipart([identity, frame])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", type=Path, required=True, help="directory of the write-ahead log")
+    parser.add_argument("--bind-submit", default=BufferConfig.submit, help="ROUTER endpoint for trajectories")
+    parser.add_argument("--bind-serve", default=BufferConfig.serve, help="ROUTER endpoint for batch/stats requests")
+    parser.add_argument("--capacity", type=int, default=BufferConfig.capacity)
+    parser.add_argument("--max-staleness", type=int, default=BufferConfig.max_staleness)
+    parser.add_argument("--stale-policy", choices=["drop", "keep"], default="drop")
+    parser.add_argument("--sampling", choices=["fifo", "stalest_first", "freshest_first"], default="fifo")
+    parser.add_argument("--fsync", choices=["always", "batch", "never"], default="batch")
+    parser.add_argument("--fsync-interval", type=float, default=BufferConfig.fsync_interval_s)
+    parser.add_argument("--max-frame-bytes", type=int, default=BufferConfig.max_frame_bytes)
+    parser.add_argument("--compact-min-bytes", type=int, default=BufferConfig.compact_min_bytes)
+    parser.add_argument("--hwm", type=int, default=BufferConfig.hwm)
+    parser.add_argument("--curve-secret", type=Path, help="server .key_secret file: enables CURVE")
+    parser.add_argument("--curve-clients", type=Path, help="folder of authorized client .key files")
+    parser.add_argument("--allow-insecure-bind", action="store_true", help="bind beyond loopback without CURVE")
+
+
+def config_from_args(args: argparse.Namespace) -> BufferConfig:
+    return BufferConfig(
+        directory=args.dir, submit=args.bind_submit, serve=args.bind_serve, capacity=args.capacity,
+        max_staleness=args.max_staleness, stale_policy=args.stale_policy, sampling=args.sampling, fsync=args.fsync,
+        fsync_interval_s=args.fsync_interval, max_frame_bytes=args.max_frame_bytes,
+        compact_min_bytes=args.compact_min_bytes, hwm=args.hwm,
+        curve=zmq_auth.load_server(args.curve_secret, args.curve_clients) if args.curve_secret else None,
+        allow_insecure_bind=args.allow_insecure_bind,
+    )
+
+
+async def _serve_until_signalled(service: BufferService) -> None:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(service.run())
+        await service.ready.wait()
+        print(f"buffer ready submit={service.endpoints['submit']} serve={service.endpoints['serve']}", flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    service = BufferService(config_from_args(args))
+    try:
+        asyncio.run(_serve_until_signalled(service))
+    except asyncio.CancelledError:
+        pass
+    return 0

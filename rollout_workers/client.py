@@ -1,0 +1,630 @@
+"""Async HTTP client for SGLang's RL API (contracts/sglang_rl_api.md).
+
+The same class drives real SGLang and the embedded engine, so rollout workers,
+weight sync and the APRIL controller never know which one they talk to.
+Responses are decoded into msgspec Structs at the boundary: callers never index
+raw JSON, and a malformed answer fails here with a clear `EngineProtocolError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiohttp
+import msgspec
+
+if TYPE_CHECKING:
+    import torch
+
+PauseMode = Literal["abort", "retract", "in_place"]
+
+# Status codes that mean "try again shortly" for an idempotent read.
+_RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+# ----------------------------------------------------------------- exceptions
+class EngineClientError(Exception):
+    """Base class: anything that went wrong talking to an engine."""
+
+
+class EngineError(EngineClientError):
+    """The engine answered, and the answer is a failure (HTTP 4xx/5xx or `success: false`)."""
+
+    def __init__(self, status: int, message: str, endpoint: str):
+        super().__init__(f"{endpoint} failed with HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.endpoint = endpoint
+
+
+class EngineConnectionError(EngineClientError):
+    """No answer: the engine is unreachable or dropped the connection."""
+
+    def __init__(self, endpoint: str, cause: BaseException):
+        super().__init__(f"{endpoint}: cannot reach engine: {cause}")
+        self.endpoint = endpoint
+
+
+class EngineTimeoutError(EngineClientError):
+    """The engine did not answer within the call's timeout."""
+
+    def __init__(self, endpoint: str, timeout_s: float | None):
+        super().__init__(f"{endpoint}: no answer within {timeout_s} s")
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+
+
+class EngineProtocolError(EngineClientError):
+    """The engine answered 2xx with a body this client cannot read."""
+
+
+# -------------------------------------------------------------------- requests
+class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """SGLang sampling parameters; unset fields are left to the engine's defaults."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    n: int | None = None
+    skip_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+
+
+# ------------------------------------------------------------------- responses
+class FinishReason(msgspec.Struct, kw_only=True):
+    """`type` is "length", "stop" or "abort"; the other fields depend on it."""
+
+    type: str
+    length: int | None = None
+    matched: int | str | None = None
+    message: str | None = None
+
+
+class _WireMetaInfo(msgspec.Struct, kw_only=True):
+    id: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    output_token_logprobs: list[tuple[float | None, int, str | None]] | None = None
+    weight_version: str | int | None = None
+    output_token_weight_versions: list[str | int] | None = None
+    e2e_latency: float | None = None
+
+
+class _WireGenerate(msgspec.Struct, kw_only=True):
+    text: str = ""
+    output_ids: list[int] = []
+    meta_info: _WireMetaInfo
+
+
+class GenerateResult(msgspec.Struct, kw_only=True):
+    """One generated response. Lists indexed by output position are parallel.
+
+    `output_logprobs[i]` / `output_token_weight_versions[i]` belong to
+    `output_ids[i]`; logprobs are empty unless `return_logprob` was asked.
+    `finish_reason` is None only for a streaming chunk that is not the last.
+    """
+
+    rid: str
+    text: str
+    output_ids: list[int]
+    output_logprobs: list[float]
+    output_token_weight_versions: list[str]
+    weight_version: str
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    e2e_latency: float | None = None
+
+    @property
+    def finish_type(self) -> str | None:
+        return None if self.finish_reason is None else self.finish_reason.type
+
+    @property
+    def aborted(self) -> bool:
+        return self.finish_type == "abort"
+
+    def token_versions(self) -> list[int]:
+        """Per-token policy versions as trainer ints (async-rl always sets numeric versions)."""
+        try:
+            return [int(version) for version in self.output_token_weight_versions]
+        except ValueError as exc:
+            raise EngineProtocolError(
+                f"request {self.rid}: weight versions {sorted(set(self.output_token_weight_versions))} "
+                "are not integers; start engines with a numeric --weight-version"
+            ) from exc
+
+
+class ModelInfo(msgspec.Struct, kw_only=True):
+    model_path: str
+    tokenizer_path: str | None = None
+    is_generation: bool = True
+    weight_version: str | int | None = None
+
+
+class _SuccessReply(msgspec.Struct, kw_only=True):
+    success: bool
+    message: str = ""
+
+
+class _WeightVersionReply(msgspec.Struct, kw_only=True):
+    weight_version: str | int | None
+
+
+def _result_from_wire(wire: _WireGenerate) -> GenerateResult:
+    meta = wire.meta_info
+    logprob_triples = meta.output_token_logprobs or []
+    version = "" if meta.weight_version is None else str(meta.weight_version)
+    if meta.output_token_weight_versions is None:
+        # Real SGLang does not tag tokens: every token came from the response's version.
+        token_versions = [version] * len(wire.output_ids)
+    else:
+        token_versions = [str(v) for v in meta.output_token_weight_versions]
+    return GenerateResult(
+        rid=meta.id,
+        text=wire.text,
+        output_ids=list(wire.output_ids),
+        output_logprobs=[math.nan if lp is None else lp for lp, _, _ in logprob_triples],
+        output_token_weight_versions=token_versions,
+        weight_version=version,
+        finish_reason=meta.finish_reason,
+        prompt_tokens=meta.prompt_tokens,
+        completion_tokens=meta.completion_tokens,
+        cached_tokens=meta.cached_tokens,
+        e2e_latency=meta.e2e_latency,
+    )
+
+
+class _StreamAccumulator:
+    """Turns SSE chunks into cumulative results whether the server streams deltas or totals.
+
+    SGLang sends cumulative lists by default and deltas with `--stream-output`
+    (and builds differ per field); `completion_tokens` is always the running
+    total, so a list of that length is cumulative and anything shorter a delta.
+    """
+
+    def __init__(self) -> None:
+        self.current: GenerateResult | None = None
+
+    def add(self, chunk: GenerateResult) -> GenerateResult:
+        previous = self.current
+        if previous is not None:
+            total = chunk.completion_tokens
+
+            def merged(before: list, new: list) -> list:
+                return new if len(new) == total else before + new
+
+            chunk = msgspec.structs.replace(
+                chunk,
+                text=chunk.text if len(chunk.output_ids) == total else previous.text + chunk.text,
+                output_ids=merged(previous.output_ids, chunk.output_ids),
+                output_logprobs=merged(previous.output_logprobs, chunk.output_logprobs),
+                output_token_weight_versions=merged(
+                    previous.output_token_weight_versions, chunk.output_token_weight_versions
+                ),
+            )
+        self.current = chunk
+        return chunk
+
+
+def _error_message(body: bytes) -> str:
+    """The server's own words, whichever of SGLang's error shapes it used."""
+    try:
+        payload = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body.decode("utf-8", "replace").strip()[:2000] or "(empty body)"
+    if isinstance(payload, dict):
+        for key in ("message", "error", "detail"):
+            value = payload.get(key)
+            if isinstance(value, dict) and "message" in value:
+                value = value["message"]
+            if value:
+                return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    return msgspec.json.encode(payload).decode()[:2000]
+
+
+def _dtype_name(dtype: "torch.dtype | str") -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def serialize_named_tensors(named_tensors: Mapping[str, "torch.Tensor"]) -> str:
+    """base64(safetensors) — the agreed pickle-free replacement for SGLang's pickled tensors."""
+    from safetensors.torch import save
+
+    cpu_tensors: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for name, tensor in named_tensors.items():
+        cpu = tensor.detach().to("cpu").contiguous()
+        storage = cpu.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory (e.g. tied embeddings).
+        cpu_tensors[name] = cpu.clone() if storage in seen_storages else cpu
+        seen_storages.add(storage)
+    return base64.b64encode(save(cpu_tensors)).decode("ascii")
+
+
+# ---------------------------------------------------------------------- client
+class EngineClient:
+    """One engine's RL API. Use as `async with EngineClient(url, api_key=...) as engine:`.
+
+    Every call takes an optional `timeout_s`; None there means the client's default:
+    `timeout_s` for generation, control and weight calls (None: no limit) and
+    `read_timeout_s` for GET reads. Only the reads (info, health) are retried, with
+    exponential backoff, on connection errors, timeouts and 502/503/504: they are
+    idempotent, whereas a repeated generate or weight update is not.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float | None = 600.0,
+        read_timeout_s: float = 30.0,
+        read_retries: int = 3,
+        retry_backoff_s: float = 0.2,
+        max_connections: int = 0,
+    ):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.read_retries = read_retries
+        self.retry_backoff_s = retry_backoff_s
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> EngineClient:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    # ------------------------------------------------------------- transport
+    async def _request(
+        self, method: str, endpoint: str, payload: Any = None, *, timeout_s: float | None
+    ) -> bytes:
+        """Send once; return the body of a 2xx answer, raise a typed error otherwise."""
+        session = self._ensure_session()
+        data = None if payload is None else msgspec.json.encode(payload)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with session.request(method, self.url + endpoint, data=data) as response:
+                    body = await response.read()
+        except TimeoutError as exc:
+            raise EngineTimeoutError(endpoint, timeout_s) from exc
+        except aiohttp.ClientError as exc:
+            raise EngineConnectionError(endpoint, exc) from exc
+        if response.status >= 400:
+            raise EngineError(response.status, _error_message(body), endpoint)
+        return body
+
+    async def _read(self, endpoint: str, timeout_s: float | None) -> bytes:
+        """GET with retries: safe because reads change nothing on the engine."""
+        timeout = self.read_timeout_s if timeout_s is None else timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await self._request("GET", endpoint, timeout_s=timeout)
+            except (EngineConnectionError, EngineTimeoutError, EngineError) as exc:
+                refused = isinstance(exc, EngineError) and exc.status not in _RETRYABLE_STATUS
+                if refused or attempt >= self.read_retries:
+                    raise
+            await asyncio.sleep(self.retry_backoff_s * 2**attempt)
+            attempt += 1
+
+    async def _post(self, endpoint: str, payload: Any = None, timeout_s: float | None = None) -> bytes:
+        return await self._request(
+            "POST", endpoint, {} if payload is None else payload,
+            timeout_s=self.timeout_s if timeout_s is None else timeout_s,
+        )
+
+    async def _post_expect_success(self, endpoint: str, payload: dict[str, Any], timeout_s: float | None) -> str:
+        """For SGLang's `{"success", "message"}` replies: a `success: false` is an error too."""
+        body = await self._post(endpoint, payload, timeout_s)
+        reply = _decode(body, _SuccessReply, endpoint)
+        if not reply.success:
+            raise EngineError(200, reply.message, endpoint)
+        return reply.message
+
+    # -------------------------------------------------------------- generate
+    @staticmethod
+    def _generate_payload(
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None,
+        text: str | Sequence[str] | None,
+        sampling_params: SamplingParams | Mapping[str, Any] | None,
+        return_logprob: bool,
+        rid: str | Sequence[str] | None,
+        stream: bool,
+        extra: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        if (input_ids is None) == (text is None):
+            raise ValueError("give exactly one of input_ids or text")
+        payload: dict[str, Any] = {"return_logprob": return_logprob, "stream": stream}
+        if input_ids is not None:
+            payload["input_ids"] = input_ids
+        else:
+            payload["text"] = text
+        if sampling_params is not None:
+            payload["sampling_params"] = sampling_params
+        if rid is not None:
+            payload["rid"] = rid
+        payload.update(extra or {})
+        return payload
+
+    async def generate(
+        self,
+        input_ids: Sequence[int] | None = None,
+        *,
+        text: str | None = None,
+        sampling_params: SamplingParams | Mapping[str, Any] | None = None,
+        return_logprob: bool = True,
+        rid: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateResult:
+        """One prompt, one response (for n > 1 or many prompts use `generate_batch`).
+
+        An aborted request (abort_request, pause in abort mode) is not an error:
+        it returns its partial output with `finish_reason.type == "abort"`.
+        """
+        payload = self._generate_payload(input_ids, text, sampling_params, return_logprob, rid, False, extra)
+        body = await self._post("/generate", payload, timeout_s)
+        return _result_from_wire(_decode(body, _WireGenerate, "/generate"))
+
+    async def generate_batch(
+        self,
+        input_ids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Sequence[str] | None = None,
+        sampling_params: SamplingParams | Mapping[str, Any] | None = None,
+        return_logprob: bool = True,
+        rid: Sequence[str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[GenerateResult]:
+        """Many prompts in one request; results in input order (n per prompt when n > 1)."""
+        payload = self._generate_payload(input_ids, text, sampling_params, return_logprob, rid, False, extra)
+        body = await self._post("/generate", payload, timeout_s)
+        wire = _decode(body, list[_WireGenerate] | _WireGenerate, "/generate")
+        return [_result_from_wire(item) for item in (wire if isinstance(wire, list) else [wire])]
+
+    async def generate_stream(
+        self,
+        input_ids: Sequence[int] | None = None,
+        *,
+        text: str | None = None,
+        sampling_params: SamplingParams | Mapping[str, Any] | None = None,
+        return_logprob: bool = True,
+        rid: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[GenerateResult]:
+        """Yield the response so far after each server-sent event (always cumulative,
+        see `_StreamAccumulator`); the last one carries the finish reason.
+        One prompt with n == 1; `timeout_s` bounds the whole stream."""
+        payload = self._generate_payload(input_ids, text, sampling_params, return_logprob, rid, True, extra)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        session = self._ensure_session()
+        accumulator = _StreamAccumulator()
+        # aiohttp's own timeout, not asyncio.timeout: it must not fire in the
+        # consumer's code between two yields.
+        request_timeout = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with session.post(
+                self.url + "/generate", data=msgspec.json.encode(payload), timeout=request_timeout
+            ) as response:
+                if response.status >= 400:
+                    raise EngineError(response.status, _error_message(await response.read()), "/generate")
+                async for raw_line in response.content:
+                    line = raw_line.strip()
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, SSE comments, keep-alives
+                    data = line[len(b"data:"):].strip()
+                    if data == b"[DONE]":
+                        return
+                    yield accumulator.add(_result_from_wire(_decode_stream_chunk(data)))
+        except TimeoutError as exc:
+            raise EngineTimeoutError("/generate", timeout) from exc
+        except aiohttp.ClientError as exc:
+            raise EngineConnectionError("/generate", exc) from exc
+
+    # ---------------------------------------------------------- scheduling
+    async def pause_generation(self, mode: PauseMode = "abort", *, timeout_s: float | None = None) -> None:
+        await self._post("/pause_generation", {"mode": mode}, timeout_s)
+
+    async def continue_generation(self, *, timeout_s: float | None = None) -> None:
+        await self._post("/continue_generation", {}, timeout_s)
+
+    async def abort_request(
+        self, rid: str | None = None, *, abort_all: bool = False, timeout_s: float | None = None
+    ) -> None:
+        """Abort one request by rid, or all of them; aborted generates return their partial output."""
+        if (rid is None) == (not abort_all):
+            raise ValueError("give either rid or abort_all=True")
+        payload = {"abort_all": True} if abort_all else {"rid": rid}
+        await self._post("/abort_request", payload, timeout_s)
+
+    async def flush_cache(self, *, timeout_s: float | None = None) -> None:
+        """Drop the prefix/KV cache; the engine refuses (EngineError) while requests run."""
+        await self._post("/flush_cache", None, timeout_s)
+
+    # ------------------------------------------------------------- weights
+    async def update_weights_from_disk(
+        self,
+        model_path: str,
+        *,
+        load_format: str | None = None,
+        abort_all_requests: bool = False,
+        weight_version: str | int | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
+        payload: dict[str, Any] = {"model_path": model_path, "abort_all_requests": abort_all_requests}
+        if load_format is not None:
+            payload["load_format"] = load_format
+        if weight_version is not None:
+            payload["weight_version"] = str(weight_version)
+        return await self._post_expect_success("/update_weights_from_disk", payload, timeout_s)
+
+    async def update_weights_from_tensor(
+        self,
+        named_tensors: Mapping[str, "torch.Tensor"],
+        *,
+        flush_cache: bool = True,
+        weight_version: str | int | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
+        """Send tensors in the request body as base64 safetensors (never pickle)."""
+        serialized = await asyncio.to_thread(serialize_named_tensors, named_tensors)
+        payload: dict[str, Any] = {
+            "serialized_named_tensors": [serialized],
+            "load_format": "safetensors",
+            "flush_cache": flush_cache,
+        }
+        if weight_version is not None:
+            payload["weight_version"] = str(weight_version)
+        return await self._post_expect_success("/update_weights_from_tensor", payload, timeout_s)
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        *,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = "weight_update_group",
+        backend: str = "nccl",
+        timeout_s: float | None = None,
+    ) -> str:
+        """Returns once the engine joined the group, so the trainer (rank 0) must join concurrently."""
+        payload = {
+            "master_address": master_address,
+            "master_port": master_port,
+            "rank_offset": rank_offset,
+            "world_size": world_size,
+            "group_name": group_name,
+            "backend": backend,
+        }
+        return await self._post_expect_success("/init_weights_update_group", payload, timeout_s)
+
+    async def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence["torch.dtype | str"],
+        shapes: Sequence[Sequence[int]],
+        *,
+        group_name: str = "weight_update_group",
+        flush_cache: bool = True,
+        weight_version: str | int | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
+        """Returns once the engine received every tensor: the trainer broadcasts them
+        (in `names` order, from rank 0) while this call is in flight."""
+        if not len(names) == len(dtypes) == len(shapes):
+            raise ValueError("names, dtypes and shapes must have the same length")
+        payload: dict[str, Any] = {
+            "names": list(names),
+            "dtypes": [_dtype_name(dtype) for dtype in dtypes],
+            "shapes": [list(shape) for shape in shapes],
+            "group_name": group_name,
+            "flush_cache": flush_cache,
+        }
+        if weight_version is not None:
+            payload["weight_version"] = str(weight_version)
+        return await self._post_expect_success("/update_weights_from_distributed", payload, timeout_s)
+
+    async def destroy_weights_update_group(
+        self, group_name: str = "weight_update_group", *, timeout_s: float | None = None
+    ) -> str:
+        return await self._post_expect_success(
+            "/destroy_weights_update_group", {"group_name": group_name}, timeout_s
+        )
+
+    # -------------------------------------------------------------- memory
+    async def release_memory_occupation(
+        self, tags: Sequence[str] | None = None, *, timeout_s: float | None = None
+    ) -> None:
+        await self._post("/release_memory_occupation", {} if tags is None else {"tags": list(tags)}, timeout_s)
+
+    async def resume_memory_occupation(
+        self, tags: Sequence[str] | None = None, *, timeout_s: float | None = None
+    ) -> None:
+        await self._post("/resume_memory_occupation", {} if tags is None else {"tags": list(tags)}, timeout_s)
+
+    # --------------------------------------------------------------- reads
+    async def get_model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
+        return _decode(await self._read("/get_model_info", timeout_s), ModelInfo, "/get_model_info")
+
+    async def get_server_info(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Server args and state; their keys differ between engines, hence a plain dict."""
+        return _decode(await self._read("/get_server_info", timeout_s), dict[str, Any], "/get_server_info")
+
+    async def get_weight_version(self, *, timeout_s: float | None = None) -> str:
+        reply = _decode(await self._read("/get_weight_version", timeout_s), _WeightVersionReply, "/get_weight_version")
+        return "" if reply.weight_version is None else str(reply.weight_version)
+
+    async def health(self, *, timeout_s: float | None = None) -> None:
+        """Raises unless the engine answers 200."""
+        await self._read("/health", timeout_s)
+
+    async def health_generate(self, *, timeout_s: float | None = None) -> None:
+        """Raises unless the engine can actually generate a token."""
+        await self._read("/health_generate", timeout_s)
+
+    async def is_healthy(self, *, timeout_s: float = 5.0) -> bool:
+        """One /health probe, no retries: for polling loops."""
+        try:
+            await self._request("GET", "/health", timeout_s=timeout_s)
+        except EngineClientError:
+            return False
+        return True
+
+
+def _decode(body: bytes, type_: Any, endpoint: str) -> Any:
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise EngineProtocolError(f"{endpoint}: unexpected response shape: {exc}: {body[:500]!r}") from exc
+    except msgspec.DecodeError as exc:
+        raise EngineProtocolError(f"{endpoint}: response is not JSON: {exc}: {body[:500]!r}") from exc
+
+
+def _decode_stream_chunk(data: bytes) -> _WireGenerate:
+    """SGLang reports a failure inside a stream as `data: {"error": ...}` after the 200 header."""
+    try:
+        return _decode(data, _WireGenerate, "/generate")
+    except EngineProtocolError as protocol_error:
+        try:
+            payload = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            payload = None
+        if isinstance(payload, dict) and "error" in payload:
+            raise EngineError(200, _error_message(data), "/generate") from None
+        raise protocol_error

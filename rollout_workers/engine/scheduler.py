@@ -1,0 +1,474 @@
+"""The engine core: continuous batching on one thread, controlled at step boundaries.
+
+Requests join and leave the running batch at every decode step. The batch keeps
+one left-padded KV cache; newcomers are prefilled together and merged into it,
+finished rows are dropped by index. All control (abort, pause, weight updates,
+memory release) runs on the engine thread between steps, so weights never change
+in the middle of a forward pass. Other threads talk to the core only through
+`call`, which returns a concurrent Future.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from rollout_workers.engine import kv_cache
+from rollout_workers.engine.sampling import RowSettings, sample
+
+log = logging.getLogger(__name__)
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+MEMORY_TAGS = ("weights", "kv_cache")
+
+
+class EngineError(Exception):
+    """A request the engine refuses; the message is meant for the client."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample being generated. Its lists only ever grow, so other threads may read prefixes."""
+
+    sid: str  # meta_info.id
+    rid: str  # abort key, shared by the n samples of one input
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    logprob_start_len: int = -1
+    # Called on the engine thread after each new token (streaming) or at finish.
+    on_update: Callable[["Sequence"], None] = lambda seq: None
+    stream: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_versions: list[str] = field(default_factory=list)
+    input_logprobs: list[float | None] | None = None
+    finish_reason: dict[str, Any] | None = None
+    finish_version: str | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.output_ids)
+
+    def finish_after(self, token: int, tokenizer) -> dict[str, Any] | None:
+        """SGLang's order: length first, then stop tokens, then stop strings."""
+        if len(self.output_ids) >= self.max_new_tokens:
+            return {"type": "length", "length": self.max_new_tokens}
+        if token in self.stop_token_ids:
+            return {"type": "stop", "matched": token}
+        if self.stop_strings and tokenizer is not None:
+            window = max(len(s) for s in self.stop_strings) + 4
+            tail = tokenizer.decode(self.output_ids[-window:])
+            for stop in self.stop_strings:
+                if stop in tail:
+                    return {"type": "stop", "matched": stop}
+        return None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_forwards: int = 0
+    prefill_forwards: int = 0
+    generated_tokens: int = 0
+    finished_requests: int = 0
+    max_batch_size: int = 0
+    running: int = 0
+    waiting: int = 0
+
+
+class RunningBatch:
+    """Rows being decoded together, their shared left-padded cache and per-row state."""
+
+    def __init__(self, rows: list[Sequence], cache, mask: torch.Tensor, next_positions: torch.Tensor, last_tokens: torch.Tensor):
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask  # (B, L): 1 where the cache column holds a real token of that row
+        self.next_positions = next_positions  # (B,): position id of each row's next input token
+        self.last_tokens = last_tokens  # (B,): sampled, not yet in the cache
+        self.settings = _row_settings(rows, mask.device)
+
+    def keep(self, keep: list[bool]) -> None:
+        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.mask.device)
+        self.rows = [row for row, k in zip(self.rows, keep) if k]
+        mask = self.mask.index_select(0, index)
+        first_column = int(mask.any(dim=0).long().argmax())  # leading columns that are padding for every row
+        kv_cache.select_rows(self.cache, index, first_column)
+        self.mask = mask[:, first_column:]
+        self.next_positions = self.next_positions.index_select(0, index)
+        self.last_tokens = self.last_tokens.index_select(0, index)
+        self.settings = _row_settings(self.rows, self.mask.device)
+
+    def merge(self, other: RunningBatch) -> None:
+        kv_cache.merge(self.cache, other.cache)
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = torch.cat([_left_pad_mask(self.mask, length), _left_pad_mask(other.mask, length)])
+        self.rows += other.rows
+        self.next_positions = torch.cat([self.next_positions, other.next_positions])
+        self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
+        self.settings = _row_settings(self.rows, self.mask.device)
+
+
+def _row_settings(rows: list[Sequence], device) -> RowSettings:
+    return RowSettings(
+        [r.temperature for r in rows], [r.top_p for r in rows], [r.top_k for r in rows], [r.min_p for r in rows], device
+    )
+
+
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - mask.shape[1]
+    return torch.nn.functional.pad(mask, (missing, 0)) if missing else mask
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        device: str = "cpu",
+        max_running_requests: int = 256,
+        max_total_tokens: int | None = None,
+        weight_version: str = "0",
+        seed: int = 0,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        config = model.config
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.max_running_requests = max_running_requests
+        self.max_total_tokens = max_total_tokens or self.context_length * max_running_requests
+        self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.eos_token_ids = frozenset(_as_list(config.eos_token_id) + _as_list(getattr(model.generation_config, "eos_token_id", None)))
+        self.weight_version = weight_version
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.stats = EngineStats()
+        self.paused: str | None = None  # the pause mode while paused
+        self.released: set[str] = set()
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.batch: RunningBatch | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._live_lock = threading.Lock()
+        self._live: dict[str, int] = {}  # rid -> unfinished sequences
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
+
+    # ---- any thread ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Aborts everything; a thread stuck in a collective is left behind (it is a daemon)."""
+        self.call(self._stop).result(timeout_s)
+        self._thread.join(timeout_s)
+
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on the engine thread at the next step boundary."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, args, future))
+        return future
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue sequences; raises EngineError if a rid is already live (nothing is queued then)."""
+        rids = collections.Counter(seq.rid for seq in sequences)
+        with self._live_lock:
+            taken = [rid for rid in rids if rid in self._live]
+            if taken:
+                raise EngineError(f"request id {taken[0]!r} is already running")
+            self._live.update(rids)
+        self.call(self._enqueue, sequences)
+
+    def is_live(self, rid: str) -> bool:
+        with self._live_lock:
+            return rid in self._live
+
+    # ---- engine thread: control ----
+
+    def _stop(self) -> None:
+        self._abort_where(lambda seq: True, "engine shutting down")
+        self._stopping = True
+
+    def _enqueue(self, sequences: list[Sequence]) -> None:
+        self.waiting.extend(sequences)
+
+    def abort(self, rid: str | None, message: str = "aborted by request") -> int:
+        """Engine thread. rid None aborts everything; returns how many sequences were aborted."""
+        return self._abort_where(lambda seq: rid is None or seq.rid == rid, message)
+
+    def _abort_where(self, predicate: Callable[[Sequence], bool], message: str) -> int:
+        reason = {"type": "abort", "message": message}
+        aborted = [seq for seq in self.waiting if predicate(seq)]
+        for seq in aborted:
+            self.waiting.remove(seq)
+            self._finish(seq, reason)
+        if self.batch is not None:
+            keep = [not predicate(row) for row in self.batch.rows]
+            for row, k in zip(self.batch.rows, keep):
+                if not k:
+                    aborted.append(row)
+                    self._finish(row, reason)
+            self._keep_rows(keep)
+        return len(aborted)
+
+    def pause(self, mode: str) -> None:
+        if mode not in PAUSE_MODES:
+            raise EngineError(f"unknown pause mode {mode!r}; expected one of {', '.join(PAUSE_MODES)}")
+        if mode == "abort":
+            self.abort(None, "aborted by pause_generation")
+        elif mode == "retract":
+            self._retract()
+        self.paused = mode
+
+    def resume(self) -> None:
+        self.paused = None
+
+    def _retract(self) -> None:
+        """Move running rows to the front of the queue and drop their KV; they are re-prefilled later."""
+        if self.batch is not None:
+            self.waiting.extendleft(reversed(self.batch.rows))
+            self.batch = None
+
+    def has_requests(self) -> bool:
+        return bool(self.waiting) or self.batch is not None
+
+    def flush_cache(self) -> tuple[bool, str]:
+        if self.has_requests():
+            return False, "cannot flush the cache while requests are running, waiting or paused in place"
+        self.batch = None
+        _empty_device_cache(self.device)
+        return True, "Cache flushed."
+
+    def release_memory(self, tags: list[str]) -> tuple[bool, str]:
+        if "kv_cache" in tags and self.batch is not None:
+            return False, "cannot release the KV cache while requests hold it; pause with mode abort or retract first"
+        if "weights" in tags and "weights" not in self.released and self.device.type != "cpu":
+            self.model.to("cpu")  # host copy keeps the weights; the device memory is what gets freed
+        self.released.update(tags)
+        _empty_device_cache(self.device)
+        return True, f"released {', '.join(sorted(tags))}"
+
+    def resume_memory(self, tags: list[str]) -> tuple[bool, str]:
+        if "weights" in tags and "weights" in self.released and self.device.type != "cpu":
+            self.model.to(self.device)
+        self.released.difference_update(tags)
+        return True, f"resumed {', '.join(sorted(tags))}"
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], weight_version: str | None) -> tuple[bool, str]:
+        """All or nothing: every name must exist with the same shape and finite values, else nothing changes."""
+        state = self.model.state_dict()
+        for name, tensor in tensors.items():
+            if name not in state:
+                return False, f"unknown parameter {name!r}"
+            if tuple(tensor.shape) != tuple(state[name].shape):
+                return False, f"shape mismatch for {name!r}: got {list(tensor.shape)}, model has {list(state[name].shape)}"
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return False, f"parameter {name!r} has non-finite values"
+        if not tensors:
+            return False, "no tensors given"
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)
+        if weight_version is not None:
+            self.weight_version = weight_version
+        return True, f"updated {len(tensors)} tensors; weight_version={self.weight_version}"
+
+    # ---- engine thread: the loop ----
+
+    def _can_step(self) -> bool:
+        return not self._stopping and self.paused is None and not self.released and self.has_requests()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                self._run_commands(block=not self._can_step())
+                if self._can_step():
+                    try:
+                        self._step()
+                    except Exception as exc:  # a broken step must not kill the server: fail what was in it
+                        log.exception("engine step failed")
+                        self._abort_where(lambda seq: True, f"engine error: {exc!r}")
+                        self.batch = None
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return
+        while True:
+            fn, args, future = command
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        if self.batch is not None:
+            self._decode()
+        admitted = self._admit()
+        if admitted:
+            try:
+                self._prefill(admitted)
+            except Exception:  # they are in neither the queue nor the batch: finish them here
+                for seq in admitted:
+                    if seq.finish_reason is None:
+                        self._finish(seq, {"type": "abort", "message": "engine error during prefill"})
+                raise
+        self.stats.steps += 1
+        running = len(self.batch.rows) if self.batch is not None else 0
+        self.stats.running, self.stats.waiting = running, len(self.waiting)
+        self.stats.max_batch_size = max(self.stats.max_batch_size, running)
+
+    def _admit(self) -> list[Sequence]:
+        rows = self.batch.rows if self.batch is not None else []
+        budget = self.max_total_tokens - sum(len(r.prompt_ids) + r.max_new_tokens for r in rows)
+        admitted: list[Sequence] = []
+        while self.waiting and len(rows) + len(admitted) < self.max_running_requests:
+            need = len(self.waiting[0].prompt_ids) + self.waiting[0].max_new_tokens
+            if need > budget and (rows or admitted):
+                break
+            budget -= need
+            admitted.append(self.waiting.popleft())
+        return admitted
+
+    def _forward(self, input_ids, mask, positions, cache, logits_to_keep: int = 1) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits
+
+    def _decode(self) -> None:
+        batch = self.batch
+        ones = torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=self.device)
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        logits = self._forward(batch.last_tokens.unsqueeze(1), batch.mask, batch.next_positions.unsqueeze(1), batch.cache)
+        self.stats.decode_forwards += 1
+        batch.next_positions += 1
+        tokens, logprobs = sample(logits[:, -1], batch.settings, self.generator)
+        batch.last_tokens = tokens
+        self._keep_rows(self._record(batch.rows, tokens, logprobs))
+
+    def _prefill(self, sequences: list[Sequence]) -> None:
+        texts = [seq.prompt_ids + seq.output_ids for seq in sequences]
+        width = max(len(t) for t in texts)
+        ids = torch.full((len(texts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids[i, width - len(text) :] = torch.tensor(text, dtype=torch.long)
+            mask[i, width - len(text) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        wants_input_logprobs = [seq.logprob_start_len >= 0 and seq.input_logprobs is None for seq in sequences]
+        cache = kv_cache.new_cache()
+        logits = self._forward(ids, mask, positions, cache, logits_to_keep=0 if any(wants_input_logprobs) else 1)
+        self.stats.prefill_forwards += 1
+        for i, seq in enumerate(sequences):
+            if wants_input_logprobs[i]:
+                seq.input_logprobs = _input_logprobs(logits[i, width - len(texts[i]) :], texts[i], seq.logprob_start_len)
+        tokens, logprobs = sample(logits[:, -1], _row_settings(sequences, self.device), self.generator)
+        lengths = torch.tensor([len(t) for t in texts], dtype=torch.long, device=self.device)
+        fresh = RunningBatch(sequences, cache, mask, lengths, tokens)
+        keep = [seq.remaining > 0 for seq in sequences]
+        for seq, k in zip(sequences, keep):
+            if not k:  # max_new_tokens == 0: a prefill for logprobs only
+                self._finish(seq, {"type": "length", "length": seq.max_new_tokens})
+        kept = [i for i, k in enumerate(keep) if k]
+        keep2 = self._record([sequences[i] for i in kept], tokens[kept], logprobs[kept])
+        for i, k in zip(kept, keep2):
+            keep[i] = k
+        if not any(keep):
+            return
+        if not all(keep):
+            fresh.keep(keep)
+        if self.batch is None:
+            self.batch = fresh
+        else:
+            self.batch.merge(fresh)
+
+    def _record(self, rows: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> list[bool]:
+        """Append each row's new token; finish rows that are done. Returns which rows go on."""
+        keep = []
+        version = self.weight_version
+        for seq, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+            seq.output_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            seq.output_versions.append(version)
+            reason = seq.finish_after(token, self.tokenizer)
+            if reason is None:
+                keep.append(True)
+                if seq.stream:
+                    seq.on_update(seq)
+            else:
+                keep.append(False)
+                self._finish(seq, reason)
+        self.stats.generated_tokens += len(rows)
+        return keep
+
+    def _keep_rows(self, keep: list[bool]) -> None:
+        if all(keep):
+            return
+        if not any(keep):
+            self.batch = None
+        else:
+            self.batch.keep(keep)
+
+    def _finish(self, seq: Sequence, reason: dict[str, Any]) -> None:
+        seq.finish_reason = reason
+        seq.finish_version = self.weight_version
+        self.stats.finished_requests += 1
+        with self._live_lock:
+            self._live[seq.rid] -= 1
+            if not self._live[seq.rid]:
+                del self._live[seq.rid]
+        try:
+            seq.on_update(seq)
+        except Exception:
+            log.exception("finish callback of %s failed", seq.sid)
+
+
+def _input_logprobs(logits: torch.Tensor, tokens: list[int], start: int) -> list[float | None]:
+    """logprob of tokens[j] given tokens[:j] for j >= start; the first token has none."""
+    start = min(start, len(tokens))
+    first = max(start, 1)
+    values: list[float | None] = [None] if start == 0 else []
+    if first < len(tokens):
+        logprobs = torch.log_softmax(logits[first - 1 : len(tokens) - 1].float(), dim=-1)
+        targets = torch.tensor(tokens[first:], device=logits.device).unsqueeze(1)
+        values += logprobs.gather(1, targets).squeeze(1).tolist()
+    return values
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _empty_device_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,118 @@
+"""The replay buffer's decisions, driven through the same records the service logs."""
+
+import msgspec
+import pytest
+
+from async_rl.messages import MessageError, Trajectory, encode
+from buffer.frames import read_header
+from buffer.replay import ReplayBuffer
+from buffer.wal import Put
+
+
+def make_trajectory(sample: str, group: str, version: int = 0, group_size: int = 2, partial: bool = False,
+                    attempt: int = 1, tokens: int = 4) -> Trajectory:
+    return Trajectory(
+        sample_id=sample, group_id=group, group_size=group_size, prompt_ids=[1, 2], response_ids=list(range(tokens)),
+        behavior_logprobs=[-0.5] * tokens, token_versions=[version] + [version + 1] * (tokens - 1),
+        partial=partial, attempt=attempt,
+    )
+
+
+def put(buffer: ReplayBuffer, trajectory: Trajectory):
+    """What the service does per submission; returns the refusal ack or None when stored."""
+    header = read_header(encode(trajectory))
+    refusal = buffer.admit(header)
+    if refusal is None:
+        buffer.apply(Put(frame=msgspec.Raw(encode(trajectory))), header)
+    return refusal
+
+
+def take(buffer: ReplayBuffer, trainer_version: int, num_groups: int, max_staleness: int, include_stale=False):
+    plan = buffer.plan_batch(trainer_version, num_groups, max_staleness, include_stale)
+    for record in (plan.dropped, plan.served):
+        if record is not None:
+            buffer.apply(record)
+    return plan
+
+
+def fill_group(buffer, group, version, size=2):
+    for i in range(size):
+        assert put(buffer, make_trajectory(f"{group}-{i}", group, version, group_size=size)) is None
+
+
+def test_staleness_bound_is_exact_at_the_boundary():
+    buffer = ReplayBuffer(capacity=100)
+    fill_group(buffer, "at-bound", version=3)
+    fill_group(buffer, "past-bound", version=2)
+    plan = take(buffer, trainer_version=5, num_groups=1, max_staleness=2)
+    assert {sid.split("-")[0] for sid in plan.served.sample_ids} == {"at"}
+    assert plan.dropped.group_ids == ["past-bound"]
+    assert buffer.stats().dropped_stale == 2 and buffer.stored == 0
+
+
+def test_incomplete_groups_are_never_served():
+    buffer = ReplayBuffer(capacity=100)
+    put(buffer, make_trajectory("a0", "a", group_size=3))
+    put(buffer, make_trajectory("a1", "a", group_size=3))
+    assert take(buffer, 0, 1, 4).served is None
+    put(buffer, make_trajectory("a2", "a", group_size=3))
+    assert sorted(take(buffer, 0, 1, 4).served.sample_ids) == ["a0", "a1", "a2"]
+
+
+def test_duplicates_are_acked_not_stored_even_after_serving():
+    buffer = ReplayBuffer(capacity=100)
+    fill_group(buffer, "g", 0)
+    assert put(buffer, make_trajectory("g-0", "g")).reason == "duplicate"
+    take(buffer, 0, 1, 4)
+    ack = put(buffer, make_trajectory("g-1", "g"))
+    assert ack.accepted and ack.reason == "duplicate" and buffer.stored == 0
+
+
+def test_full_buffer_asks_to_retry_but_admits_members_of_open_groups():
+    buffer = ReplayBuffer(capacity=2)
+    fill_group(buffer, "a", 0)
+    refusal = put(buffer, make_trajectory("b-0", "b"))
+    assert not refusal.accepted and refusal.retry
+    buffer = ReplayBuffer(capacity=1)
+    put(buffer, make_trajectory("c-0", "c"))
+    assert put(buffer, make_trajectory("c-1", "c")) is None
+
+
+def test_keep_policy_holds_stale_groups_for_explicit_use():
+    buffer = ReplayBuffer(capacity=100, stale_policy="keep")
+    fill_group(buffer, "old", 0)
+    assert take(buffer, 10, 1, 2).served is None and buffer.stored == 2
+    assert buffer.stats(10).stored_by_staleness == {10: 2}
+    assert len(take(buffer, 10, 1, 2, include_stale=True).served.sample_ids) == 2
+
+
+@pytest.mark.parametrize("sampling, first", [("fifo", "mid"), ("stalest_first", "old"), ("freshest_first", "new")])
+def test_sampling_orders(sampling, first):
+    buffer = ReplayBuffer(capacity=100, sampling=sampling)
+    for group, version in (("mid", 2), ("old", 1), ("new", 3)):
+        fill_group(buffer, group, version)
+    assert take(buffer, 3, 1, 4).served.group_ids == [first]
+
+
+def test_partial_pool_takes_fresh_partials_and_drops_stale_ones():
+    buffer = ReplayBuffer(capacity=100)
+    put(buffer, make_trajectory("p", "gp", version=1, partial=True))
+    put(buffer, make_trajectory("q", "gq", version=4, partial=True))
+    assert put(buffer, make_trajectory("q", "gq", version=4, partial=True)).reason == "duplicate"
+    assert put(buffer, make_trajectory("q", "gq", version=4, partial=True, attempt=2)) is None
+    taken, frames = buffer.plan_partials(max_n=1, min_version=3)
+    buffer.apply(taken)
+    assert taken.keys == ["q@1"] and taken.dropped_keys == ["p@1"] and len(frames) == 1
+    assert list(buffer.partials) == ["q@2"]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(token_versions=[0]), "differ in length"),
+    (dict(behavior_logprobs=[float("nan")] * 4), "NaN"),
+    (dict(group_size=0), "group_size"),
+    (dict(sample_id=""), "empty"),
+])
+def test_invalid_trajectories_are_refused_with_a_reason(bad, reason):
+    fields = {name: getattr(make_trajectory("s", "g"), name) for name in Trajectory.__struct_fields__}
+    with pytest.raises(MessageError, match=reason):
+        read_header(encode(Trajectory(**{**fields, **bad})))

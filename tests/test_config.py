@@ -1,0 +1,91 @@
+"""Recipe loading: every bundled recipe parses, and bad configs fail with the key's path."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from async_rl.config import RECIPES_DIR, ConfigError, RunConfig, apply_override, import_function, load_config, parse_config
+
+TASK = {"task": {"generator": "recipes.tasks:digit_task"}}
+
+
+def config_error(table: dict, *overrides: str) -> str:
+    table = copy.deepcopy(table)
+    for assignment in overrides:
+        apply_override(table, assignment)
+    with pytest.raises(ConfigError) as error:
+        parse_config(table, source="recipe.toml")
+    return str(error.value)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+def test_bundled_recipes_load_and_their_functions_import(recipe):
+    config = load_config(recipe)
+    assert isinstance(config, RunConfig)
+    for spec in (config.rollout.reward, config.task.generator):
+        if spec:
+            assert callable(import_function(spec))
+
+
+def test_defaults_and_derived_values(tmp_path):
+    config = parse_config(dict(TASK))
+    assert config.staleness.eta == 1 and config.engine.kind == "embedded" and config.trainer.loss.correction == "decoupled_ppo"
+    assert config.batch_size == config.trainer.groups_per_step * config.rollout.group_size
+    assert config.output_path("", "buffer").as_posix() == "runs/latest/buffer"
+    assert config.output_path("/x/wal", "buffer").as_posix() == "/x/wal"
+    assert json.loads(config.to_json())["task"]["generator"] == "recipes.tasks:digit_task"
+
+
+def test_overrides_parse_toml_literals_and_fall_back_to_strings(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[task]\ngenerator = "recipes.tasks:digit_task"\n[trainer]\nlr = 1e-3\n')
+    config = load_config(recipe, overrides=[
+        "trainer.lr=3e-4", "staleness.eta=2", "run.sync=false", "engine.extra_args=['--x', '1']",
+        "task.kwargs.kind=copy", "run.output_dir=/tmp/some run", "trainer.loss.is_cap=2",
+    ])
+    assert config.trainer.lr == 3e-4 and config.staleness.eta == 2 and config.engine.extra_args == ["--x", "1"]
+    assert config.task.kwargs == {"kind": "copy"} and config.run.output_dir == "/tmp/some run"
+    assert config.trainer.loss.is_cap == 2.0
+
+
+@pytest.mark.parametrize("table, overrides, expected", [
+    ({**TASK, "trainr": {}}, (), "unknown table 'trainr'; allowed: task, model, engine"),
+    (dict(TASK), ("trainer.lrr=1",), "unknown key 'trainer.lrr' in [trainer]; allowed: lr, lr_schedule"),
+    (dict(TASK), ("trainer.loss.clipp=1",), "unknown key 'trainer.loss.clipp' in [trainer.loss]; allowed: correction"),
+    (dict(TASK), ("trainer.lr=fast",), "trainer.lr: expected `float`, got `str`"),
+    (dict(TASK), ("staleness.eta=-1",), "staleness.eta=-1 must be >= 0"),
+    (dict(TASK), ("trainer.loss.clip_eps=0",), "trainer.loss.clip_eps=0.0 must be > 0"),
+    (dict(TASK), ("weight_sync.method=carrier_pigeon",), "weight_sync.method: invalid enum value 'carrier_pigeon' (expected one of disk, tensor, distributed)"),
+    (dict(TASK), ("rollout.reward=no_colon",), 'rollout.reward=\'no_colon\' must be of the form "package.module:function"'),
+    (dict(TASK), ("task.dataset=data.jsonl",), "task: set exactly one of generator or dataset"),
+    (dict(TASK), ("run.sync=true",), "run.sync = true trains strictly on-policy: set staleness.eta = 0 (got 1)"),
+    ({}, (), "missing required key 'task'"),
+    ({"task": 3}, (), "task: expected `object`, got `int`"),
+])
+def test_bad_configs_name_the_key(table, overrides, expected):
+    message = config_error(table, *overrides)
+    assert message.startswith("recipe.toml: ") and expected in message
+
+
+def test_unreadable_recipes_and_bad_overrides(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[trainer\nlr = 1")
+    with pytest.raises(ConfigError, match="broken.toml: cannot read TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="no bundled recipe of that name .bundled: .*tiny"):
+        load_config("no_such_recipe")
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        apply_override({}, "trainer.lr")
+    with pytest.raises(ConfigError, match="trainer.lr is a value, not a table"):
+        apply_override({"trainer": {"lr": 1.0}}, "trainer.lr.x=1")
+
+
+def test_import_function_errors_say_which_part_failed():
+    assert import_function("recipes.rewards:exact_match").__name__ == "exact_match"
+    with pytest.raises(ConfigError, match="cannot import module 'recipes.nope'"):
+        import_function("recipes.nope:f")
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        import_function("recipes.rewards:nope")

@@ -1,0 +1,204 @@
+"""The engine core driven directly (no HTTP): batching, exactness of tokens and logprobs, control."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from rollout_workers.engine.model import create_tiny_model, load_model
+from rollout_workers.engine.scheduler import EngineCore, EngineError, Sequence
+
+WAIT_S = 30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(create_tiny_model(tmp_path_factory.mktemp("models") / "llama", "llama"))
+
+
+@pytest.fixture
+def core(tiny):
+    core = EngineCore(tiny.model, tiny.tokenizer, max_running_requests=64, seed=0)
+    core.start()
+    yield core
+    core.stop(timeout_s=WAIT_S)
+
+
+class Tracker:
+    """Builds sequences whose finish (and, for streaming ones, every token) sets events."""
+
+    def __init__(self):
+        self.finished: dict[str, threading.Event] = {}
+        self.progress = threading.Condition()
+
+    def seq(self, sid: str, prompt: list[int], max_new_tokens: int, **kwargs) -> Sequence:
+        self.finished[sid] = threading.Event()
+
+        def on_update(seq: Sequence) -> None:
+            with self.progress:
+                self.progress.notify_all()
+            if seq.finish_reason is not None:
+                self.finished[seq.sid].set()
+
+        return Sequence(sid=sid, rid=kwargs.pop("rid", sid), prompt_ids=prompt, max_new_tokens=max_new_tokens,
+                        on_update=on_update, **kwargs)
+
+    def wait(self, *seqs: Sequence) -> None:
+        for seq in seqs:
+            assert self.finished[seq.sid].wait(WAIT_S), f"{seq.sid} did not finish"
+
+    def wait_until(self, predicate) -> None:
+        with self.progress:
+            assert self.progress.wait_for(predicate, WAIT_S)
+
+
+def join_mid_generation(core: EngineCore, tracker: Tracker, running: Sequence, tokens: int, newcomers: list[Sequence]):
+    """Submit `newcomers` once `running` has `tokens` tokens; an in-place pause makes the timing deterministic."""
+    tracker.wait_until(lambda: len(running.output_ids) >= tokens)
+    core.call(core.pause, "in_place").result(WAIT_S)
+    assert running.finish_reason is None
+    core.submit(newcomers)
+    core.call(core.resume).result(WAIT_S)
+
+
+def prompts_of_different_lengths() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(4, 100, (n,), generator=generator).tolist() for n in (3, 11, 1, 7, 20)]
+
+
+def full_forward_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + output])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return [logprobs[len(prompt) - 1 + i, token].item() for i, token in enumerate(output)]
+
+
+def test_greedy_matches_hf_generate_with_staggered_arrivals(core, tiny):
+    tracker = Tracker()
+    seqs = [tracker.seq(f"g{i}", p, 30 - 5 * i, temperature=0.0, stream=True)
+            for i, p in enumerate(prompts_of_different_lengths())]
+    core.submit(seqs[:2])
+    join_mid_generation(core, tracker, seqs[0], 2, seqs[2:])
+    tracker.wait(*seqs)
+    for seq in seqs:
+        reference = tiny.model.generate(
+            torch.tensor([seq.prompt_ids]), max_new_tokens=seq.max_new_tokens, do_sample=False, eos_token_id=None
+        )[0, len(seq.prompt_ids):].tolist()
+        assert seq.output_ids == reference
+        assert seq.finish_reason == {"type": "length", "length": seq.max_new_tokens}
+
+
+def test_sampled_logprobs_equal_full_forward_and_batching_is_continuous(core, tiny):
+    tracker = Tracker()
+    settings = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=5),
+                dict(temperature=1.0, min_p=0.1), dict(temperature=0.0)]
+    seqs = [tracker.seq(f"s{i}", p, 40 - 6 * i, stream=True, **settings[i])
+            for i, p in enumerate(prompts_of_different_lengths())]
+    core.submit([seqs[0]])
+    join_mid_generation(core, tracker, seqs[0], 3, seqs[1:3])
+    join_mid_generation(core, tracker, seqs[1], 2, seqs[3:])
+    tracker.wait(*seqs)
+    for seq in seqs:
+        expected = full_forward_logprobs(tiny.model, seq.prompt_ids, seq.output_ids)
+        assert max(abs(a - b) for a, b in zip(seq.output_logprobs, expected)) <= 1e-4
+        assert seq.output_versions == ["0"] * len(seq.output_ids)
+    stats = core.stats
+    assert stats.max_batch_size == 5
+    assert stats.decode_forwards < sum(len(seq.output_ids) for seq in seqs)
+
+
+def test_top_k_1_is_greedy_and_n_samples_differ(core):
+    tracker = Tracker()
+    prompt = [5, 6, 7, 8]
+    greedy = tracker.seq("greedy", prompt, 10, temperature=0.0)
+    top1 = tracker.seq("top1", prompt, 10, temperature=1.0, top_k=1)
+    samples = [tracker.seq(f"n{j}", prompt, 10, rid="n", temperature=1.0) for j in range(4)]
+    core.submit([greedy, top1, *samples])
+    tracker.wait(greedy, top1, *samples)
+    assert top1.output_ids == greedy.output_ids
+    assert len({tuple(s.output_ids) for s in samples}) > 1
+
+
+def test_stop_token_stop_string_and_prefill_only(core, tiny):
+    tracker = Tracker()
+    probe = tracker.seq("probe", [5, 6, 7], 4, temperature=0.0)
+    core.submit([probe])
+    tracker.wait(probe)
+    second = probe.output_ids[1]
+    by_token = tracker.seq("tok", [5, 6, 7], 4, temperature=0.0, stop_token_ids=frozenset({second}))
+    stop_text = tiny.tokenizer.decode(probe.output_ids[1:3])
+    by_string = tracker.seq("str", [5, 6, 7], 4, temperature=0.0, stop_strings=(stop_text,))
+    logprobs_only = tracker.seq("zero", [5, 6, 7, 8, 9], 0, logprob_start_len=1)
+    core.submit([by_token, by_string, logprobs_only])
+    tracker.wait(by_token, by_string, logprobs_only)
+    assert by_token.output_ids == probe.output_ids[: probe.output_ids.index(second) + 1]
+    assert by_token.finish_reason == {"type": "stop", "matched": second}
+    shortest = next(n for n in range(1, 5) if stop_text in tiny.tokenizer.decode(probe.output_ids[:n]))
+    assert by_string.output_ids == probe.output_ids[:shortest]
+    assert by_string.finish_reason == {"type": "stop", "matched": stop_text}
+    assert logprobs_only.output_ids == [] and logprobs_only.finish_reason["type"] == "length"
+    expected = full_forward_logprobs(tiny.model, [5], [6, 7, 8, 9])  # from position 1 on
+    assert logprobs_only.input_logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_abort_returns_partial_output_and_duplicate_rid_is_refused(core):
+    tracker = Tracker()
+    long = tracker.seq("long", [5, 6], 1500, stream=True, temperature=0.0)
+    core.submit([long])
+    with pytest.raises(EngineError):
+        core.submit([tracker.seq("again", [5], 3, rid="long")])
+    tracker.wait_until(lambda: len(long.output_ids) >= 3)
+    assert core.call(core.abort, "long").result(WAIT_S) == 1
+    tracker.wait(long)
+    assert long.finish_reason["type"] == "abort"
+    assert 3 <= len(long.output_ids) == len(long.output_logprobs) < 1500
+    assert not core.is_live("long")
+    assert core.call(core.abort, "unknown").result(WAIT_S) == 0
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+def test_pause_update_continue_resumes_under_new_weights(core, tiny, mode):
+    tracker = Tracker()
+    prompt = [7, 8, 9]
+    baseline = tracker.seq("base", prompt, 40, temperature=0.0)
+    core.submit([baseline])
+    tracker.wait(baseline)
+    run = tracker.seq(f"run-{mode}", prompt, 40, temperature=0.0, stream=True)
+    core.submit([run])
+    tracker.wait_until(lambda: len(run.output_ids) >= 5)
+    core.call(core.pause, mode).result(WAIT_S)
+    paused_at = len(run.output_ids)
+    if mode == "in_place":
+        assert core.call(core.flush_cache).result(WAIT_S)[0] is False
+    # Same values, new version: the continuation must match the uninterrupted run exactly.
+    same = {name: tensor.clone() for name, tensor in tiny.model.state_dict().items()}
+    assert core.call(core.load_weights, same, "1").result(WAIT_S)[0]
+    assert len(run.output_ids) == paused_at  # nothing generated while paused
+    core.call(core.resume).result(WAIT_S)
+    tracker.wait(run)
+    assert run.output_ids == baseline.output_ids
+    assert run.output_versions == ["0"] * paused_at + ["1"] * (40 - paused_at)
+    assert run.finish_version == "1"
+
+
+def test_pause_abort_and_weight_update_is_all_or_nothing(core, tiny):
+    tracker = Tracker()
+    run = tracker.seq("victim", [5, 6, 7], 1000, stream=True)
+    core.submit([run])
+    tracker.wait_until(lambda: len(run.output_ids) >= 2)
+    core.call(core.pause, "abort").result(WAIT_S)
+    tracker.wait(run)
+    assert run.finish_reason["type"] == "abort"
+    name, tensor = next(iter(tiny.model.state_dict().items()))
+    before = tensor.clone()
+    bad_shape = {name: torch.zeros(before.shape[0] + 1, *before.shape[1:])}
+    ok, message = core.call(core.load_weights, bad_shape, "9").result(WAIT_S)
+    assert not ok and "shape" in message
+    ok, message = core.call(core.load_weights, {name: torch.full_like(before, float("nan"))}, "9").result(WAIT_S)
+    assert not ok and "non-finite" in message
+    ok, message = core.call(core.load_weights, {"no.such.weight": before}, "9").result(WAIT_S)
+    assert not ok and "unknown" in message
+    assert torch.equal(tiny.model.state_dict()[name], before) and core.weight_version == "0"
+    core.call(core.resume).result(WAIT_S)

@@ -1,0 +1,286 @@
+"""The torch trainer on a tiny random Llama: learning signal, exactness against
+an unpadded reference, NaN guard, bad input, determinism and checkpoint/resume."""
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from async_rl.messages import Trajectory
+from async_rl.trainer import BatchError, Trainer, TrainerConfig, latest_checkpoint, token_logprobs
+from async_rl.trainer.reference import reference_loss
+from staleness import LossConfig, StalenessBoundError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def make_batch(model_dir, *, version=0, groups=2, group_size=4, seed=0):
+    """GRPO groups with variable prompt/response lengths; behaviour logprobs from the saved model."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    trajectories = []
+    for g in range(groups):
+        prompt = torch.randint(1, 64, (int(torch.randint(2, 6, (1,), generator=generator)),), generator=generator).tolist()
+        for i in range(group_size):
+            response = torch.randint(1, 64, (int(torch.randint(2, 8, (1,), generator=generator)),), generator=generator).tolist()
+            ids = torch.tensor([prompt + response])
+            with torch.no_grad():
+                logprobs = token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt) - 1 :].tolist()
+            trajectories.append(Trajectory(
+                sample_id=f"s{g}-{i}", group_id=f"g{g}", group_size=group_size, prompt_ids=prompt, response_ids=response,
+                behavior_logprobs=logprobs, token_versions=[version] * len(response), reward=float(i % 2),
+            ))
+    return trajectories
+
+
+def weights(trainer):
+    return {name: tensor.clone() for name, tensor in trainer.named_tensors()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def sequence_logprob(model, trajectory):
+    ids = torch.tensor([trajectory.prompt_ids + trajectory.response_ids])
+    with torch.no_grad():
+        return float(token_logprobs(model, ids, torch.ones_like(ids))[0, len(trajectory.prompt_ids) - 1 :].sum())
+
+
+def test_steps_raise_rewarded_and_lower_unrewarded_responses(model_dir):
+    batch = make_batch(model_dir)
+    trainer = Trainer(TrainerConfig(model_path=str(model_dir), lr=1e-2))
+    before = [sequence_logprob(trainer.model, t) for t in batch]
+    for step in range(3):
+        result = trainer.train_step(batch)
+        assert result.version == step + 1 and not result.skipped
+    after = [sequence_logprob(trainer.model, t) for t in batch]
+    gains = [a - b for a, b in zip(after, before)]
+    assert all(g > 0 for g, t in zip(gains, batch) if t.reward == 1)
+    assert all(g < 0 for g, t in zip(gains, batch) if t.reward == 0)
+    metrics = result.metrics
+    assert metrics["is_weight/max"] > 1.0  # behaviour logprobs are now 2 versions old
+    assert metrics["kl/behav_current_k3"] > 0 and metrics["grad_norm"] > 0
+    assert result.staleness_histogram == {2: len(batch)}
+    for name in ("loss", "reward/mean", "reward/std", "clip_frac", "is_weight/mean", "is_weight/capped_frac",
+                 "kl/behav_current_k1", "staleness/mean", "staleness/max", "tokens_per_s", "lr", "skipped_updates"):
+        assert name in metrics
+
+
+@pytest.mark.parametrize("correction", ["none", "decoupled_ppo"])
+def test_step_matches_unpadded_single_sequence_reference(model_dir, correction):
+    """Padding, micro-batching (budget forces several) and gradient accumulation change nothing."""
+    batch = make_batch(model_dir, seed=1)
+    config = TrainerConfig(
+        model_path=str(model_dir), lr=1e-3, max_grad_norm=1e9, max_tokens_per_microbatch=24,
+        loss=LossConfig(correction=correction), gradient_checkpointing=correction == "decoupled_ppo",
+    )
+    trainer = Trainer(config)
+    model = copy.deepcopy(trainer.model)
+    result = trainer.train_step(batch)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    loss = reference_loss(model, batch, LossConfig(correction="none"))
+    loss.backward()
+    optimizer.step()
+    assert result.metrics["loss"] == pytest.approx(loss.item(), abs=1e-6)
+    for name, tensor in trainer.named_tensors():
+        assert torch.allclose(tensor, model.get_parameter(name), atol=1e-6), name
+
+
+def test_several_minibatches_use_the_step_start_policy_as_proximal(model_dir):
+    batch = make_batch(model_dir, seed=2)
+    trainer = Trainer(TrainerConfig(model_path=str(model_dir), lr=5e-2, num_minibatches=2))
+    result = trainer.train_step(batch)
+    assert result.version == 1 and not result.skipped
+    assert result.metrics["clip_frac"] > 0  # the second update moved away from the proximal policy
+
+
+def test_kl_penalty_towards_the_initial_policy(model_dir):
+    batch = make_batch(model_dir, seed=6)
+    trainer = Trainer(TrainerConfig(model_path=str(model_dir), lr=1e-2, loss=LossConfig(kl_coef=0.1)))
+    first, second = trainer.train_step(batch), trainer.train_step(batch)
+    assert first.metrics["kl/current_ref_k3"] == pytest.approx(0.0, abs=1e-6)
+    assert second.metrics["kl/current_ref_k3"] > 1e-6
+
+
+def test_non_finite_loss_skips_the_update_and_keeps_weights(model_dir):
+    batch = make_batch(model_dir, seed=3)
+    # A behaviour logprob of -1e30 gives an infinite ratio; with a negative advantage the loss is inf.
+    first = batch[0]
+    batch[0] = Trajectory(**{**{f: getattr(first, f) for f in first.__struct_fields__},
+                             "behavior_logprobs": [-1e30] * len(first.response_ids), "reward": -5.0})
+    trainer = Trainer(TrainerConfig(model_path=str(model_dir), lr=1e-2, loss=LossConfig(correction="none")))
+    before = weights(trainer)
+    result = trainer.train_step(batch)
+    assert result.skipped and "non-finite" in result.skip_reason
+    assert result.metrics["skipped_updates"] == 1 and result.version == 1
+    assert_same_weights(before, weights(trainer))
+    assert not trainer.optimizer.state  # AdamW never stepped
+    assert not trainer.train_step(make_batch(model_dir, version=1, seed=3)).skipped
+
+
+def test_bad_batches_are_refused_before_any_change(model_dir):
+    trainer = Trainer(TrainerConfig(model_path=str(model_dir), max_staleness=1))
+    good = make_batch(model_dir, groups=1, group_size=2)
+    broken = Trajectory(**{**{f: getattr(good[0], f) for f in good[0].__struct_fields__}, "behavior_logprobs": [-1.0]})
+    with pytest.raises(BatchError, match="s0-0"):
+        trainer.train_step([broken, good[1]])
+    out_of_vocab = Trajectory(**{**{f: getattr(good[0], f) for f in good[0].__struct_fields__}, "prompt_ids": [64]})
+    with pytest.raises(BatchError, match="vocabulary"):
+        trainer.train_step([out_of_vocab])
+    trainer.version = 3  # the batch's tokens are from version 0: staleness 3 > eta 1
+    with pytest.raises(StalenessBoundError):
+        trainer.train_step(good)
+    assert trainer.version == 3 and not trainer.optimizer.state
+
+
+def test_same_seed_and_data_give_identical_weights(model_dir):
+    batch = make_batch(model_dir, seed=4)
+    config = TrainerConfig(model_path=str(model_dir), lr=1e-2, max_tokens_per_microbatch=40)
+    runs = []
+    for _ in range(2):
+        trainer = Trainer(config)
+        trainer.train_step(batch)
+        trainer.train_step(batch)
+        runs.append(weights(trainer))
+    assert_same_weights(*runs)
+
+
+def test_resume_continues_bit_exactly(model_dir, tmp_path):
+    config = TrainerConfig(
+        model_path=str(model_dir), ckpt_dir=str(tmp_path / "ckpt"), lr=1e-2, lr_schedule="cosine", warmup_steps=1,
+        total_steps=10, weight_decay=0.1, keep_checkpoints=2,
+    )
+    batches = [make_batch(model_dir, version=v, seed=10 + v) for v in range(3)]
+    trainer = Trainer(config)
+    trainer.save_checkpoint()  # step_0, pruned later
+    for batch in batches[:2]:
+        trainer.train_step(batch)
+    trainer.save_checkpoint()
+    draws_after_save = (torch.rand(3), np.random.rand(3), random.random())
+    trainer.train_step(batches[2])
+    uninterrupted = weights(trainer)
+    trainer.save_checkpoint()
+
+    resumed = Trainer.resume(config, tmp_path / "ckpt" / "step_2")
+    assert resumed.version == 2
+    assert torch.equal(torch.rand(3), draws_after_save[0])  # every RNG is back where it was
+    assert np.array_equal(np.random.rand(3), draws_after_save[1]) and random.random() == draws_after_save[2]
+    resumed.train_step(batches[2])
+    assert_same_weights(uninterrupted, weights(resumed))
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == trainer.optimizer.state_dict()["state"][0]["step"]
+
+    ckpt = tmp_path / "ckpt"
+    assert latest_checkpoint(ckpt) == ckpt / "step_3"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_2", "step_3"]
+    assert Trainer.resume_or_new(config).version == 3
+    # the step folder is what an engine loads for a disk weight sync
+    engine_model = AutoModelForCausalLM.from_pretrained(ckpt / "step_3", dtype=torch.float32)
+    assert_same_weights(uninterrupted, dict(engine_model.named_parameters()))
+
+
+def test_weights_for_sync_use_hf_names(model_dir, tmp_path):
+    trainer = Trainer(TrainerConfig(model_path=str(model_dir)))
+    synced = trainer.state_dict_for_sync(dtype=torch.bfloat16)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert synced.keys() == dict(reference.named_parameters()).keys()
+    assert all(t.dtype == torch.bfloat16 for t in synced.values())
+    path = trainer.save_weights_for_engine(tmp_path / "weights")
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    trainer.save_weights_for_engine(tmp_path / "weights")  # replacing an existing folder
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert_same_weights(weights(trainer), dict(loaded.named_parameters()))
+
+
+def test_fsdp_shards_each_decoder_layer(model_dir):
+    from async_rl.trainer.distributed import shard_units
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert shard_units(model) == ["model.layers.0", "model.layers.1"]
+
+
+FSDP_WORKER = """
+import sys, msgspec, torch
+from async_rl.messages import Trajectory
+from async_rl.trainer import Trainer, TrainerConfig
+model_dir, batch_file, out_dir = sys.argv[1:4]
+batch = msgspec.msgpack.decode(open(batch_file, "rb").read(), type=list[Trajectory])
+config = msgspec.json.decode(sys.argv[4], type=TrainerConfig)
+trainer = Trainer(config)
+assert trainer.world_size == 2
+results = [trainer.train_step(batch) for _ in range(2)]
+trainer.save_weights_for_engine(out_dir + "/weights")
+trainer.save_checkpoint()
+if trainer.rank == 0:
+    print("LOSS", results[-1].metrics["loss"], "TOKENS", results[-1].metrics["response_tokens"])
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_two_cpu_ranks_match_one_process(model_dir, tmp_path):
+    batch = make_batch(model_dir, groups=3, group_size=3, seed=5)  # 9 rows: ranks get unequal work
+    (tmp_path / "batch.msgpack").write_bytes(msgspec.msgpack.encode(batch))
+    (tmp_path / "worker.py").write_text(FSDP_WORKER)
+    config = TrainerConfig(
+        model_path=str(model_dir), ckpt_dir=str(tmp_path / "ckpt"), device="cpu", lr=1e-2,
+        max_tokens_per_microbatch=24, num_minibatches=2,
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(tmp_path / "worker.py"), str(model_dir), str(tmp_path / "batch.msgpack"), str(tmp_path),
+               msgspec.json.encode(config).decode()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    single = Trainer(config)
+    results = [single.train_step(batch) for _ in range(2)]
+    loss_line = next(line for line in done.stdout.splitlines() if line.startswith("LOSS")).split()
+    assert float(loss_line[1]) == pytest.approx(results[-1].metrics["loss"], abs=1e-5)
+    assert float(loss_line[3]) == results[-1].metrics["response_tokens"]
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "weights", dtype=torch.float32)
+    for name, tensor in single.named_tensors():
+        assert torch.allclose(tensor, sharded.get_parameter(name), atol=1e-5), name
+    resumed = Trainer.resume(config)  # saved by 2 ranks, resumed by 1: weights and optimizer are whole
+    assert resumed.version == 2
+    assert all(torch.equal(t, sharded.get_parameter(n)) for n, t in resumed.named_tensors())
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 4  # 2 steps x 2 minibatches
+
+
+@pytest.mark.gpu
+def test_cuda_bfloat16_step_checkpoint_and_resume(model_dir, tmp_path):
+    config = TrainerConfig(
+        model_path=str(model_dir), ckpt_dir=str(tmp_path / "ckpt"), device="cuda", compute_dtype="bfloat16", lr=1e-2,
+        max_tokens_per_microbatch=24, num_minibatches=2,
+    )
+    trainer = Trainer(config)
+    batch = make_batch(model_dir, seed=7)
+    result = trainer.train_step(batch)
+    assert not result.skipped and result.metrics["response_tokens"] > 0
+    assert all(t.device.type == "cuda" for _, t in trainer.named_tensors())
+    trainer.save_checkpoint()
+    resumed = Trainer.resume(config)
+    assert resumed.version == 1
+    assert_same_weights(weights(trainer), weights(resumed))
+    assert not resumed.train_step(batch).skipped
