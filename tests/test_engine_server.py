@@ -18,7 +18,8 @@ import torch
 
 from async_rl import dist_group
 from rollout_workers.engine.model import create_tiny_model
-from rollout_workers.engine.weights import encode_serialized, load_folder
+from rollout_workers.client import serialize_named_tensors
+from rollout_workers.engine.weights import load_folder
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -197,7 +198,7 @@ async def test_retract_update_from_tensor_continue_then_disk_update(http, models
         await asyncio.sleep(0.01)
     await post(http, "/pause_generation", {"mode": "retract"})
     other = load_folder(str(models["other"]))
-    serialized = encode_serialized(other)
+    serialized = serialize_named_tensors(other)
     await post(http, "/update_weights_from_tensor", {"serialized_named_tensors": [serialized], "weight_version": "1"},
                status=400)  # load_format must be said
     updated = await post(http, "/update_weights_from_tensor", {"serialized_named_tensors": [serialized],

@@ -34,10 +34,3 @@ def decode_serialized(serialized: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"serialized_named_tensors is not base64 of a safetensors file: {exc}") from exc
     except Exception as exc:  # safetensors raises its own error type for corrupt headers
         raise ValueError(f"serialized_named_tensors could not be read as safetensors: {exc}") from exc
-
-
-def encode_serialized(tensors: dict[str, torch.Tensor]) -> str:
-    """The sender's half, for trainers and tests."""
-    from safetensors.torch import save
-
-    return base64.b64encode(save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})).decode()
