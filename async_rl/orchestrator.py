@@ -1,0 +1,217 @@
+"""`async-rl run RECIPE`: start a whole run as separate processes and watch it.
+
+Engines, the buffer service, the trainer and the rollout worker(s) each run as
+their own OS process under the Supervisor, which stops them all together on
+Ctrl-C, on the wall-clock limit, or when one crashes (reported with its log tail).
+Progress is read back from metrics.jsonl, the same file a user inspects later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from async_rl.config import ConfigError, RunConfig, import_function, load_config
+
+HEALTH_TIMEOUT_S = 180.0
+# Behaviour logprobs are of the temperature-1 logits, as the embedded engine reports them and the
+# trainer computes them; SGLang reports temperature-scaled ones unless told otherwise.
+LOGPROB_ENV = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="recipe TOML path or bundled recipe name (e.g. tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set trainer.total_steps=50 (repeatable)")
+    parser.add_argument("--sync", action="store_true", help="strictly on-policy baseline: staleness.eta = 0")
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + (["run.sync=true", "staleness.eta=0"] if args.sync else [])
+    try:
+        config = load_config(args.config, overrides)
+        _check_supported(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run(config))
+
+
+def _check_supported(config: RunConfig) -> None:
+    if config.weight_sync.method == "distributed":
+        raise ConfigError("weight_sync.method = \"distributed\" is not wired into `async-rl run` yet; use disk or tensor")
+    if config.april.enabled:
+        raise ConfigError("april.enabled = true is not wired into `async-rl run` yet")
+    if config.trainer.groups_per_step % config.rollout.workers:
+        raise ConfigError(f"trainer.groups_per_step={config.trainer.groups_per_step} must be a multiple of "
+                          f"rollout.workers={config.rollout.workers}: each worker owns an equal share of every batch")
+    # Fail before starting anything, not as a worker's traceback a minute later.
+    for spec in (config.rollout.generate, config.rollout.reward, config.task.generator):
+        if spec is not None:
+            import_function(spec)
+
+
+def _device(configured: str) -> str:
+    if configured != "auto":
+        return configured
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resume_point(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
+    """The weights engines must serve and their version: the latest checkpoint's, or the base model at 0."""
+    from async_rl.trainer import checkpoint
+
+    latest = checkpoint.latest_checkpoint(config.output_path(config.trainer.ckpt_dir, "checkpoints"))
+    if latest is None:
+        return model_dir, 0
+    meta = json.loads((latest / checkpoint.STATE_DIR / "meta.json").read_text())
+    return latest, int(meta["version"])
+
+
+async def run(config: RunConfig) -> int:
+    from async_rl.metrics import ProgressDisplay
+    from async_rl.supervisor import ProcessSpec, RunEnded, Supervisor
+    from rollout_workers.engine.model import resolve_model_spec
+    from rollout_workers.launcher import EngineSpec, engine_command, free_port
+
+    run_dir = Path(config.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    config_path.write_bytes(config.to_json())
+    model_dir = resolve_model_spec(config.model.spec)
+    engine_weights, start_version = _resume_point(config, model_dir)
+    device = _device(config.model.device)
+    python = sys.executable
+    env = {**_thread_env(config.engine.count), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    host = config.engine.host
+    engine_urls, engine_specs = [], []
+    for i in range(config.engine.count):
+        port = free_port(host)
+        spec = EngineSpec(kind=config.engine.kind, model=str(engine_weights), api_key=config.engine.api_key, host=host,
+                          device=device if config.engine.kind == "embedded" else None,
+                          extra_args=_engine_args(config, start_version, seed=config.trainer.seed + i))
+        engine_specs.append(ProcessSpec(name=f"engine{i}", argv=engine_command(spec, port, python), env=env | LOGPROB_ENV))
+        engine_urls.append(f"http://{host}:{port}")
+    submit, serve, versions = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    engines = ",".join(engine_urls)
+    common = ["--config", str(config_path), "--model-dir", str(model_dir), "--engines", engines]
+    buffer_fsync = "always" if config.buffer.fsync else "never"
+
+    print(f"run dir {run_dir}  model {model_dir}  engines {engines}  start version {start_version}", flush=True)
+    if start_version >= config.trainer.total_steps:
+        print(f"{run_dir} already holds a checkpoint at version {start_version} >= trainer.total_steps: nothing to "
+              f"train (set run.output_dir to start afresh, or raise trainer.total_steps to continue)", flush=True)
+        return 0
+    async with Supervisor(run_dir / "logs") as supervisor:
+        try:
+            for spec in engine_specs:
+                await supervisor.start(spec)
+            await supervisor.start(ProcessSpec(name="buffer", env=env, argv=[
+                python, "-m", "async_rl.cli", "buffer", "serve", "--dir", str(config.output_path(config.buffer.dir, "buffer")),
+                "--bind-submit", submit, "--bind-serve", serve, "--max-staleness", str(config.staleness.eta),
+                "--capacity", str(config.buffer.capacity), "--fsync", buffer_fsync]))
+            await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, run_dir / "logs" / "buffer.log"))
+            await supervisor.start(ProcessSpec(name="trainer", finishes_run=True, env=env, argv=[
+                python, "-m", "async_rl.trainer_main", *common, "--serve", serve, "--versions", versions]))
+            for w in range(config.rollout.workers):
+                await supervisor.start(ProcessSpec(name=f"worker{w}", env=env, argv=[
+                    python, "-m", "rollout_workers.worker", *common, "--submit", submit, "--versions", versions,
+                    "--start-version", str(start_version), "--worker-index", str(w)]))
+            with ProgressDisplay(config.trainer.total_steps) as display:
+                follower = MetricsFollower(run_dir / "metrics.jsonl", display)
+                following = asyncio.create_task(follower.follow())
+                try:
+                    outcome = await supervisor.wait(config.run.max_wall_s)
+                finally:
+                    following.cancel()
+                    follower.poll()
+        except RunEnded as ended:
+            outcome = ended.outcome
+        except TimeoutError as exc:
+            print(f"run failed: {exc}", file=sys.stderr, flush=True)
+            return 1
+    print(f"run {outcome.status}: {outcome.message}", file=sys.stderr if outcome.exit_code else sys.stdout, flush=True)
+    return outcome.exit_code
+
+
+def _thread_env(engine_count: int) -> dict[str, str]:
+    """Split the cores between the engines and the trainer (the heavy processes); one thread each on a
+    2-core box, so they do not oversubscribe the CPU. A user's own OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    threads = str(max(1, (os.cpu_count() or 1) // (engine_count + 1)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
+    """Engines start at the trainer's version (non-zero on resume), so token versions stay truthful."""
+    args = ["--weight-version", str(version), "--max-running-requests", str(config.engine.max_running_requests)]
+    if config.engine.kind == "embedded":
+        args += ["--dtype", config.model.dtype, "--seed", str(seed)]
+    else:
+        args += ["--random-seed", str(seed)]
+    return args + list(config.engine.extra_args)
+
+
+async def _wait_ready(engine_urls: list[str], api_key: str | None, buffer_log: Path) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    pending = list(engine_urls)
+    while pending or b"buffer ready" not in _read(buffer_log):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not ready within {HEALTH_TIMEOUT_S:g} s: engines {pending}, buffer log {buffer_log}")
+        pending = [url for url in pending if not await asyncio.to_thread(_healthy, url, api_key)]
+        await asyncio.sleep(0.2)
+
+
+def _healthy(url: str, api_key: str | None) -> bool:
+    request = urllib.request.Request(url + "/health")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+class MetricsFollower:
+    """Shows each new metrics.jsonl line as the trainer appends it (lines already there are skipped)."""
+
+    def __init__(self, path: Path, display):
+        self.path = path
+        self.display = display
+        self.offset = len(_read(path))
+
+    def poll(self) -> None:
+        import msgspec
+
+        data = _read(self.path)
+        end = data.rfind(b"\n") + 1
+        for line in data[self.offset:end].splitlines():
+            try:
+                record = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            self.display.update(int(record.get("step", 0)), record)
+        self.offset = max(self.offset, end)
+
+    async def follow(self, interval_s: float = 0.5) -> None:
+        while True:
+            self.poll()
+            await asyncio.sleep(interval_s)

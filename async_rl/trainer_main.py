@@ -1,0 +1,133 @@
+"""The trainer process: take a batch, train, sync the engines, publish, repeat.
+
+    python -m async_rl.trainer_main --config RUN_DIR/config.json --model-dir DIR \
+        --engines URL,URL --serve E --versions E
+
+Exits 0 after trainer.total_steps versions (the supervisor then ends the run).
+A restart resumes from the latest checkpoint, continuing the version count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from async_rl.config import RunConfig
+from async_rl.messages import WeightsPublished
+from async_rl.metrics import MetricsSink
+from async_rl.transport import BufferClient, VersionPublisher
+from async_rl.weight_sync import sync_weights
+from rollout_workers.client import EngineClient
+
+log = logging.getLogger("trainer")
+BATCH_WAIT_S = 30.0
+
+
+def trainer_config(config: RunConfig, model_dir: Path):
+    """The recipe's [trainer] table as the trainer's own config (the shared fields have the same names)."""
+    from async_rl.trainer.config import TrainerConfig
+
+    t = config.trainer
+    return TrainerConfig(
+        model_path=str(model_dir), ckpt_dir=str(config.output_path(t.ckpt_dir, "checkpoints")), device=config.model.device,
+        compute_dtype="bfloat16" if config.model.dtype == "bfloat16" else "float32", seed=t.seed, lr=t.lr,
+        lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.total_steps, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, max_tokens_per_microbatch=t.max_tokens_per_microbatch,
+        max_staleness=config.staleness.eta, loss=t.loss,
+    )
+
+
+async def get_batch(buffer: BufferClient, version: int, config: RunConfig):
+    """Block until a batch is ready; a timeout only means generation is slower than training.
+
+    Groups outside [0, eta] staleness are dropped with a warning rather than failing the step:
+    after a restart from an older checkpoint the buffer can still hold samples from versions
+    the resumed trainer has not reached.
+    """
+    from staleness.metrics import stale_samples
+
+    while True:
+        response = await buffer.get_batch(version, config.trainer.groups_per_step, config.staleness.eta, timeout=BATCH_WAIT_S)
+        if response.error or not response.trajectories:
+            log.info("waiting for a batch at version %d: %s", version, response.error or "empty")
+            continue
+        offenders = set(stale_samples(response.trajectories, version, config.staleness.eta))
+        if offenders:
+            bad_groups = {t.group_id for t in response.trajectories if t.sample_id in offenders}
+            log.warning("dropped %d group(s) outside staleness [0, %d] at version %d", len(bad_groups),
+                        config.staleness.eta, version)
+            response.trajectories = [t for t in response.trajectories if t.group_id not in bad_groups]
+            response.dropped_stale += len(offenders)
+        if response.trajectories:
+            return response
+
+
+async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serve: str, versions: str) -> None:
+    from async_rl.trainer.batch import BatchError
+    from async_rl.trainer.trainer import Trainer
+
+    trainer = Trainer.resume_or_new(trainer_config(config, model_dir))
+    run_dir = Path(config.run.output_dir)
+    weights_dir = config.output_path(config.weight_sync.dir, "weights")
+    clients = [EngineClient(url) for url in engine_urls]
+    publisher = VersionPublisher(versions)
+    sink = MetricsSink(run_dir)
+    total, interval = config.trainer.total_steps, config.trainer.checkpoint_interval
+    try:
+        async with BufferClient(serve) as buffer:
+            if trainer.version > 0:  # resumed: tell workers where admission starts
+                await publisher.publish(WeightsPublished(version=trainer.version, method=config.weight_sync.method))
+            last = time.perf_counter()
+            while trainer.version < total:
+                batch = await get_batch(buffer, trainer.version, config)
+                try:
+                    step = await asyncio.to_thread(trainer.train_step, batch.trajectories)
+                except BatchError as exc:  # a malformed trajectory: drop this batch, keep the run going
+                    log.error("dropped a batch of %d at version %d: %s", len(batch.trajectories), trainer.version, exc)
+                    continue
+                sync_s, path = await sync_weights(trainer, clients, config.weight_sync.method,
+                                                  config.weight_sync.pause_mode, weights_dir)
+                await publisher.publish(WeightsPublished(version=step.version, method=config.weight_sync.method,
+                                                         path=path, sync_seconds=sync_s))
+                now = time.perf_counter()
+                metrics = dict(step.metrics)
+                metrics.update({f"staleness/hist/{k}": v for k, v in step.staleness_histogram.items()})
+                metrics.update({"weight_sync/seconds": sync_s, "buffer/dropped_stale": batch.dropped_stale,
+                                "throughput/samples_per_s": len(batch.trajectories) / (now - last),
+                                "throughput/tokens_per_s": metrics.get("tokens_per_s", 0.0)})
+                last = now
+                if step.skipped:
+                    log.warning("step %d skipped its update: %s", step.version, step.skip_reason)
+                if step.version % config.run.log_interval == 0 or step.version == total:
+                    sink.log(step.version, metrics)
+                if (interval and step.version % interval == 0) or step.version == total:
+                    await asyncio.to_thread(trainer.save_checkpoint)
+    finally:
+        sink.close()
+        publisher.close()
+        for client in clients:
+            await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--engines", required=True, help="comma-separated engine URLs")
+    parser.add_argument("--serve", required=True, help="the buffer's serve endpoint")
+    parser.add_argument("--versions", required=True, help="PUB endpoint for WeightsPublished")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = msgspec.json.decode(args.config.read_bytes(), type=RunConfig)
+    asyncio.run(train(config, args.model_dir, args.engines.split(","), args.serve, args.versions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
