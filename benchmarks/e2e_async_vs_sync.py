@@ -1,0 +1,67 @@
+"""Trained samples/s of the asynchronous loop vs the `--sync` baseline, same recipe, one run.
+
+Both runs are real `async-rl run` jobs (engines, buffer, worker, trainer as processes);
+response lengths are forced from a heavy-tailed log-normal (recipes/long_tail.py), which
+is what leaves a synchronous loop idle: every step waits for its longest response, and
+the engines wait for the trainer. Throughput is measured between the first and the last
+logged step, so start-up is not counted.
+
+    .venv/bin/python benchmarks/e2e_async_vs_sync.py [--steps 20] [--max-new-tokens 64] [--eta 2]
+    .venv/bin/python benchmarks/e2e_async_vs_sync.py --set model.device=cuda --set model.spec=qwen2-folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from async_rl.metrics import read_metrics
+
+
+def trained_samples_per_s(metrics_path: Path, skip_steps: int) -> float:
+    records = [r for r in read_metrics(metrics_path) if "samples" in r]
+    if len(records) <= skip_steps + 1:
+        raise RuntimeError(f"{metrics_path}: only {len(records)} steps logged")
+    window = records[skip_steps:]
+    samples = sum(r["samples"] for r in window[1:])
+    return samples / (window[-1]["time"] - window[0]["time"])
+
+
+def run(recipe: str, output: Path, overrides: list[str], sync: bool) -> float:
+    command = [sys.executable, "-m", "async_rl.cli", "run", recipe, "--set", f"run.output_dir={str(output)!r}"]
+    for override in overrides:
+        command += ["--set", override]
+    if sync:
+        command.append("--sync")
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    return trained_samples_per_s(output / "metrics.jsonl", skip_steps=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/tiny.toml")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--eta", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    common = [
+        "rollout.generate='recipes.long_tail:lognormal_lengths'", f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"trainer.total_steps={args.steps}", *args.overrides,
+    ]
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-") as scratch:
+        async_rate = run(args.recipe, Path(scratch) / "async", [*common, f"staleness.eta={args.eta}"], sync=False)
+        sync_rate = run(args.recipe, Path(scratch) / "sync", [*common, "staleness.eta=0"], sync=True)
+    print(f"async (eta={args.eta}): {async_rate:8.1f} trained samples/s")
+    print(f"sync:          {sync_rate:8.1f} trained samples/s")
+    print(f"RESULT e2e_async_vs_sync recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
+          f"eta={args.eta} async_samples_s={async_rate:.1f} sync_samples_s={sync_rate:.1f} ratio={async_rate / sync_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
