@@ -90,8 +90,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     parts = []
     for key, label in DISPLAY_KEYS.items():
         value = metrics.get(key)
-        if isinstance(value, float):
-            parts.append(f"{label} {value:.3f}" if key != TOKENS_PER_S else f"{label} {value:.0f}")
+        if isinstance(value, float) and key in (TOKENS_PER_S, "version"):
+            parts.append(f"{label} {value:.0f}")
+        elif isinstance(value, float):
+            parts.append(f"{label} {value:.3f}")
         elif value is not None:
             parts.append(f"{label} {value}")
     return "  ".join(parts)
