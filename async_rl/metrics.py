@@ -90,7 +90,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     parts = []
     for key, label in DISPLAY_KEYS.items():
         value = metrics.get(key)
-        if isinstance(value, float) and key in (TOKENS_PER_S, "version"):
+        if isinstance(value, float) and key in (TOKENS_PER_S, VERSION):
             parts.append(f"{label} {value:.0f}")
         elif isinstance(value, float):
             parts.append(f"{label} {value:.3f}")
