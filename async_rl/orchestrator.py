@@ -45,8 +45,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _check_supported(config: RunConfig) -> None:
-    if config.weight_sync.method == "distributed":
-        raise ConfigError("weight_sync.method = \"distributed\" is not wired into `async-rl run` yet; use disk or tensor")
     if config.april.enabled:
         raise ConfigError("april.enabled = true is not wired into `async-rl run` yet")
     if config.trainer.groups_per_step % config.rollout.workers:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -22,7 +23,7 @@ from async_rl.config import RunConfig
 from async_rl.messages import WeightsPublished
 from async_rl.metrics import MetricsSink
 from async_rl.transport import BufferClient, VersionPublisher
-from async_rl.weight_sync import sync_weights
+from async_rl.weight_sync import broadcast_group, sync_weights
 from rollout_workers.client import EngineClient
 
 log = logging.getLogger("trainer")
@@ -80,7 +81,11 @@ async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serv
     sink = MetricsSink(run_dir)
     total, interval = config.trainer.total_steps, config.trainer.checkpoint_interval
     try:
-        async with BufferClient(serve) as buffer:
+        async with contextlib.AsyncExitStack() as stack:
+            buffer = await stack.enter_async_context(BufferClient(serve))
+            group = None
+            if config.weight_sync.method == "distributed":
+                group = await stack.enter_async_context(broadcast_group(clients, trainer.device))
             if trainer.version > 0:  # resumed: tell workers where admission starts
                 await publisher.publish(WeightsPublished(version=trainer.version, method=config.weight_sync.method))
             last = time.perf_counter()
@@ -92,7 +97,7 @@ async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serv
                     log.error("dropped a batch of %d at version %d: %s", len(batch.trajectories), trainer.version, exc)
                     continue
                 sync_s, path = await sync_weights(trainer, clients, config.weight_sync.method,
-                                                  config.weight_sync.pause_mode, weights_dir)
+                                                  config.weight_sync.pause_mode, weights_dir, group)
                 await publisher.publish(WeightsPublished(version=step.version, method=config.weight_sync.method,
                                                          path=path, sync_seconds=sync_s))
                 now = time.perf_counter()

@@ -1,27 +1,76 @@
 """Push the trainer's new weights to every engine, all engines concurrently.
 
 disk: one safetensors folder per version, loaded by each engine (update_weights_from_disk);
-tensor: the weights in the request body (same host, no disk). Each engine is paused with
-the configured mode around the update so no request mixes two versions mid-token.
+tensor: the weights in the request body (same host, no disk); distributed: a broadcast from
+the trainer (rank 0 of a private process group, see broadcast_group) while every engine receives.
+Each engine is paused with the configured mode around the update so no request mixes two
+versions mid-token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rollout_workers.client import EngineClient
 
+if TYPE_CHECKING:
+    from async_rl.dist_group import WeightUpdateGroup
+
+log = logging.getLogger("weight_sync")
+
 KEEP_SNAPSHOTS = 2  # the one engines load now, and the previous one a slow engine may still read
+GROUP_NAME = "async_rl_weights"
+# Bounds the rendezvous and every broadcast: a dead engine then fails the sync instead of hanging it.
+GROUP_TIMEOUT_S = 120.0
+# The orchestrator starts trainer and engines on one host; the trainer hosts the group's store.
+MASTER_ADDRESS = "127.0.0.1"
 
 
-async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_mode: str, weights_dir: Path) -> tuple[float, str]:
-    """Returns (seconds from the trainer's state to every engine serving it, snapshot path or "")."""
+@contextlib.asynccontextmanager
+async def broadcast_group(clients: list[EngineClient], device) -> AsyncIterator[WeightUpdateGroup]:
+    """Open the trainer's rank-0 group with every engine (engine i is rank 1 + i); close it on exit.
+
+    Every rank blocks in the rendezvous, so the engines' HTTP joins and the trainer's own join
+    (in a thread) must run concurrently. NCCL when the trainer trains on CUDA, gloo otherwise.
+    """
+    from async_rl.dist_group import destroy, init_weight_update_group
+    from rollout_workers.launcher import free_port
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    port, world_size = free_port(MASTER_ADDRESS), 1 + len(clients)
+    async with asyncio.TaskGroup() as joins:
+        for rank, client in enumerate(clients, start=1):
+            joins.create_task(client.init_weights_update_group(
+                MASTER_ADDRESS, port, rank_offset=rank, world_size=world_size, group_name=GROUP_NAME, backend=backend))
+        group = await asyncio.to_thread(init_weight_update_group, MASTER_ADDRESS, port, 0, world_size, backend,
+                                        GROUP_NAME, GROUP_TIMEOUT_S)
+    log.info("weight broadcast group %s: %d engine(s) over %s on port %d", GROUP_NAME, len(clients), backend, port)
+    try:
+        yield group
+    finally:
+        for client in clients:  # best effort: an engine that is already gone needs no cleanup
+            with contextlib.suppress(Exception):
+                await client.destroy_weights_update_group(GROUP_NAME, timeout_s=10.0)
+        destroy(group)
+
+
+async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_mode: str, weights_dir: Path,
+                       group: WeightUpdateGroup | None = None) -> tuple[float, str]:
+    """Returns (seconds from the trainer's state to every engine serving it, snapshot path or "").
+
+    `group` is the open broadcast_group, required by method distributed.
+    """
     started = time.perf_counter()
     version = trainer.version
     path = ""
+    send = None
     if method == "disk":
         folder = await asyncio.to_thread(trainer.save_weights_for_engine, weights_dir / f"v{version}")
         path = str(folder)
@@ -29,8 +78,17 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
     elif method == "tensor":
         tensors = dict(trainer.named_tensors())
         update = lambda client: client.update_weights_from_tensor(tensors, weight_version=str(version))  # noqa: E731
+    elif method == "distributed":
+        if group is None:
+            raise ValueError("weight_sync.method=distributed needs the open broadcast_group")
+        tensors = dict(trainer.named_tensors())
+        names = list(tensors)
+        dtypes, shapes = [tensors[n].dtype for n in names], [list(tensors[n].shape) for n in names]
+        update = lambda client: client.update_weights_from_distributed(  # noqa: E731
+            names, dtypes, shapes, group_name=GROUP_NAME, weight_version=str(version))
+        send = lambda: _broadcast_all(group, [tensors[n] for n in names])  # noqa: E731
     else:
-        raise ValueError(f"weight_sync.method={method!r} is not supported by this trainer (use disk or tensor)")
+        raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
 
     async def one(client: EngineClient) -> None:
         if pause_mode != "in_place":
@@ -41,12 +99,21 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
             if pause_mode != "in_place":
                 await client.continue_generation()
 
-    async with asyncio.TaskGroup() as group:
+    async with asyncio.TaskGroup() as tasks:
         for client in clients:
-            group.create_task(one(client))
+            tasks.create_task(one(client))
+        if send is not None:  # the engines receive, in `names` order, while their update calls are in flight
+            tasks.create_task(asyncio.to_thread(send))
     if method == "disk":
         _prune_snapshots(weights_dir, version)
     return time.perf_counter() - started, path
+
+
+def _broadcast_all(group: WeightUpdateGroup, tensors: list) -> None:
+    from async_rl.dist_group import broadcast
+
+    for tensor in tensors:
+        broadcast(group, tensor.detach().to(group.device).contiguous(), src=0)
 
 
 def _prune_snapshots(weights_dir: Path, version: int) -> None:

@@ -114,3 +114,15 @@ def test_an_interrupted_run_resumes_its_version_count(tmp_path):
     assert resumed[0]["step"] in (11, 21, 31) and resumed[-1]["step"] == 40
     # The engine restarted at the checkpoint's version: nothing the resumed trainer used breaks the bound.
     assert max(r["staleness/max"] for r in resumed) <= 1
+
+
+def test_distributed_weight_sync_broadcasts_every_version(tmp_path):
+    code, output = finish(start_run(tmp_path, "--set", "trainer.total_steps=8", "--set", "weight_sync.method=distributed"))
+    assert code == 0, output
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(r["weight_sync/seconds"] > 0 for r in records)
+    assert max(r["staleness/max"] for r in records) <= 1
+    # The engine generated with broadcast weights: the last batches carry tokens from versions > 0.
+    served_versions = {v for batch in served_batches(tmp_path / "buffer") for t in batch for v in t.token_versions}
+    assert max(served_versions) >= 6, served_versions
