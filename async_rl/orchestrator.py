@@ -14,8 +14,6 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
@@ -161,24 +159,15 @@ def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
 
 
 async def _wait_ready(engine_urls: list[str], api_key: str | None, buffer_log: Path) -> None:
+    from rollout_workers.launcher import probe_health
+
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     pending = list(engine_urls)
     while pending or b"buffer ready" not in _read(buffer_log):
         if time.monotonic() > deadline:
             raise TimeoutError(f"not ready within {HEALTH_TIMEOUT_S:g} s: engines {pending}, buffer log {buffer_log}")
-        pending = [url for url in pending if not await asyncio.to_thread(_healthy, url, api_key)]
+        pending = [url for url in pending if not await asyncio.to_thread(probe_health, url, api_key)]
         await asyncio.sleep(0.2)
-
-
-def _healthy(url: str, api_key: str | None) -> bool:
-    request = urllib.request.Request(url + "/health")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(request, timeout=2.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _read(path: Path) -> bytes:

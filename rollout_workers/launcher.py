@@ -61,6 +61,18 @@ def engine_command(spec: EngineSpec, port: int, python: str = sys.executable) ->
     return argv + list(spec.extra_args)
 
 
+def probe_health(url: str, api_key: str | None = None) -> bool:
+    """One blocking GET /health; False on any connection failure (the engine may still be starting)."""
+    request = urllib.request.Request(url + "/health")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 class EngineProcess:
     """One engine subprocess. `with EngineProcess(spec) as engine:` starts it, waits
     for /health and stops it on exit; `engine.url` is where the client connects."""
@@ -128,14 +140,7 @@ class EngineProcess:
             )
 
     def _probe_health(self) -> bool:
-        request = urllib.request.Request(self.url + "/health")
-        if self.spec.api_key:
-            request.add_header("Authorization", f"Bearer {self.spec.api_key}")
-        try:
-            with urllib.request.urlopen(request, timeout=2.0) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return probe_health(self.url, self.spec.api_key)
 
     def _unhealthy_error(self, timeout_s: float) -> EngineStartError:
         return EngineStartError(
