@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from staleness.config import LossConfig
+# check_field raises "field=value must be rule"; the loader prefixes the section path.
+from staleness.config import LossConfig, check_field
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -35,14 +36,8 @@ class ConfigError(ValueError):
     """A recipe or override that cannot run; the message names the key path."""
 
 
-def _check(ok: bool, field: str, value: object, rule: str) -> None:
-    # "field=value must be rule": the loader prefixes the section path, giving "staleness.eta=-1 must be >= 0".
-    if not ok:
-        raise ValueError(f"{field}={value!r} must be {rule}")
-
-
 def _check_function_spec(field: str, spec: str | None) -> None:
-    _check(spec is None or bool(_FUNCTION_SPEC.match(spec)), field, spec, 'of the form "package.module:function"')
+    check_field(spec is None or bool(_FUNCTION_SPEC.match(spec)), field, spec, 'of the form "package.module:function"')
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -64,8 +59,8 @@ class ModelSection(_Section):
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(bool(self.spec), "spec", self.spec, "a model folder, tiny:llama, tiny:qwen2 or smollm2")
-        _check(bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device)), "device", self.device,
+        check_field(bool(self.spec), "spec", self.spec, "a model folder, tiny:llama, tiny:qwen2 or smollm2")
+        check_field(bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device)), "device", self.device,
                "auto, cpu, cuda or cuda:N")
 
 
@@ -87,8 +82,8 @@ class EngineSection(_Section):
     max_running_requests: int = 256
 
     def __post_init__(self) -> None:
-        _check(self.count >= 1, "count", self.count, ">= 1")
-        _check(self.max_running_requests >= 1, "max_running_requests", self.max_running_requests, ">= 1")
+        check_field(self.count >= 1, "count", self.count, ">= 1")
+        check_field(self.max_running_requests >= 1, "max_running_requests", self.max_running_requests, ">= 1")
 
 
 class RolloutSection(_Section):
@@ -114,12 +109,12 @@ class RolloutSection(_Section):
     reward_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        _check(self.workers >= 1, "workers", self.workers, ">= 1")
-        _check(self.group_size >= 1, "group_size", self.group_size, ">= 1")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
-        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _check(self.reward_timeout_s > 0, "reward_timeout_s", self.reward_timeout_s, "> 0")
+        check_field(self.workers >= 1, "workers", self.workers, ">= 1")
+        check_field(self.group_size >= 1, "group_size", self.group_size, ">= 1")
+        check_field(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        check_field(self.temperature >= 0, "temperature", self.temperature, ">= 0")
+        check_field(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        check_field(self.reward_timeout_s > 0, "reward_timeout_s", self.reward_timeout_s, "> 0")
         _check_function_spec("generate", self.generate)
         _check_function_spec("reward", self.reward)
 
@@ -170,13 +165,13 @@ class TrainerSection(_Section):
     loss: LossConfig = msgspec.field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
-        _check(self.lr >= 0, "lr", self.lr, ">= 0")
-        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
-        _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
-        _check(self.groups_per_step >= 1, "groups_per_step", self.groups_per_step, ">= 1")
-        _check(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch", self.max_tokens_per_microbatch, ">= 1")
-        _check(self.total_steps >= 1, "total_steps", self.total_steps, ">= 1")
-        _check(self.checkpoint_interval >= 0, "checkpoint_interval", self.checkpoint_interval, ">= 0")
+        check_field(self.lr >= 0, "lr", self.lr, ">= 0")
+        check_field(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
+        check_field(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
+        check_field(self.groups_per_step >= 1, "groups_per_step", self.groups_per_step, ">= 1")
+        check_field(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch", self.max_tokens_per_microbatch, ">= 1")
+        check_field(self.total_steps >= 1, "total_steps", self.total_steps, ">= 1")
+        check_field(self.checkpoint_interval >= 0, "checkpoint_interval", self.checkpoint_interval, ">= 0")
 
 
 class StalenessSection(_Section):
@@ -188,8 +183,8 @@ class StalenessSection(_Section):
     max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.eta >= 0, "eta", self.eta, ">= 0")
-        _check(self.max_in_flight is None or self.max_in_flight >= 1, "max_in_flight", self.max_in_flight, ">= 1")
+        check_field(self.eta >= 0, "eta", self.eta, ">= 0")
+        check_field(self.max_in_flight is None or self.max_in_flight >= 1, "max_in_flight", self.max_in_flight, ">= 1")
 
 
 class WeightSyncSection(_Section):
@@ -220,7 +215,7 @@ class BufferSection(_Section):
     capacity: int = 100_000
 
     def __post_init__(self) -> None:
-        _check(self.capacity >= 1, "capacity", self.capacity, ">= 1")
+        check_field(self.capacity >= 1, "capacity", self.capacity, ">= 1")
 
 
 class AprilSection(_Section):
@@ -233,7 +228,7 @@ class AprilSection(_Section):
     pause_mode: Literal["abort", "retract"] = "retract"
 
     def __post_init__(self) -> None:
-        _check(self.alpha >= 0, "alpha", self.alpha, ">= 0")
+        check_field(self.alpha >= 0, "alpha", self.alpha, ">= 0")
 
 
 class RunSection(_Section):
@@ -250,8 +245,8 @@ class RunSection(_Section):
     max_wall_s: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.log_interval >= 1, "log_interval", self.log_interval, ">= 1")
-        _check(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", self.max_wall_s, "> 0")
+        check_field(self.log_interval >= 1, "log_interval", self.log_interval, ">= 1")
+        check_field(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", self.max_wall_s, "> 0")
 
 
 class RunConfig(_Section):
