@@ -155,7 +155,6 @@ class RolloutWorker:
                 )
                 for i, (s, r) in enumerate(zip(samples, rewards))
             ]
-        raise AssertionError("unreachable")
 
 
 def main(argv: list[str] | None = None) -> int:
