@@ -30,7 +30,7 @@ import zmq.asyncio
 from async_rl import zmq_auth
 from async_rl.messages import (
     BatchRequest, BatchResponse, BufferStats, Message, MessageError, PartialsResponse, Rejected, StatsRequest,
-    TakePartials, Trajectory, TrajectoryAck, WeightsPublished, decode, encode,
+    TakePartials, Trajectory, TrajectoryAck, WeightsPublished, decode, encode, make_decoder,
 )
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class BufferClient:
 
     async def _request(self, request: Message, reply_type: type, timeout: float):
         frame = encode(request)
-        decoder = msgspec.msgpack.Decoder(reply_type | Rejected)
+        decoder = make_decoder(reply_type | Rejected)
         async with self._lock, asyncio.timeout(timeout):
             while True:
                 await self._socket.send(frame)
@@ -244,7 +244,7 @@ class _RawPartialsResponse(PartialsResponse, tag="partials"):
     trajectories: list[msgspec.Raw]
 
 
-_trajectory_decoder = msgspec.msgpack.Decoder(Trajectory)
+_trajectory_decoder = make_decoder(Trajectory)
 
 
 class VersionPublisher:

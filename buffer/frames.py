@@ -1,23 +1,23 @@
 """Read just enough of a Trajectory frame to index, validate and route it.
 
-The buffer never needs the token lists themselves: it stores the frame as it
-arrived and serves it unchanged. Materialising 3k Python numbers per
-trajectory would cost more than the socket itself, so the big arrays stay
-`msgspec.Raw` and are checked structurally (lengths, finiteness) in place.
-Element types of the integer arrays are not checked here; the trainer-side
-client decodes each served trajectory on its own and drops (and logs) any
-that fail, so one bad frame cannot poison a batch.
+The buffer never needs the token arrays themselves: it stores the frame as it
+arrived and serves it unchanged. The big arrays stay `msgspec.Raw` (views of
+their binary blobs) and are checked in place: lengths from the blob sizes,
+finiteness as a numpy view. Only the per-token versions are decoded, for the
+staleness bound. The trainer-side client decodes each served trajectory on its
+own and drops (and logs) any that fail, so one bad frame cannot poison a batch.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 
 import msgspec
 import numpy as np
 
-from async_rl.messages import SCHEMA_VERSION, MessageError, Trajectory
+from async_rl.messages import (
+    SCHEMA_VERSION, LogprobArray, MessageError, TokenArray, Trajectory, make_decoder, oldest_version,
+)
 
 
 class TrajectoryHeader(msgspec.Struct, tag_field="kind", tag="trajectory", kw_only=True):
@@ -27,8 +27,8 @@ class TrajectoryHeader(msgspec.Struct, tag_field="kind", tag="trajectory", kw_on
     group_size: int
     prompt_ids: msgspec.Raw
     response_ids: msgspec.Raw
-    behavior_logprobs: msgspec.Raw
-    token_versions: list[int]
+    behavior_logprobs: LogprobArray
+    token_versions: TokenArray
     loss_mask: msgspec.Raw = msgspec.Raw(b"\xc0")  # msgpack nil
     attempt: int = 1
     partial: bool = False
@@ -39,52 +39,41 @@ class TrajectoryHeader(msgspec.Struct, tag_field="kind", tag="trajectory", kw_on
 
     @property
     def oldest_version(self) -> int:
-        return min(self.token_versions) if self.token_versions else -1
+        return oldest_version(self.token_versions)
 
 
-_header_decoder = msgspec.msgpack.Decoder(TrajectoryHeader)
-_FLOAT64 = 0xCB
-_float_cells = np.dtype([("tag", "u1"), ("value", ">f8")])
+_header_decoder = make_decoder(TrajectoryHeader)
+_NIL = b"\xc0"  # msgpack nil: no loss mask
+# fixext 1/2/4/8/16 carry their size in the tag; ext 8/16/32 in a length field.
+_FIXEXT_SIZES = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+_EXT_LENGTHS = {0xC7: ">B", 0xC8: ">H", 0xC9: ">I"}
 
 
-def _array_length(raw: msgspec.Raw) -> int:
-    """Element count from a msgpack array header (fixarray, array16, array32)."""
-    raw = memoryview(raw)
-    first = raw[0]
-    if 0x90 <= first <= 0x9F:
-        return first & 0x0F
-    if first == 0xDC:
-        return struct.unpack_from(">H", raw, 1)[0]
-    if first == 0xDD:
-        return struct.unpack_from(">I", raw, 1)[0]
-    raise MessageError("expected an array")
-
-
-def _all_finite(raw: msgspec.Raw, length: int) -> bool:
-    """msgspec writes every float as float64: check them as a strided numpy view."""
-    raw = memoryview(raw)
-    if length == 0:
-        return True
-    if 9 * length < len(raw):
-        cells = np.frombuffer(raw, dtype=_float_cells, offset=len(raw) - 9 * length)
-        if bool((cells["tag"] == _FLOAT64).all()):
-            return bool(np.isfinite(cells["value"]).all())
-    values = msgspec.msgpack.decode(raw, type=list[float])  # mixed ints/floats: slow but exact
-    return all(math.isfinite(value) for value in values)
+def _blob(raw: msgspec.Raw, kind: type) -> memoryview:
+    """The payload of a per-token array's msgpack ext, checked to be of `kind`."""
+    view = memoryview(raw)
+    tag = view[0]
+    if tag in _FIXEXT_SIZES:
+        size, start = _FIXEXT_SIZES[tag], 1
+    elif tag in _EXT_LENGTHS:
+        fmt = _EXT_LENGTHS[tag]
+        size, start = struct.unpack_from(fmt, view, 1)[0], 1 + struct.calcsize(fmt)
+    else:
+        raise MessageError(f"expected a {kind.__name__} blob")
+    if struct.unpack_from(">b", view, start)[0] != kind.ext_code or size % 4 or len(view) != start + 1 + size:
+        raise MessageError(f"expected a {kind.__name__} blob")
+    return view[start + 1:]
 
 
 def read_header(frame: bytes) -> TrajectoryHeader:
     """Decode and validate a Trajectory frame; raise MessageError with the reason."""
     try:
         header = _header_decoder.decode(frame)
-        lengths = {
-            "response_ids": _array_length(header.response_ids),
-            "behavior_logprobs": _array_length(header.behavior_logprobs),
-            "token_versions": len(header.token_versions),
-        }
-        if bytes(memoryview(header.loss_mask)[:1]) != b"\xc0":
-            lengths["loss_mask"] = _array_length(header.loss_mask)
-        _array_length(header.prompt_ids)
+        tokens = len(header.token_versions)
+        lengths = (len(_blob(header.response_ids, TokenArray)) // 4, len(header.behavior_logprobs), tokens)
+        if memoryview(header.loss_mask) != _NIL:
+            lengths += (len(_blob(header.loss_mask, TokenArray)) // 4,)
+        _blob(header.prompt_ids, TokenArray)
     except (msgspec.DecodeError, msgspec.ValidationError, IndexError, struct.error, TypeError) as exc:
         raise MessageError(f"not a trajectory ({len(frame)} bytes): {exc}") from exc
     if header.schema != SCHEMA_VERSION:
@@ -93,10 +82,10 @@ def read_header(frame: bytes) -> TrajectoryHeader:
         raise MessageError("empty sample_id or group_id")
     if header.group_size < 1:
         raise MessageError(f"group_size {header.group_size} < 1")
-    if len(set(lengths.values())) != 1:
-        raise MessageError(f"per-token fields differ in length: {lengths}")
-    if not header.token_versions:
+    if lengths.count(tokens) != len(lengths):
+        raise MessageError(f"per-token fields differ in length: response, logprobs, versions, mask = {lengths}")
+    if not tokens:
         raise MessageError("empty response")
-    if not _all_finite(header.behavior_logprobs, lengths["behavior_logprobs"]):
+    if not np.isfinite(np.frombuffer(header.behavior_logprobs, dtype=np.float32)).all():
         raise MessageError("behavior_logprobs contain NaN or inf")
     return header

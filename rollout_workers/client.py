@@ -8,6 +8,7 @@ raw JSON, and a malformed answer fails here with a clear `EngineProtocolError`.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import base64
 import math
@@ -24,6 +25,16 @@ PauseMode = Literal["abort", "retract", "in_place"]
 
 # Status codes that mean "try again shortly" for an idempotent read.
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+def _array_as_list(value: Any) -> Any:
+    """Token arrays (a Trajectory's ids, e.g. a partial response to resume) go out as JSON lists."""
+    if isinstance(value, array.array):
+        return value.tolist()
+    raise NotImplementedError(f"cannot send {type(value).__name__} as JSON")
+
+
+_to_json = msgspec.json.Encoder(enc_hook=_array_as_list).encode
 
 
 # ----------------------------------------------------------------- exceptions
@@ -231,7 +242,7 @@ def _error_message(body: bytes) -> str:
                 value = value["message"]
             if value:
                 return value if isinstance(value, str) else msgspec.json.encode(value).decode()
-    return msgspec.json.encode(payload).decode()[:2000]
+    return _to_json(payload).decode()[:2000]
 
 
 def _dtype_name(dtype: "torch.dtype | str") -> str:
@@ -313,7 +324,7 @@ class EngineClient:
     ) -> bytes:
         """Send once; return the body of a 2xx answer, raise a typed error otherwise."""
         session = self._ensure_session()
-        data = None if payload is None else msgspec.json.encode(payload)
+        data = None if payload is None else _to_json(payload)
         try:
             async with asyncio.timeout(timeout_s):
                 async with session.request(method, self.url + endpoint, data=data) as response:
@@ -439,7 +450,7 @@ class EngineClient:
         request_timeout = aiohttp.ClientTimeout(total=timeout)
         try:
             async with session.post(
-                self.url + "/generate", data=msgspec.json.encode(payload), timeout=request_timeout
+                self.url + "/generate", data=_to_json(payload), timeout=request_timeout
             ) as response:
                 if response.status >= 400:
                     raise EngineError(response.status, _error_message(await response.read()), "/generate")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from async_rl.messages import Trajectory
+from async_rl.messages import Trajectory, encode
 from async_rl.trainer import BatchError, Trainer, TrainerConfig, latest_checkpoint, token_logprobs
 from async_rl.trainer.reference import reference_loss
 from staleness import LossConfig, StalenessBoundError
@@ -222,10 +222,10 @@ def test_fsdp_shards_each_decoder_layer(model_dir):
 
 FSDP_WORKER = """
 import sys, msgspec, torch
-from async_rl.messages import Trajectory
+from async_rl.messages import Trajectory, make_decoder
 from async_rl.trainer import Trainer, TrainerConfig
 model_dir, batch_file, out_dir = sys.argv[1:4]
-batch = msgspec.msgpack.decode(open(batch_file, "rb").read(), type=list[Trajectory])
+batch = make_decoder(list[Trajectory]).decode(open(batch_file, "rb").read())
 config = msgspec.json.decode(sys.argv[4], type=TrainerConfig)
 trainer = Trainer(config)
 assert trainer.world_size == 2
@@ -241,7 +241,7 @@ torch.distributed.destroy_process_group()
 @pytest.mark.slow
 def test_fsdp_two_cpu_ranks_match_one_process(model_dir, tmp_path):
     batch = make_batch(model_dir, groups=3, group_size=3, seed=5)  # 9 rows: ranks get unequal work
-    (tmp_path / "batch.msgpack").write_bytes(msgspec.msgpack.encode(batch))
+    (tmp_path / "batch.msgpack").write_bytes(encode(batch))
     (tmp_path / "worker.py").write_text(FSDP_WORKER)
     config = TrainerConfig(
         model_path=str(model_dir), ckpt_dir=str(tmp_path / "ckpt"), device="cpu", lr=1e-2,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from async_rl.messages import Trajectory
@@ -30,16 +31,23 @@ def validate_trajectory(trajectory: Trajectory, vocab_size: int) -> None:
         problems.append("empty response")
     if len(t.behavior_logprobs) != n or len(t.token_versions) != n:
         problems.append(f"{n} response tokens but {len(t.behavior_logprobs)} logprobs and {len(t.token_versions)} versions")
-    if t.loss_mask is not None and (len(t.loss_mask) != n or any(m not in (0, 1) for m in t.loss_mask)):
+    if t.loss_mask is not None and (len(t.loss_mask) != n or not np.isin(_numpy(t.loss_mask), (0, 1)).all()):
         problems.append("loss_mask must be 0/1 per response token")
-    if any(not 0 <= token < vocab_size for token in (*t.prompt_ids, *t.response_ids)):
+    tokens = np.concatenate([_numpy(t.prompt_ids), _numpy(t.response_ids)])
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         problems.append(f"token id outside vocabulary [0, {vocab_size})")
-    if not all(math.isfinite(x) for x in t.behavior_logprobs):
+    if not np.isfinite(_numpy(t.behavior_logprobs)).all():
         problems.append("non-finite behavior logprob")
     if not math.isfinite(t.reward):
         problems.append(f"non-finite reward {t.reward}")
     if problems:
         raise BatchError(f"trajectory {t.sample_id!r}: " + "; ".join(problems))
+
+
+def _numpy(values) -> np.ndarray:
+    """A zero-copy view of a per-token array (lists, from hand-built tests, are copied)."""
+    return np.frombuffer(values, dtype=np.float32 if values.typecode == "f" else np.int32) \
+        if hasattr(values, "typecode") else np.asarray(values)
 
 
 @dataclass
@@ -81,11 +89,12 @@ def pad_trajectories(trajectories: list[Trajectory], device: torch.device | str 
     groups: dict[str, int] = {}
     for row, t in enumerate(trajectories):
         prompt_len, length = len(t.prompt_ids), lengths[row]
-        input_ids[row, :length] = torch.tensor(t.prompt_ids + t.response_ids)
+        input_ids[row, :prompt_len] = torch.from_numpy(_numpy(t.prompt_ids))
+        input_ids[row, prompt_len:length] = torch.from_numpy(_numpy(t.response_ids))
         attention_mask[row, :length] = 1
         targets = slice(prompt_len - 1, length - 1)
-        loss_mask[row, targets] = torch.tensor(t.loss_mask if t.loss_mask is not None else [1] * len(t.response_ids)).bool()
-        behav[row, targets] = torch.tensor(t.behavior_logprobs, dtype=torch.float32)
+        loss_mask[row, targets] = torch.from_numpy(_numpy(t.loss_mask)).bool() if t.loss_mask is not None else True
+        behav[row, targets] = torch.from_numpy(_numpy(t.behavior_logprobs))
         groups.setdefault(t.group_id, len(groups))
     return PaddedBatch(
         input_ids=input_ids.to(device),
