@@ -36,6 +36,11 @@ class ConfigError(ValueError):
     """A recipe or override that cannot run; the message names the key path."""
 
 
+def _check_device(device: str | None) -> None:
+    check_field(device is None or bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", device)), "device", device,
+                "auto, cpu, cuda or cuda:N")
+
+
 def _check_function_spec(field: str, spec: str | None) -> None:
     check_field(spec is None or bool(_FUNCTION_SPEC.match(spec)), field, spec, 'of the form "package.module:function"')
 
@@ -51,7 +56,8 @@ class ModelSection(_Section):
     char-level model, built once into the model cache) or `smollm2` (the bundled
     SmolLM2-135M-Instruct GGUF, dequantized). Hub ids are not fetched.
     dtype: weights/compute dtype for engines and trainer forward passes.
-    device: auto (cuda if present, else cpu) | cpu | cuda | cuda:N.
+    device: auto (cuda if present, else cpu) | cpu | cuda | cuda:N; the default for
+    engine.device and trainer.device (e.g. engines on cuda:0, trainer on cuda:1).
     """
 
     spec: str = "tiny:llama"
@@ -60,8 +66,7 @@ class ModelSection(_Section):
 
     def __post_init__(self) -> None:
         check_field(bool(self.spec), "spec", self.spec, "a model folder, tiny:llama, tiny:qwen2 or smollm2")
-        check_field(bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device)), "device", self.device,
-               "auto, cpu, cuda or cuda:N")
+        _check_device(self.device)
 
 
 class EngineSection(_Section):
@@ -72,6 +77,7 @@ class EngineSection(_Section):
     extra_args: appended verbatim to each engine's command line.
     api_key: engines require `Authorization: Bearer KEY`; None = open (loopback only).
     max_running_requests: per-engine concurrency cap (SGLang's flag of the same name).
+    device: embedded engines' device; None = model.device.
     """
 
     kind: Literal["embedded", "sglang"] = "embedded"
@@ -80,8 +86,10 @@ class EngineSection(_Section):
     api_key: str | None = None
     host: str = "127.0.0.1"
     max_running_requests: int = 256
+    device: str | None = None
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         check_field(self.count >= 1, "count", self.count, ">= 1")
         check_field(self.max_running_requests >= 1, "max_running_requests", self.max_running_requests, ">= 1")
 
@@ -147,7 +155,7 @@ class TrainerSection(_Section):
     groups_per_step: GRPO groups per optimizer step (batch = groups_per_step * rollout.group_size
     samples). max_tokens_per_microbatch: padded tokens per forward, bounding activation memory.
     total_steps: the run ends after this many published versions. ckpt_dir: "" = <run.output_dir>/checkpoints;
-    checkpoint_interval: steps between checkpoints, 0 = only at the end.
+    checkpoint_interval: steps between checkpoints, 0 = only at the end. device: None = model.device.
     [trainer.loss]: objective and off-policy correction (staleness.config.LossConfig).
     """
 
@@ -162,9 +170,11 @@ class TrainerSection(_Section):
     seed: int = 0
     ckpt_dir: str = ""
     checkpoint_interval: int = 0
+    device: str | None = None
     loss: LossConfig = msgspec.field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         check_field(self.lr >= 0, "lr", self.lr, ">= 0")
         check_field(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
         check_field(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")

@@ -85,7 +85,7 @@ async def run(config: RunConfig) -> int:
     config_path.write_bytes(config.to_json())
     model_dir = resolve_model_spec(config.model.spec)
     engine_weights, start_version = _resume_point(config, model_dir)
-    device = _device(config.model.device)
+    device = _device(config.engine.device or config.model.device)
     python = sys.executable
     env = {**_thread_env(config.engine.count), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     host = config.engine.host

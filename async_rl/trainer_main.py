@@ -36,7 +36,7 @@ def trainer_config(config: RunConfig, model_dir: Path):
 
     t = config.trainer
     return TrainerConfig(
-        model_path=str(model_dir), ckpt_dir=str(config.output_path(t.ckpt_dir, "checkpoints")), device=config.model.device,
+        model_path=str(model_dir), ckpt_dir=str(config.output_path(t.ckpt_dir, "checkpoints")), device=t.device or config.model.device,
         compute_dtype="bfloat16" if config.model.dtype == "bfloat16" else "float32", seed=t.seed, lr=t.lr,
         lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.total_steps, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, max_tokens_per_microbatch=t.max_tokens_per_microbatch,

@@ -62,6 +62,7 @@ def test_overrides_parse_toml_literals_and_fall_back_to_strings(tmp_path):
     (dict(TASK), ("rollout.reward=no_colon",), 'rollout.reward=\'no_colon\' must be of the form "package.module:function"'),
     (dict(TASK), ("task.dataset=data.jsonl",), "task: set exactly one of generator or dataset"),
     (dict(TASK), ("run.sync=true",), "run.sync = true trains strictly on-policy: set staleness.eta = 0 (got 1)"),
+    (dict(TASK), ("trainer.device=gpu1",), "trainer.device='gpu1' must be auto, cpu, cuda or cuda:N"),
     ({}, (), "missing required key 'task'"),
     ({"task": 3}, (), "task: expected `object`, got `int`"),
 ])
