@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
 
 HEALTH_TIMEOUT_S = 180.0
-# Behaviour logprobs are of the temperature-1 logits, as the embedded engine reports them and the
-# trainer computes them; SGLang reports temperature-scaled ones unless told otherwise.
-LOGPROB_ENV = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +94,7 @@ async def run(config: RunConfig) -> int:
         spec = EngineSpec(kind=config.engine.kind, model=str(engine_weights), api_key=config.engine.api_key, host=host,
                           device=device if config.engine.kind == "embedded" else None,
                           extra_args=_engine_args(config, start_version, seed=config.trainer.seed + i))
-        engine_specs.append(ProcessSpec(name=f"engine{i}", argv=engine_command(spec, port, python), env=env | LOGPROB_ENV))
+        engine_specs.append(ProcessSpec(name=f"engine{i}", argv=engine_command(spec, port, python), env=env))
         engine_urls.append(f"http://{host}:{port}")
     submit, serve, versions = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engines = ",".join(engine_urls)
@@ -107,7 +106,7 @@ async def run(config: RunConfig) -> int:
         print(f"{run_dir} already holds a checkpoint at version {start_version} >= trainer.total_steps: nothing to "
               f"train (set run.output_dir to start afresh, or raise trainer.total_steps to continue)", flush=True)
         return 0
-    async with Supervisor(run_dir / "logs") as supervisor:
+    async with _merged_trace(run_dir), Supervisor(run_dir / "logs") as supervisor:
         try:
             for spec in engine_specs:
                 await supervisor.start(spec)
@@ -137,6 +136,23 @@ async def run(config: RunConfig) -> int:
             return 1
     print(f"run {outcome.status}: {outcome.message}", file=sys.stderr if outcome.exit_code else sys.stdout, flush=True)
     return outcome.exit_code
+
+
+@contextlib.asynccontextmanager
+async def _merged_trace(run_dir: Path) -> AsyncIterator[None]:
+    """Once every child stopped, however the run ended, merge their trace files into RUN_DIR/trace.json."""
+    from async_rl.trace import merge_run
+
+    try:
+        yield
+    finally:
+        try:
+            merged = merge_run(run_dir)
+        except (OSError, ValueError) as exc:  # a trace is a diagnostic: never let it hide the run's outcome
+            print(f"could not merge the trace files: {exc}", file=sys.stderr, flush=True)
+        else:
+            if merged is not None:
+                print(f"trace {merged} (open in https://ui.perfetto.dev)", flush=True)
 
 
 def _thread_env(engine_count: int) -> dict[str, str]:

@@ -68,10 +68,11 @@ def prompts_of_different_lengths() -> list[list[int]]:
     return [torch.randint(4, 100, (n,), generator=generator).tolist() for n in (3, 11, 1, 7, 20)]
 
 
-def full_forward_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
+def full_forward_logprobs(model, prompt: list[int], output: list[int], temperature: float = 1.0) -> list[float]:
+    """What the trainer computes: logprobs of softmax(logits / T), T = 0 (greedy) counting as 1."""
     with torch.inference_mode():
         logits = model(torch.tensor([prompt + output])).logits[0].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
     return [logprobs[len(prompt) - 1 + i, token].item() for i, token in enumerate(output)]
 
 
@@ -101,7 +102,7 @@ def test_sampled_logprobs_equal_full_forward_and_batching_is_continuous(core, ti
     join_mid_generation(core, tracker, seqs[1], 2, seqs[3:])
     tracker.wait(*seqs)
     for seq in seqs:
-        expected = full_forward_logprobs(tiny.model, seq.prompt_ids, seq.output_ids)
+        expected = full_forward_logprobs(tiny.model, seq.prompt_ids, seq.output_ids, seq.temperature)
         assert max(abs(a - b) for a, b in zip(seq.output_logprobs, expected)) <= 1e-4
         assert seq.output_versions == ["0"] * len(seq.output_ids)
     stats = core.stats

@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def make_batch(model_dir, *, version=0, groups=2, group_size=4, seed=0):
+def make_batch(model_dir, *, version=0, groups=2, group_size=4, seed=0, temperature=1.0):
     """GRPO groups with variable prompt/response lengths; behaviour logprobs from the saved model."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -43,7 +43,7 @@ def make_batch(model_dir, *, version=0, groups=2, group_size=4, seed=0):
             response = torch.randint(1, 64, (int(torch.randint(2, 8, (1,), generator=generator)),), generator=generator).tolist()
             ids = torch.tensor([prompt + response])
             with torch.no_grad():
-                logprobs = token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt) - 1 :].tolist()
+                logprobs = token_logprobs(model, ids, torch.ones_like(ids), temperature)[0, len(prompt) - 1 :].tolist()
             trajectories.append(Trajectory(
                 sample_id=f"s{g}-{i}", group_id=f"g{g}", group_size=group_size, prompt_ids=prompt, response_ids=response,
                 behavior_logprobs=logprobs, token_versions=[version] * len(response), reward=float(i % 2),
@@ -85,6 +85,16 @@ def test_steps_raise_rewarded_and_lower_unrewarded_responses(model_dir):
     for name in ("loss", "reward/mean", "reward/std", "clip_frac", "is_weight/mean", "is_weight/capped_frac",
                  "kl/behav_current_k1", "staleness/mean", "staleness/max", "tokens_per_s", "lr", "skipped_updates"):
         assert name in metrics
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_logprobs_are_recomputed_at_the_rollout_temperature(model_dir, temperature):
+    """Behaviour logprobs of softmax(logits / T) match the trainer's own at that T (KL 0), not at T = 1."""
+    batch = make_batch(model_dir, temperature=temperature)
+    matched = Trainer(TrainerConfig(model_path=str(model_dir), lr=0.0, logprob_temperature=temperature)).train_step(batch)
+    assert abs(matched.metrics["kl/behav_current_k1"]) < 1e-6
+    unscaled = Trainer(TrainerConfig(model_path=str(model_dir), lr=0.0)).train_step(batch)
+    assert abs(unscaled.metrics["kl/behav_current_k1"]) > 1e-4
 
 
 @pytest.mark.parametrize("correction", ["none", "decoupled_ppo"])

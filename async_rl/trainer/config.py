@@ -36,6 +36,8 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     gradient_checkpointing: bool = False
     # Refuse a batch holding a sample staler than this (the staleness bound eta); None = no check.
     max_staleness: int | None = None
+    # The rollout temperature: logprobs are of softmax(logits / T), the distribution the engines sampled from.
+    logprob_temperature: float = 1.0
     loss: LossConfig = msgspec.field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
@@ -50,3 +52,4 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         check_field(self.num_minibatches >= 1, "num_minibatches", self.num_minibatches, ">= 1")
         check_field(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch", self.max_tokens_per_microbatch, ">= 1")
         check_field(self.max_staleness is None or self.max_staleness >= 0, "max_staleness", self.max_staleness, ">= 0")
+        check_field(self.logprob_temperature > 0, "logprob_temperature", self.logprob_temperature, "> 0")

@@ -55,9 +55,12 @@ class StepResult(msgspec.Struct, kw_only=True):
     skip_reason: str = ""
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(token at j+1 | tokens <= j) for every target position j, in float32: [B, L-1]."""
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log p(token at j+1 | tokens <= j) under softmax(logits / temperature), in float32: [B, L-1]."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[:, 1:].unsqueeze(-1)
     return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
 
@@ -210,7 +213,7 @@ class Trainer:
         for micro, weight in self._microbatches_of_this_rank(rows, batch.lengths):
             part = batch.rows(micro)
             with self._autocast():
-                cur = token_logprobs(self.model, part.input_ids, part.attention_mask)
+                cur = token_logprobs(self.model, part.input_ids, part.attention_mask, self.config.logprob_temperature)
             token_loss, diagnostics = policy_token_loss(
                 cur, part.behav, advantages[micro], loss_config,
                 prox=_take(prox, micro, cur.shape[1]), ref=_take(ref, micro, cur.shape[1]),
@@ -261,7 +264,7 @@ class Trainer:
         for micro, weight in self._microbatches_of_this_rank(list(range(batch.size)), batch.lengths):
             part = batch.rows(micro)
             with self._autocast():
-                logprobs = token_logprobs(model, part.input_ids, part.attention_mask)
+                logprobs = token_logprobs(model, part.input_ids, part.attention_mask, self.config.logprob_temperature)
             if weight:
                 result[micro, : logprobs.shape[1]] = logprobs
         return all_reduce_sum(result)

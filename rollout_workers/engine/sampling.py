@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# SGLang's switch, same meaning: report logprobs of the raw (temperature-1) logits instead.
+RETURN_ORIGINAL_LOGPROB = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true")
 
 
 class RowSettings:
@@ -20,11 +25,16 @@ class RowSettings:
 def sample(logits: torch.Tensor, rows: RowSettings, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (token ids, logprobs of those tokens).
 
-    The logprob is from the unfiltered, temperature-1 distribution of the float32
-    logits: the behaviour policy's logprob an RL loss compares against.
+    The logprob is from the temperature-scaled, unfiltered distribution of the float32
+    logits (temperature 0 counts as 1), as SGLang reports it: the behaviour policy's
+    logprob, which the trainer recomputes at the same temperature.
     """
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    if RETURN_ORIGINAL_LOGPROB or rows.all_greedy:
+        logprobs = torch.log_softmax(logits, dim=-1)
+    else:
+        scale = torch.where(rows.temperature > 0, rows.temperature, torch.ones_like(rows.temperature))
+        logprobs = torch.log_softmax(logits / scale.unsqueeze(1), dim=-1)
     greedy_tokens = logits.argmax(dim=-1)
     if rows.all_greedy:
         tokens = greedy_tokens
