@@ -4,7 +4,9 @@ Why this shape: each process streams its own file, one event per line, in the
 format's JSON-array form, whose closing `]` the format makes optional. A file
 cut off by a crash therefore still opens in Perfetto and still parses line by
 line here, and no lock is shared between processes. `merge` turns the
-per-process files into one `{"traceEvents": [...]}` document.
+per-process files into one `{"traceEvents": [...]}` document; `merge_run` does
+that for a run (RUN_DIR/trace/<process>.json -> RUN_DIR/trace.json), as the
+orchestrator does when a run ends and `async-rl trace merge RUN_DIR` on demand.
 
 Times are wall-clock (time.time()) in microseconds so files from different
 processes line up; `complete` also takes explicit seconds, which is how the
@@ -16,11 +18,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+TRACE_DIR = "trace"  # RUN_DIR/trace/<process>.json, one file per process
+MERGED_NAME = "trace.json"
 
 
 def _us(seconds: float) -> float:
@@ -132,6 +139,31 @@ def merge(paths: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str]) 
     """Combine per-process files into one trace; events sorted by time within each track. Returns the event count."""
     events = [event for path in paths for event in read_events(path)]
     metadata = [e for e in events if e.get("ph") == "M"]
-    timed = sorted((e for e in events if e.get("ph") != "M"), key=lambda e: e["ts"])
+    # Longest first at equal start: an enclosing span is written after its children, yet must come first to nest.
+    timed = sorted((e for e in events if e.get("ph") != "M"), key=lambda e: (e["ts"], -e.get("dur", 0)))
     Path(out).write_text(json.dumps({"traceEvents": metadata + timed, "displayTimeUnit": "ms"}), encoding="utf-8")
     return len(metadata) + len(timed)
+
+
+def merge_run(run_dir: str | os.PathLike[str]) -> Path | None:
+    """RUN_DIR/trace/*.json -> RUN_DIR/trace.json (what the orchestrator does when a run ends); None if no files."""
+    run_dir = Path(run_dir)
+    paths = sorted((run_dir / TRACE_DIR).glob("*.json"))
+    if not paths:
+        return None
+    out = run_dir / MERGED_NAME
+    merge(paths, out)
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", help="a run's output_dir (holds trace/<process>.json)")
+
+
+def main(args) -> int:
+    out = merge_run(args.run_dir)
+    if out is None:
+        print(f"error: no trace files in {Path(args.run_dir) / TRACE_DIR}", file=sys.stderr)
+        return 1
+    print(f"{out}: open it in https://ui.perfetto.dev")
+    return 0

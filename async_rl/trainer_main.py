@@ -15,19 +15,22 @@ import contextlib
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import msgspec
 
 from async_rl.config import RunConfig
-from async_rl.messages import WeightsPublished
+from async_rl.messages import BatchResponse, WeightsPublished
 from async_rl.metrics import MetricsSink
+from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
 from async_rl.weight_sync import broadcast_group, sync_weights
 from rollout_workers.client import EngineClient
 
 log = logging.getLogger("trainer")
 BATCH_WAIT_S = 30.0
+TRACK = "trainer"
 
 
 def trainer_config(config: RunConfig, model_dir: Path):
@@ -41,15 +44,18 @@ def trainer_config(config: RunConfig, model_dir: Path):
         lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.total_steps, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, max_tokens_per_microbatch=t.max_tokens_per_microbatch,
         max_staleness=config.staleness.eta, loss=t.loss,
+        # Engines report logprobs of the distribution they sampled from: softmax(logits / T).
+        logprob_temperature=config.rollout.temperature or 1.0,
     )
 
 
-async def get_batch(buffer: BufferClient, version: int, config: RunConfig):
-    """Block until a batch is ready; a timeout only means generation is slower than training.
+async def get_batch(buffer: BufferClient, version: int, config: RunConfig) -> tuple[BatchResponse, Counter[str]]:
+    """Block until the buffer serves a batch; a timeout only means generation is slower than training.
 
     Groups outside [0, eta] staleness are dropped with a warning rather than failing the step:
     after a restart from an older checkpoint the buffer can still hold samples from versions
-    the resumed trainer has not reached.
+    the resumed trainer has not reached. Returns the batch (possibly emptied by that) and the
+    dropped samples per group.
     """
     from staleness.metrics import stale_samples
 
@@ -58,18 +64,26 @@ async def get_batch(buffer: BufferClient, version: int, config: RunConfig):
         if response.error or not response.trajectories:
             log.info("waiting for a batch at version %d: %s", version, response.error or "empty")
             continue
+        dropped: Counter[str] = Counter()
         offenders = set(stale_samples(response.trajectories, version, config.staleness.eta))
         if offenders:
             bad_groups = {t.group_id for t in response.trajectories if t.sample_id in offenders}
             log.warning("dropped %d group(s) outside staleness [0, %d] at version %d", len(bad_groups),
                         config.staleness.eta, version)
+            dropped.update(t.group_id for t in response.trajectories if t.group_id in bad_groups)
             response.trajectories = [t for t in response.trajectories if t.group_id not in bad_groups]
             response.dropped_stale += len(offenders)
-        if response.trajectories:
-            return response
+        return response, dropped
 
 
 async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serve: str, versions: str) -> None:
+    """Dropped samples (stale groups, a batch refused with BatchError) were already counted as
+    accepted by the workers' admission, so notices hand them back in `dropped_groups`: the next
+    version's notice carries every drop since the previous version's. A drop that leaves nothing
+    to train is also announced at once, at the unchanged version (with eta = 0 the workers would
+    otherwise wait for budget while the trainer waits for a batch). A group id can therefore
+    arrive twice, and the publisher repeats its latest notice: workers credit each group id once.
+    """
     from async_rl.trainer.batch import BatchError
     from async_rl.trainer.trainer import Trainer
 
@@ -79,31 +93,51 @@ async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serv
     clients = [EngineClient(url) for url in engine_urls]
     publisher = VersionPublisher(versions)
     sink = MetricsSink(run_dir)
+    tracer = Tracer(run_dir / TRACE_DIR / "trainer.json", process_name="trainer")
+    method = config.weight_sync.method
     total, interval = config.trainer.total_steps, config.trainer.checkpoint_interval
+    dropped: Counter[str] = Counter()
+    dropped_batches = 0
     try:
         async with contextlib.AsyncExitStack() as stack:
             buffer = await stack.enter_async_context(BufferClient(serve))
             group = None
-            if config.weight_sync.method == "distributed":
+            if method == "distributed":
                 group = await stack.enter_async_context(broadcast_group(clients, trainer.device))
             if trainer.version > 0:  # resumed: tell workers where admission starts
-                await publisher.publish(WeightsPublished(version=trainer.version, method=config.weight_sync.method))
+                await publisher.publish(WeightsPublished(version=trainer.version, method=method))
             last = time.perf_counter()
             while trainer.version < total:
-                batch = await get_batch(buffer, trainer.version, config)
-                try:
-                    step = await asyncio.to_thread(trainer.train_step, batch.trajectories)
-                except BatchError as exc:  # a malformed trajectory: drop this batch, keep the run going
-                    log.error("dropped a batch of %d at version %d: %s", len(batch.trajectories), trainer.version, exc)
+                with tracer.span("batch wait", TRACK, version=trainer.version) as span:
+                    batch, stale = await get_batch(buffer, trainer.version, config)
+                    span["samples"] = len(batch.trajectories)
+                dropped.update(stale)
+                step = None
+                if batch.trajectories:
+                    with tracer.span("train step", TRACK, step=trainer.version + 1) as span:
+                        span["samples"] = len(batch.trajectories)
+                        try:
+                            step = await asyncio.to_thread(trainer.train_step, batch.trajectories)
+                        except BatchError as exc:  # a malformed trajectory: drop this batch, keep the run going
+                            span["dropped"] = str(exc)
+                            dropped_batches += 1
+                            dropped.update(t.group_id for t in batch.trajectories)
+                            log.error("dropped a batch of %d at version %d (%d dropped so far): %s",
+                                      len(batch.trajectories), trainer.version, dropped_batches, exc)
+                if step is None:
+                    await publisher.publish(WeightsPublished(version=trainer.version, method=method,
+                                                             dropped_groups=dict(dropped)))
                     continue
-                sync_s, path = await sync_weights(trainer, clients, config.weight_sync.method,
-                                                  config.weight_sync.pause_mode, weights_dir, group)
-                await publisher.publish(WeightsPublished(version=step.version, method=config.weight_sync.method,
-                                                         path=path, sync_seconds=sync_s))
+                sync = await sync_weights(trainer, clients, method, config.weight_sync.pause_mode, weights_dir, group,
+                                          tracer)
+                await publisher.publish(WeightsPublished(version=step.version, method=method, path=sync.path,
+                                                         sync_seconds=sync.seconds, dropped_groups=dict(dropped)))
+                dropped.clear()
                 now = time.perf_counter()
                 metrics = dict(step.metrics)
                 metrics.update({f"staleness/hist/{k}": v for k, v in step.staleness_histogram.items()})
-                metrics.update({"weight_sync/seconds": sync_s, "buffer/dropped_stale": batch.dropped_stale,
+                metrics.update(sync.metrics())
+                metrics.update({"buffer/dropped_stale": batch.dropped_stale, "trainer/dropped_batches": dropped_batches,
                                 "throughput/samples_per_s": len(batch.trajectories) / (now - last),
                                 "throughput/tokens_per_s": metrics.get("tokens_per_s", 0.0)})
                 last = now
@@ -112,8 +146,10 @@ async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serv
                 if step.version % config.run.log_interval == 0 or step.version == total:
                     sink.log(step.version, metrics)
                 if (interval and step.version % interval == 0) or step.version == total:
-                    await asyncio.to_thread(trainer.save_checkpoint)
+                    with tracer.span("checkpoint", TRACK, step=step.version):
+                        await asyncio.to_thread(trainer.save_checkpoint)
     finally:
+        tracer.close()
         sink.close()
         publisher.close()
         for client in clients:

@@ -281,7 +281,9 @@ class VersionPublisher:
 
 
 class VersionSubscriber:
-    """Engines/workers/controller side: yields each new version once, in increasing order."""
+    """Engines/workers/controller side: yields each new version once, in increasing order, and a
+    repeat of the current version only when it reports new drops (the trainer refused a batch
+    without publishing, which must give admission budget back even at eta = 0)."""
 
     def __init__(self, endpoint: str = DEFAULT_VERSIONS, *, curve: zmq_auth.CurveClient | None = None):
         self._socket = _socket(zmq.asyncio.Context.instance(), zmq.SUB, curve)
@@ -296,7 +298,11 @@ class VersionSubscriber:
             except MessageError as exc:
                 log.warning("ignored version notice: %s", exc)
                 continue
-            if isinstance(notice, WeightsPublished) and (self.latest is None or notice.version > self.latest.version):
+            if not isinstance(notice, WeightsPublished):
+                continue
+            latest = self.latest
+            if latest is None or notice.version > latest.version or (
+                    notice.version == latest.version and notice.dropped_groups != latest.dropped_groups):
                 self.latest = notice
                 return notice
 

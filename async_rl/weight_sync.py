@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from async_rl.trace import Tracer
 from rollout_workers.client import EngineClient
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ GROUP_NAME = "async_rl_weights"
 GROUP_TIMEOUT_S = 120.0
 # The orchestrator starts trainer and engines on one host; the trainer hosts the group's store.
 MASTER_ADDRESS = "127.0.0.1"
+SYNC_TRACK = "weight-sync"
+PHASES = ("pause", "update", "continue")
 
 
 @contextlib.asynccontextmanager
@@ -61,23 +65,45 @@ async def broadcast_group(clients: list[EngineClient], device) -> AsyncIterator[
         destroy(group)
 
 
-async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_mode: str, weights_dir: Path,
-                       group: WeightUpdateGroup | None = None) -> tuple[float, str]:
-    """Returns (seconds from the trainer's state to every engine serving it, snapshot path or "").
+@dataclasses.dataclass(frozen=True)
+class SyncResult:
+    """What one sync cost. Each phase is the slowest engine's: the sync waits for all of them."""
 
-    `group` is the open broadcast_group, required by method distributed.
+    seconds: float  # trainer state -> every engine serving it, snapshot writing included
+    path: str  # the disk snapshot, or ""
+    pause_s: float
+    update_s: float
+    continue_s: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"weight_sync/seconds": self.seconds, "weight_sync/pause_s": self.pause_s,
+                "weight_sync/update_s": self.update_s, "weight_sync/continue_s": self.continue_s}
+
+
+async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_mode: str, weights_dir: Path,
+                       group: WeightUpdateGroup | None = None, tracer: Tracer | None = None) -> SyncResult:
+    """Pause (pause_mode) -> update -> continue on every engine at once.
+
+    `group` is the open broadcast_group, required by method distributed. With in_place the paused
+    requests keep KV computed by the old weights, so the update must not flush the cache: SGLang
+    asserts a flush succeeds after an update, and it cannot while requests sit in the batch.
     """
-    started = time.perf_counter()
+    tracer = tracer or Tracer(None)
+    started_wall, started = time.time(), time.perf_counter()
     version = trainer.version
+    flush = pause_mode != "in_place"
     path = ""
     send = None
     if method == "disk":
-        folder = await asyncio.to_thread(trainer.save_weights_for_engine, weights_dir / f"v{version}")
+        with tracer.span("save snapshot", SYNC_TRACK, version=version):
+            folder = await asyncio.to_thread(trainer.save_weights_for_engine, weights_dir / f"v{version}")
         path = str(folder)
-        update = lambda client: client.update_weights_from_disk(path, weight_version=str(version))  # noqa: E731
+        update = lambda client: client.update_weights_from_disk(  # noqa: E731
+            path, flush_cache=flush, weight_version=str(version))
     elif method == "tensor":
         tensors = dict(trainer.named_tensors())
-        update = lambda client: client.update_weights_from_tensor(tensors, weight_version=str(version))  # noqa: E731
+        update = lambda client: client.update_weights_from_tensor(  # noqa: E731
+            tensors, flush_cache=flush, weight_version=str(version))
     elif method == "distributed":
         if group is None:
             raise ValueError("weight_sync.method=distributed needs the open broadcast_group")
@@ -85,28 +111,48 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
         names = list(tensors)
         dtypes, shapes = [tensors[n].dtype for n in names], [list(tensors[n].shape) for n in names]
         update = lambda client: client.update_weights_from_distributed(  # noqa: E731
-            names, dtypes, shapes, group_name=GROUP_NAME, weight_version=str(version))
+            names, dtypes, shapes, group_name=GROUP_NAME, flush_cache=flush, weight_version=str(version))
         send = lambda: _broadcast_all(group, [tensors[n] for n in names])  # noqa: E731
     else:
         raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
 
-    async def one(client: EngineClient) -> None:
-        if pause_mode != "in_place":
+    phases = [dict.fromkeys(PHASES, 0.0) for _ in clients]
+
+    async def one(index: int, client: EngineClient) -> None:
+        track, seconds = f"{SYNC_TRACK} engine-{index}", phases[index]
+        with _phase(tracer, "pause", track, seconds, mode=pause_mode, version=version):
             await client.pause_generation(pause_mode)
         try:
-            await update(client)
+            with _phase(tracer, "update", track, seconds, method=method, version=version):
+                await update(client)
         finally:
-            if pause_mode != "in_place":
+            with _phase(tracer, "continue", track, seconds, version=version):
                 await client.continue_generation()
 
     async with asyncio.TaskGroup() as tasks:
-        for client in clients:
-            tasks.create_task(one(client))
+        for index, client in enumerate(clients):
+            tasks.create_task(one(index, client))
         if send is not None:  # the engines receive, in `names` order, while their update calls are in flight
             tasks.create_task(asyncio.to_thread(send))
     if method == "disk":
         _prune_snapshots(weights_dir, version)
-    return time.perf_counter() - started, path
+    elapsed = time.perf_counter() - started
+    tracer.complete("weight sync", SYNC_TRACK, started_wall, started_wall + elapsed, version=version, method=method,
+                    pause_mode=pause_mode, engines=len(clients))
+    slowest = {name: max((p[name] for p in phases), default=0.0) for name in PHASES}
+    return SyncResult(seconds=elapsed, path=path, pause_s=slowest["pause"], update_s=slowest["update"],
+                      continue_s=slowest["continue"])
+
+
+@contextlib.contextmanager
+def _phase(tracer: Tracer, name: str, track: str, seconds: dict[str, float], **args) -> Iterator[None]:
+    """Time one engine's phase into `seconds[name]` and the trace (a failed phase is recorded too)."""
+    start_wall, start = time.time(), time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = time.perf_counter() - start
+        tracer.complete(name, track, start_wall, start_wall + seconds[name], **args)
 
 
 def _broadcast_all(group: WeightUpdateGroup, tensors: list) -> None:

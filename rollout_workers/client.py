@@ -495,9 +495,12 @@ class EngineClient:
         load_format: str | None = None,
         abort_all_requests: bool = False,
         weight_version: str | int | None = None,
+        flush_cache: bool = True,
         timeout_s: float | None = None,
     ) -> str:
-        payload: dict[str, Any] = {"model_path": model_path, "abort_all_requests": abort_all_requests}
+        """`flush_cache=False` is required while requests are paused in place (SGLang asserts the flush)."""
+        payload: dict[str, Any] = {"model_path": model_path, "abort_all_requests": abort_all_requests,
+                                   "flush_cache": flush_cache}
         if load_format is not None:
             payload["load_format"] = load_format
         if weight_version is not None:

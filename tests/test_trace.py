@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
 from async_rl.trace import Tracer, merge, read_events
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import sys
@@ -95,3 +99,70 @@ def test_disabled_tracer_records_nothing():
     tracer.complete("y", "engine-0", 0.0, 1.0)
     assert not tracer.enabled
     tracer.close()
+
+
+def test_merge_run_merges_a_run_dirs_trace_files(tmp_path, capsys):
+    from argparse import Namespace
+
+    from async_rl.trace import TRACE_DIR, main, merge_run
+
+    assert merge_run(tmp_path) is None and main(Namespace(run_dir=str(tmp_path))) == 1
+    assert "no trace files" in capsys.readouterr().err
+    for name in ("trainer", "worker0"):
+        with Tracer(tmp_path / TRACE_DIR / f"{name}.json", process_name=name) as tracer:
+            tracer.complete("outer", "t", 1.0, 3.0)
+            tracer.complete("inner", "t", 1.0, 2.0)  # written first, like a span nested in a longer one
+    assert main(Namespace(run_dir=str(tmp_path))) == 0 and merge_run(tmp_path) == tmp_path / "trace.json"
+    events = assert_valid_trace(json.loads((tmp_path / "trace.json").read_text()))
+    names = [e["name"] for e in events if e["ph"] == "X"]
+    assert names == ["outer", "outer", "inner", "inner"]  # at equal start the enclosing span comes first
+
+
+def spans_named(events: list[dict], name: str, key: str) -> dict[int, dict]:
+    return {e["args"][key]: e for e in events if e["ph"] == "X" and e["name"] == name}
+
+
+def end(span: dict) -> float:
+    return span["ts"] + span["dur"]
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_by_ctrl_c_leaves_a_merged_trace(tmp_path):
+    """A real `async-rl run` of the tiny recipe, stopped with SIGINT after a few steps."""
+    from async_rl.metrics import read_metrics
+
+    argv = [sys.executable, "-m", "async_rl.cli", "run", "recipes/tiny.toml", "--set", f"run.output_dir={tmp_path}",
+            "--set", "trainer.total_steps=1000", "--set", "run.max_wall_s=60", "--set", "trainer.checkpoint_interval=2"]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 3"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, output
+
+    events = assert_valid_trace(json.loads((tmp_path / "trace.json").read_text()))
+    files = sorted((tmp_path / "trace").glob("*.json"))  # one per process that traces: trainer, workers, ...
+    assert len(events) == sum(len(read_events(path)) for path in files)
+    assert len({e["pid"] for e in events}) == len(files) and (tmp_path / "trace" / "trainer.json") in files
+    steps, syncs = spans_named(events, "train step", "step"), spans_named(events, "weight sync", "version")
+    waits = spans_named(events, "batch wait", "version")
+    assert len(steps) >= 3 and set(steps) - set(syncs) <= {max(steps)}  # the last step may have been interrupted
+    for n in sorted(syncs):
+        assert end(waits[n - 1]) <= steps[n]["ts"] and end(steps[n]) <= syncs[n]["ts"]
+        if n + 1 in steps:
+            assert end(syncs[n]) <= waits[n]["ts"]
+        phases = sorted((e for e in events if e["ph"] == "X" and e["name"] in ("pause", "update", "continue")
+                         and e["args"]["version"] == n), key=lambda e: e["ts"])
+        assert [e["name"] for e in phases] == ["pause", "update", "continue"]  # one engine
+        assert syncs[n]["ts"] <= phases[0]["ts"] and all(end(a) <= b["ts"] for a, b in zip(phases, phases[1:]))
+        assert end(phases[-1]) <= end(syncs[n]) + 1  # rounding to the microsecond
+    checkpoints = spans_named(events, "checkpoint", "step")
+    assert checkpoints and all(end(syncs[n]) <= checkpoints[n]["ts"] for n in checkpoints)
+    generates = [e for e in events if e["name"] == "generate"]  # recorded by the rollout worker, when it traces
+    assert all(e["ph"] == "X" for e in generates)

@@ -205,6 +205,11 @@ async def test_version_announcements_reach_late_subscribers_once_each():
             assert (await subscriber.wait_for(1)).version == 1
             await publisher.publish(WeightsPublished(version=2, method="disk"))
             assert (await subscriber.next()).version == 2
+            # Same version, new drops (a refused batch): delivered, so admission gets its budget back.
+            await publisher.publish(WeightsPublished(version=2, method="disk", dropped_groups={"w0-g1": 4}))
+            assert (await subscriber.next()).dropped_groups == {"w0-g1": 4}
+            await publisher.publish(WeightsPublished(version=3, method="disk"))
+            assert (await subscriber.next()).version == 3  # the repeats of version 2 were not yielded again
     finally:
         publisher.close()
         subscriber.close()

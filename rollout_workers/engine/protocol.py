@@ -62,6 +62,7 @@ class UpdateFromDiskRequest(msgspec.Struct, kw_only=True):
     model_path: str
     load_format: str | None = None
     abort_all_requests: bool = False
+    flush_cache: bool = True
     weight_version: str | None = None
 
 
