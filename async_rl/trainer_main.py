@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 
 from async_rl.config import RunConfig
-from async_rl.messages import BatchResponse, WeightsPublished
+from async_rl.messages import BatchResponse, Trajectory, WeightsPublished, encode, make_decoder
 from async_rl.metrics import MetricsSink
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
@@ -31,6 +31,7 @@ from rollout_workers.client import EngineClient
 log = logging.getLogger("trainer")
 BATCH_WAIT_S = 30.0
 TRACK = "trainer"
+_batch_decoder = make_decoder(list[Trajectory])
 
 
 def trainer_config(config: RunConfig, model_dir: Path):
@@ -77,6 +78,49 @@ async def get_batch(buffer: BufferClient, version: int, config: RunConfig) -> tu
 
 
 async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serve: str, versions: str) -> None:
+    """One trainer process, or one rank of several under torchrun (trainer.processes > 1, FSDP2):
+    rank 0 leads (buffer, engines, metrics, versions) and hands each batch to the other ranks."""
+    from async_rl.trainer.trainer import Trainer
+
+    trainer = Trainer.resume_or_new(trainer_config(config, model_dir))
+    if trainer.rank == 0:
+        await lead(trainer, config, engine_urls, serve, versions)
+    else:
+        await asyncio.to_thread(follow, trainer, config)
+
+
+def share_batch(trainer, trajectories: list[Trajectory] | None) -> list[Trajectory]:
+    """Rank 0's batch on every rank (msgpack bytes over the trainer's process group, never pickle)."""
+    if trainer.world_size == 1:
+        return trajectories
+    from async_rl.trainer.distributed import broadcast_bytes
+
+    payload = broadcast_bytes(encode(trajectories) if trainer.rank == 0 else None, trainer.device)
+    return _batch_decoder.decode(payload)
+
+
+def follow(trainer, config: RunConfig) -> None:
+    """Ranks > 0: train on rank 0's batches and take part in every collective rank 0 runs
+    (the weight gather of each sync, checkpoints), in the same order."""
+    from async_rl.trainer.batch import BatchError
+
+    weights_dir = config.output_path(config.weight_sync.dir, "weights")
+    total, interval = config.trainer.total_steps, config.trainer.checkpoint_interval
+    while trainer.version < total:
+        try:
+            step = trainer.train_step(share_batch(trainer, None))
+        except BatchError:
+            continue  # rank 0 refused the same batch
+        if config.weight_sync.method == "disk":
+            trainer.save_weights_for_engine(weights_dir / f"v{step.version}")
+        else:
+            for _ in trainer.named_tensors():
+                pass
+        if (interval and step.version % interval == 0) or step.version == total:
+            trainer.save_checkpoint()
+
+
+async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, versions: str) -> None:
     """Dropped samples (stale groups, a batch refused with BatchError) were already counted as
     accepted by the workers' admission, so notices hand them back in `dropped_groups`: the next
     version's notice carries every drop since the previous version's. A drop that leaves nothing
@@ -85,9 +129,7 @@ async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serv
     arrive twice, and the publisher repeats its latest notice: workers credit each group id once.
     """
     from async_rl.trainer.batch import BatchError
-    from async_rl.trainer.trainer import Trainer
 
-    trainer = Trainer.resume_or_new(trainer_config(config, model_dir))
     run_dir = Path(config.run.output_dir)
     weights_dir = config.output_path(config.weight_sync.dir, "weights")
     clients = [EngineClient(url) for url in engine_urls]
@@ -117,7 +159,8 @@ async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serv
                     with tracer.span("train step", TRACK, step=trainer.version + 1) as span:
                         span["samples"] = len(batch.trajectories)
                         try:
-                            step = await asyncio.to_thread(trainer.train_step, batch.trajectories)
+                            shared = await asyncio.to_thread(share_batch, trainer, batch.trajectories)
+                            step = await asyncio.to_thread(trainer.train_step, shared)
                         except BatchError as exc:  # a malformed trajectory: drop this batch, keep the run going
                             span["dropped"] = str(exc)
                             dropped_batches += 1

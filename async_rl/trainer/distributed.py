@@ -57,6 +57,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def broadcast_bytes(payload: bytes | None, device: torch.device) -> bytes:
+    """Rank 0's `payload` on every rank (others pass None): a length, then the bytes as uint8."""
+    length = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long, device=device)
+    dist.broadcast(length, src=0)
+    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if payload
+            else torch.empty(int(length), dtype=torch.uint8, device=device))
+    if int(length):
+        dist.broadcast(data, src=0)
+    return data.cpu().numpy().tobytes()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
