@@ -156,6 +156,8 @@ class TrainerSection(_Section):
     samples). max_tokens_per_microbatch: padded tokens per forward, bounding activation memory.
     total_steps: the run ends after this many published versions. ckpt_dir: "" = <run.output_dir>/checkpoints;
     checkpoint_interval: steps between checkpoints, 0 = only at the end. device: None = model.device.
+    processes: data-parallel trainer ranks (FSDP2, one per GPU: device must then be cuda, or cpu for gloo),
+    launched under torchrun; rank 0 talks to the buffer and the engines.
     [trainer.loss]: objective and off-policy correction (staleness.config.LossConfig).
     """
 
@@ -171,10 +173,14 @@ class TrainerSection(_Section):
     ckpt_dir: str = ""
     checkpoint_interval: int = 0
     device: str | None = None
+    processes: int = 1
     loss: LossConfig = msgspec.field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
         _check_device(self.device)
+        check_field(self.processes >= 1, "processes", self.processes, ">= 1")
+        check_field(self.processes == 1 or not (self.device or "").startswith("cuda:"), "device", self.device,
+                    "cuda, cpu or auto when processes > 1 (rank r takes cuda:r)")
         check_field(self.lr >= 0, "lr", self.lr, ">= 0")
         check_field(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
         check_field(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
@@ -229,13 +235,19 @@ class BufferSection(_Section):
 
 
 class AprilSection(_Section):
-    """[april] Active partial rollouts: launch (1 + alpha) x the batch, stop once the batch
-    is complete, and recycle the unfinished long tail as partial rollouts (pause_mode
-    decides whether their tokens are kept: retract, or dropped: abort)."""
+    """[april] Active partial rollouts (rollout_workers/april.py): rollout rounds of
+    ceil((1 + alpha) x the batch) groups; once a round's batch of complete groups is in,
+    its unfinished long tail is retracted and recycled as partial rollouts (tokens,
+    behavior logprobs and per-token versions kept), resumed first when the next round starts.
+    pause_mode: how engines stop the tail: abort (the pause returns every request, the ones
+    not retracted are continued at once), retract (requests leave the batch, KV dropped)
+    or in_place (requests stay put); with retract and in_place the tail's requests are
+    then aborted one by one, which returns their partial output.
+    Needs rollout.workers = 1 and a resumable rollout.generate."""
 
     enabled: bool = False
     alpha: float = 0.5
-    pause_mode: Literal["abort", "retract"] = "retract"
+    pause_mode: Literal["abort", "retract", "in_place"] = "retract"
 
     def __post_init__(self) -> None:
         check_field(self.alpha >= 0, "alpha", self.alpha, ">= 0")

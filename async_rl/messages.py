@@ -192,6 +192,8 @@ class BatchResponse(Message, tag="batch_response"):
     trainer_version: int
     trajectories: list[Trajectory]
     dropped_stale: int = 0
+    # group_id -> group size of the groups dropped as stale while this request waited (admission gives them back).
+    dropped_groups: dict[str, int] = msgspec.field(default_factory=dict)
     error: str = ""
     request_id: str = ""
 

@@ -34,16 +34,18 @@ def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["run.sync=true", "staleness.eta=0"] if args.sync else [])
     try:
         config = load_config(args.config, overrides)
-        _check_supported(config)
+        check_supported(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(run(config))
 
 
-def _check_supported(config: RunConfig) -> None:
-    if config.april.enabled:
-        raise ConfigError("april.enabled = true is not wired into `async-rl run` yet")
+def check_supported(config: RunConfig) -> None:
+    """What `async-rl run` refuses before starting anything (the sweep checks every point with it too)."""
+    if config.april.enabled and config.rollout.workers != 1:
+        raise ConfigError("april.enabled needs rollout.workers = 1: the partial pool is shared, and a worker can only "
+                          "account for the partial rollouts it retracted itself")
     if config.trainer.groups_per_step % config.rollout.workers:
         raise ConfigError(f"trainer.groups_per_step={config.trainer.groups_per_step} must be a multiple of "
                           f"rollout.workers={config.rollout.workers}: each worker owns an equal share of every batch")
@@ -51,6 +53,9 @@ def _check_supported(config: RunConfig) -> None:
     for spec in (config.rollout.generate, config.rollout.reward, config.task.generator):
         if spec is not None:
             import_function(spec)
+    if config.april.enabled and getattr(import_function(config.rollout.generate), "sample_params", None) is None:
+        raise ConfigError(f"april.enabled needs a resumable rollout.generate (one with a sample_params plan, e.g. "
+                          f"rollout_workers.generate:single_turn), not {config.rollout.generate}")
 
 
 def _device(configured: str) -> str:
@@ -82,7 +87,11 @@ async def run(config: RunConfig) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
     config_path.write_bytes(config.to_json())
-    model_dir = resolve_model_spec(config.model.spec)
+    try:
+        model_dir = resolve_model_spec(config.model.spec)
+    except FileNotFoundError as exc:
+        print(f"error: model.spec: {exc}", file=sys.stderr)
+        return 2
     engine_weights, start_version = _resume_point(config, model_dir)
     device = _device(config.engine.device or config.model.device)
     python = sys.executable
@@ -116,10 +125,11 @@ async def run(config: RunConfig) -> int:
                 "--capacity", str(config.buffer.capacity), "--fsync", buffer_fsync]))
             await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, run_dir / "logs" / "buffer.log"))
             await supervisor.start(ProcessSpec(name="trainer", finishes_run=True, env=env, argv=[
-                python, "-m", "async_rl.trainer_main", *common, "--serve", serve, "--versions", versions]))
+                *_trainer_launcher(python, config.trainer.processes), *common, "--serve", serve, "--versions", versions]))
             for w in range(config.rollout.workers):
                 await supervisor.start(ProcessSpec(name=f"worker{w}", env=env, argv=[
                     python, "-m", "rollout_workers.worker", *common, "--submit", submit, "--versions", versions,
+                    "--serve", serve,
                     "--start-version", str(start_version), "--worker-index", str(w)]))
             with ProgressDisplay(config.trainer.total_steps) as display:
                 follower = MetricsFollower(run_dir / "metrics.jsonl", display)
@@ -153,6 +163,14 @@ async def _merged_trace(run_dir: Path) -> AsyncIterator[None]:
         else:
             if merged is not None:
                 print(f"trace {merged} (open in https://ui.perfetto.dev)", flush=True)
+
+
+def _trainer_launcher(python: str, processes: int) -> list[str]:
+    """Several data-parallel ranks go through torchrun, which also stops them all if one fails."""
+    if processes == 1:
+        return [python, "-m", "async_rl.trainer_main"]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "async_rl.trainer_main"]
 
 
 def _thread_env(engine_count: int) -> dict[str, str]:

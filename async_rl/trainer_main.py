@@ -62,10 +62,13 @@ async def get_batch(buffer: BufferClient, version: int, config: RunConfig) -> tu
 
     while True:
         response = await buffer.get_batch(version, config.trainer.groups_per_step, config.staleness.eta, timeout=BATCH_WAIT_S)
+        dropped: Counter[str] = Counter(response.dropped_groups)  # the buffer's own stale drops
         if response.error or not response.trajectories:
+            if dropped:  # announced at once: the workers need that budget back to fill a batch
+                response.trajectories = []
+                return response, dropped
             log.info("waiting for a batch at version %d: %s", version, response.error or "empty")
             continue
-        dropped: Counter[str] = Counter()
         offenders = set(stale_samples(response.trajectories, version, config.staleness.eta))
         if offenders:
             bad_groups = {t.group_id for t in response.trajectories if t.sample_id in offenders}

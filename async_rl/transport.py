@@ -186,7 +186,8 @@ class BufferClient:
                                timeout_s=timeout, include_stale=include_stale, request_id=uuid.uuid4().hex)
         raw = await self._request(request, _RawBatchResponse, timeout + self.reply_grace_s)
         return BatchResponse(trainer_version=raw.trainer_version, trajectories=self._decode_each(raw.trajectories),
-                             dropped_stale=raw.dropped_stale, error=raw.error, request_id=raw.request_id)
+                             dropped_stale=raw.dropped_stale, dropped_groups=raw.dropped_groups, error=raw.error,
+                             request_id=raw.request_id)
 
     async def stats(self, trainer_version: int | None = None, timeout: float = 5.0) -> BufferStats:
         request = StatsRequest(trainer_version=trainer_version, request_id=uuid.uuid4().hex)

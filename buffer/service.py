@@ -69,6 +69,7 @@ class _PendingBatch:
     request: BatchRequest
     deadline: float
     dropped_stale: int = 0
+    dropped_groups: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -236,6 +237,9 @@ class BufferService:
                 request.trainer_version, request.num_groups,
                 min(request.max_staleness, self.config.max_staleness), request.include_stale,
             )
+            if plan.dropped is not None:
+                pending.dropped_stale += len(plan.dropped.sample_ids)
+                pending.dropped_groups.update((gid, self.buffer.groups[gid].size) for gid in plan.dropped.group_ids)
             records = [record for record in (plan.dropped, plan.served) if record is not None]
             for record in records:
                 self.wal.append(record)
@@ -243,15 +247,15 @@ class BufferService:
                 self._commit()
                 for record in records:
                     self.buffer.apply(record)
-            pending.dropped_stale += len(plan.dropped.sample_ids) if plan.dropped else 0
             if plan.served is not None:
                 # The frames are encoded Trajectories: msgspec.Raw embeds them without re-encoding.
                 reply = BatchResponse(trainer_version=request.trainer_version, trajectories=plan.frames,
-                                      dropped_stale=pending.dropped_stale, request_id=request_id)
+                                      dropped_stale=pending.dropped_stale, dropped_groups=pending.dropped_groups,
+                                      request_id=request_id)
             elif time.monotonic() >= pending.deadline:
                 ready = self.buffer.stats(request.trainer_version).complete_groups
                 reply = BatchResponse(trainer_version=request.trainer_version, trajectories=[],
-                                      dropped_stale=pending.dropped_stale,
+                                      dropped_stale=pending.dropped_stale, dropped_groups=pending.dropped_groups,
                                       error=f"timeout: {ready} of {request.num_groups} groups ready",
                                       request_id=request_id)
             else:

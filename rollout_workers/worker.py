@@ -1,20 +1,27 @@
 """The rollout worker process: keeps the engines busy within the staleness budget.
 
-K group tasks run concurrently; each waits for admission (so nothing is generated
-that would finish staler than eta), generates a GRPO group on the least-loaded
-engine, scores it, and sends the trajectories to the buffer. A failing engine or
-reward never stops the worker: the group is retried elsewhere, the reward scores 0.
+Plain async: K group tasks run concurrently; each waits for admission (so nothing is
+generated that would finish staler than eta), generates a GRPO group on the least-loaded
+engine, scores it, and sends the trajectories to the buffer. With april.enabled the
+APRIL controller (rollout_workers/april.py) decides instead when groups start, and
+retracts and recycles the long tail. A failing engine or reward never stops the worker:
+the group is retried elsewhere, the reward scores 0. With a resumable generate function
+(rollout_workers/generate.py) an interrupted request keeps its tokens in both modes; in
+flight, a group that can no longer meet eta is dropped at once and counted as waste.
 
     python -m rollout_workers.worker --config RUN_DIR/config.json --model-dir DIR \
-        --engines URL,URL --submit E --versions E [--start-version T]
+        --engines URL,URL --submit E --versions E [--serve E] [--start-version T]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
+import math
+import signal
 import sys
 import time
 from collections import Counter
@@ -25,16 +32,19 @@ import msgspec
 
 from async_rl.config import RunConfig, import_function
 from async_rl.messages import Timings, Trajectory
-from async_rl.transport import TrajectorySender, VersionSubscriber
+from async_rl.trace import TRACE_DIR, Tracer
+from async_rl.transport import BufferClient, TrajectorySender, VersionSubscriber
 from recipes.rewards import Reward
 from recipes.tasks import TaskSample, task_samples
+from rollout_workers.april import AprilController, AprilPlan
 from rollout_workers.client import EngineClient, EngineClientError
-from rollout_workers.generate import GenerationAborted, encode_prompt
+from rollout_workers.generate import GenerationAborted, encode_prompt, sample_params_of
+from rollout_workers.group import MAX_BACKOFF_S, GroupRollout, drive, stop_group
+from rollout_workers.rollout_metrics import RolloutMetrics
 from staleness.admission import AdmissionController
 from staleness.config import StalenessConfig
 
 log = logging.getLogger("rollout_worker")
-MAX_BACKOFF_S = 5.0
 
 
 class EnginePool:
@@ -63,16 +73,25 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         self.config = config
+        self.index = worker_index
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.generate = import_function(config.rollout.generate)
+        self.sample_params = sample_params_of(self.generate)
         self.reward = Reward.from_spec(config.rollout.reward, config.rollout.reward_timeout_s)
         self.pool = EnginePool(engine_urls)
+        self.april = config.april.enabled
+        if self.april and self.sample_params is None:
+            raise ValueError(f"april.enabled needs a resumable generate function, not {config.rollout.generate}")
         # Each of W workers owns 1/W of every batch, so together they keep the global bound.
-        share = config.batch_size // config.rollout.workers
-        staleness = StalenessConfig(eta=config.staleness.eta, batch_size=share,
+        self.share = config.trainer.groups_per_step // config.rollout.workers
+        group_size = config.rollout.group_size
+        # APRIL over-provisions by ceil(alpha * b) groups beyond AReaL's limit (rollout_workers/april.py).
+        extra = math.ceil(config.april.alpha) if self.april else 0
+        staleness = StalenessConfig(eta=config.staleness.eta + extra, batch_size=self.share * group_size,
                                     max_in_flight=config.staleness.max_in_flight)
         # Everything before the start version was trained on; in-buffer leftovers are re-generated.
-        self.admission = AdmissionController.from_counts(staleness, version=start_version, accepted=start_version * share)
+        self.admission = AdmissionController.from_counts(staleness, version=start_version,
+                                                         accepted=start_version * self.share * group_size)
         # Workers draw different prompts: each offsets the task seed by its index.
         self.samples: Iterator[TaskSample] = task_samples(msgspec.structs.replace(config.task, seed=config.task.seed + worker_index))
         self.group_ids = (f"w{worker_index}-v{start_version}-g{i}" for i in itertools.count())
@@ -80,32 +99,169 @@ class RolloutWorker:
         rollout = config.rollout
         self.sampling_params = {"max_new_tokens": rollout.max_new_tokens, "temperature": rollout.temperature,
                                 "top_p": rollout.top_p}
+        run_dir = Path(config.run.output_dir)
+        self.tracer = Tracer(run_dir / TRACE_DIR / f"worker{worker_index}.json", process_name=f"rollout worker {worker_index}")
+        self.metrics = RolloutMetrics(run_dir, worker_index, len(engine_urls), self.share, self.tracer)
+        self.active: dict[str, GroupRollout] = {}
+        self.credited: set[str] = set()  # dropped group ids already given back (notices repeat)
+        self.controller: AprilController | None = None
+        self.sender: TrajectorySender | None = None
+        self.buffer: BufferClient | None = None
+        self._tasks: asyncio.TaskGroup | None = None
 
     @property
     def concurrency(self) -> int:
         """Enough group tasks to fill this worker's admission budget: its share of eta + 1 batches."""
-        return (self.config.staleness.eta + 1) * self.config.trainer.groups_per_step // self.config.rollout.workers
+        return (self.config.staleness.eta + 1) * self.share
 
-    async def run(self, submit: str, versions: str) -> None:
+    async def run(self, submit: str, versions: str, serve: str | None = None) -> None:
         subscriber = VersionSubscriber(versions)
         try:
-            async with TrajectorySender(submit) as sender, asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._follow_versions(subscriber))
-                for _ in range(self.concurrency):
-                    tasks.create_task(self._group_loop(sender))
+            async with contextlib.AsyncExitStack() as stack:
+                self.sender = await stack.enter_async_context(TrajectorySender(submit))
+                if self.april:
+                    if serve is None:
+                        raise ValueError("april.enabled needs the buffer's serve endpoint (--serve)")
+                    self.buffer = await stack.enter_async_context(BufferClient(serve))
+                self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
+                self._tasks.create_task(self._follow_versions(subscriber))
+                if self.april:
+                    self.controller = self._april_controller()
+                    self._tasks.create_task(self.controller.run())
+                    self.controller.wake()
+                else:
+                    loop = self._group_loop if self.sample_params else self._legacy_group_loop
+                    for _ in range(self.concurrency):
+                        self._tasks.create_task(loop())
         finally:
+            self.metrics.write(self.admission.version)  # the final line
+            self.tracer.close()
             subscriber.close()
             await self.pool.close()
 
+    def _april_controller(self) -> AprilController:
+        april, eta = self.config.april, self.config.staleness.eta
+        return AprilController(
+            AprilPlan(share=self.share, alpha=april.alpha, eta=eta), self.pool, april.pause_mode, self.tracer,
+            admission=self.admission, group_size=self.config.rollout.group_size, active=self.active,
+            start_group=lambda group: self._tasks.create_task(self._run_group(group)),
+            new_group=self._new_group, take_partials=self._take_partials, on_dropped=self._account_drop)
+
+    # ---- versions -----------------------------------------------------------
     async def _follow_versions(self, subscriber: VersionSubscriber) -> None:
         while True:
             notice = await subscriber.next()
+            self._credit_dropped(getattr(notice, "dropped_groups", {}))
             if notice.version > self.admission.version:
                 self.admission.on_version(notice.version)
-            if notice.version % 10 == 0:
-                log.info("version %d: %s %s", notice.version, dict(self.counts), self.admission.snapshot())
+                await self._drop_stale(notice.version)
+                self.metrics.write(notice.version)
+                if self.controller is not None:
+                    self.controller.wake()
+                if notice.version % 10 == 0:
+                    log.info("version %d: %s %s %s", notice.version, dict(self.counts), dict(self.metrics.counts),
+                             self.admission.snapshot())
 
-    async def _group_loop(self, sender: TrajectorySender) -> None:
+    def _credit_dropped(self, dropped_groups: dict[str, int]) -> None:
+        """Samples of this worker's groups the trainer dropped will never be trained: give the budget back."""
+        prefix = f"w{self.index}-"
+        for group_id, n in dropped_groups.items():
+            if group_id.startswith(prefix) and group_id not in self.credited and n > 0:
+                self.credited.add(group_id)
+                self.admission.on_dropped(min(n, self.admission.accepted), accepted=True)
+        if self.controller is not None:
+            self.controller.wake()
+
+    async def _drop_stale(self, version: int) -> None:
+        """Groups in flight whose oldest token is older than version - eta can never be trained: stop them now."""
+        for group in list(self.active.values()):
+            oldest = group.oldest_version
+            if oldest is not None and oldest < version - self.config.staleness.eta:
+                log.info("dropping group %s: oldest token v%d is too stale at v%d", group.group_id, oldest, version)
+                await stop_group(group, self.pool)
+
+    # ---- resumable groups (plain async and APRIL) ---------------------------
+    async def _group_loop(self) -> None:
+        while (group := await self._new_group(0)) is not None:
+            self.active[group.group_id] = group
+            await self._run_group(group)
+        log.info("the task source is exhausted: this group task stops")
+
+    async def _new_group(self, round_: int) -> GroupRollout | None:
+        """Admit a group's samples (waits for budget) and draw its prompt; None once the tasks run out."""
+        group_size = self.config.rollout.group_size
+        await self.admission.admit(group_size)
+        task = next(self.samples, None)
+        if task is None:
+            self.admission.on_dropped(group_size)
+            return None
+        prompt_ids = encode_prompt(self.tokenizer, task.prompt, self.config.rollout.chat_template)
+        return GroupRollout(group_id=next(self.group_ids), task=task, prompt_ids=prompt_ids,
+                            params=self.sample_params(self.sampling_params, group_size),
+                            samples=[None] * group_size, round=round_)
+
+    async def _run_group(self, group: GroupRollout) -> None:
+        self.metrics.group_started()
+        try:
+            await drive(group, self.pool, self.metrics)
+            if group.dropped:
+                self._account_drop(group)
+            elif group.complete:
+                await self._submit(group)
+            else:  # retracted: its partial responses wait in the buffer's pool for the next round
+                for trajectory in group.partial_trajectories():
+                    await self.sender.send(trajectory)
+        finally:
+            self.active.pop(group.group_id, None)
+            self.metrics.group_ended()
+            if self.controller is not None:
+                self.controller.group_ended(group)
+            group.ended.set()
+
+    def _account_drop(self, group: GroupRollout, *, partial: bool = False, admitted: bool = True) -> None:
+        if admitted:
+            self.admission.on_dropped(group.size)
+        self.metrics.counts["tokens_wasted"] += group.tokens
+        if partial:
+            self.metrics.counts["partials_dropped_stale"] += group.size
+
+    async def _submit(self, group: GroupRollout) -> None:
+        finished = time.time()
+        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) if group.resumed else s.text
+                 for s in group.samples]
+        rewards = await asyncio.gather(*(self.reward(group.task.prompt, text, group.task.metadata) for text in texts))
+        reward_done = time.time()
+        for i, (sample, reward) in enumerate(zip(group.samples, rewards)):
+            await self.sender.send(Trajectory(
+                sample_id=f"{group.group_id}-{i}", group_id=group.group_id, group_size=group.size,
+                prompt_ids=group.prompt_ids, response_ids=sample.response_ids,
+                behavior_logprobs=sample.behavior_logprobs, token_versions=sample.token_versions,
+                reward=reward.reward, finish_reason=sample.finish_reason, loss_mask=sample.loss_mask,
+                engine_id=group.engine_url, attempt=group.attempt,
+                timings=Timings(submitted=group.submitted, finished=finished, reward_done=reward_done),
+                metadata={"task": group.task.metadata.get("task", ""), "round": group.round,
+                          **({"reward_error": reward.error} if reward.error else {})}))
+        self.admission.on_finished(group.size)
+        self.metrics.counts["groups_completed"] += 1
+        self.metrics.counts["samples_completed"] += group.size
+
+    async def _take_partials(self, max_n: int, min_version: int) -> list[GroupRollout]:
+        """Whole retracted groups back from the pool, once every partial sent so far is durable there."""
+        await self.sender.flush()
+        trajectories = await self.buffer.take_partials(max_n, min_version)
+        members: dict[str, list[Trajectory]] = {}
+        for trajectory in trajectories:
+            members.setdefault(trajectory.group_id, []).append(trajectory)
+        groups = []
+        for group_members in members.values():
+            try:
+                groups.append(GroupRollout.from_partials(group_members, round_=0))
+            except ValueError as exc:  # a member was too stale for the pool: the whole group is
+                log.info("%s: dropped", exc)
+        return groups
+
+    # ---- any other generate function (multi-turn, tools): no resumption -------
+    async def _legacy_group_loop(self) -> None:
         group_size = self.config.rollout.group_size
         while True:
             await self.admission.admit(group_size)
@@ -115,11 +271,17 @@ class RolloutWorker:
                 self.admission.on_dropped(group_size)
                 return
             group_id = next(self.group_ids)
-            trajectories = await self._rollout_group(task, group_id)
+            self.metrics.group_started()
+            try:
+                trajectories = await self._rollout_group(task, group_id)
+            finally:
+                self.metrics.group_ended()
             for trajectory in trajectories:
-                await sender.send(trajectory)
+                await self.sender.send(trajectory)
             self.admission.on_finished(group_size)
             self.counts["groups"] += 1
+            self.metrics.counts["groups_completed"] += 1
+            self.metrics.counts["samples_completed"] += group_size
 
     async def _rollout_group(self, task: TaskSample, group_id: str) -> list[Trajectory]:
         """Generate and score one group, retrying on another engine with backoff until it succeeds."""
@@ -129,7 +291,9 @@ class RolloutWorker:
         for attempt in itertools.count(1):
             engine = self.pool.pick(avoid)
             self.pool.load[engine] += 1
+            self.metrics.request_started(engine)
             submitted = time.time()
+            samples = []
             try:
                 samples = await self.generate(self.pool.clients[engine], prompt_ids, self.sampling_params, rollout.group_size)
             except (EngineClientError, GenerationAborted, RuntimeError) as exc:
@@ -140,6 +304,7 @@ class RolloutWorker:
                 continue
             finally:
                 self.pool.load[engine] -= 1
+                self.metrics.request_finished(engine, sum(len(s.response_ids) for s in samples))
             finished = time.time()
             rewards = await asyncio.gather(*(self.reward(task.prompt, s.text, task.metadata) for s in samples))
             reward_done = time.time()
@@ -157,6 +322,15 @@ class RolloutWorker:
             ]
 
 
+async def _run_until_signalled(worker: RolloutWorker, args: argparse.Namespace) -> None:
+    """SIGTERM/SIGINT cancel the run, so the worker still writes its final metrics line and closes its trace."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    await worker.run(args.submit, args.versions, args.serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=Path, required=True)
@@ -164,13 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", required=True, help="comma-separated engine URLs")
     parser.add_argument("--submit", required=True)
     parser.add_argument("--versions", required=True)
+    parser.add_argument("--serve", help="the buffer's serve endpoint (APRIL takes partial rollouts from it)")
     parser.add_argument("--start-version", type=int, default=0)
     parser.add_argument("--worker-index", type=int, default=0, help="keeps group ids unique across workers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = msgspec.json.decode(args.config.read_bytes(), type=RunConfig)
     worker = RolloutWorker(config, args.model_dir, args.engines.split(","), args.start_version, args.worker_index)
-    asyncio.run(worker.run(args.submit, args.versions))
+    try:
+        asyncio.run(_run_until_signalled(worker, args))
+    except asyncio.CancelledError:
+        pass
     return 0
 
 

@@ -9,7 +9,9 @@ The model, in the terms of ARCHITECTURE.md:
 - E engines with continuous batching. A decode step costs
   `decode_base + decode_per_seq * batch + decode_per_ctx_token * context tokens`;
   new sequences join between steps after a prefill of
-  `prefill_per_token * (prompt + partial response)`; at most `max_running` run.
+  `prefill_per_seq + prefill_per_token * (prompt + partial response)` each (the
+  per-sequence part is the request's own overhead: HTTP, parsing, its row in the
+  batch, its reply); at most `max_running` run.
   Between events an engine's batch is constant, so the time to its next
   completion is closed-form: events happen per completion, never per token,
   which is what lets thousands of engines run in seconds.
@@ -21,10 +23,22 @@ The model, in the terms of ARCHITECTURE.md:
   engines are interrupted (the decode step in progress is lost), paused for
   `sync_time` (the trainer is blocked too) and, with `recompute_kv_on_sync`,
   re-prefill the contexts they hold, as AReaL's interruptible sync does.
+- Colocation. When the trainer and the engines share compute (one GPU, or a few CPU
+  cores under every process of the run), each slows the other: engine work runs
+  `1 + engine_slowdown_training` times slower while a train step runs (segments in
+  flight are stretched from that moment on), and a train step takes
+  `train_busy_engines` seconds longer times the fraction of engines with sequences
+  running when it starts. Both are 0 for dedicated devices.
+- Hand-offs. A complete group reaches the trainer `group_latency` after its last
+  sample ends (reward, transport, buffer, batch decode), admission sees a new version
+  `admission_latency` after its weights are published (notice, worker wake-up), and
+  the trainer starts its next step no sooner than `trainer_overhead` after a publish
+  (logging, fetching a batch that is there): each stalls a loop that waits on it.
 - Modes. `async`: AReaL admission, admitted-and-not-dropped groups
   <= (v + eta + 1) * B; groups that can no longer meet the bound are dropped
-  when the version moves. `sync` is `async` with eta = 0: admission then opens
-  only after a sync, so engines idle while the trainer runs, exactly the
+  when the version moves (or as they complete, if they became too stale on the way
+  to the trainer), handing their budget back unless `drops_free_admission` is off.
+  `sync` is `async` with eta = 0: admission then opens only after a sync, so engines idle while the trainer runs, exactly the
   generate-train-sync loop. `april`: rollout rounds of ceil((1 + alpha) * B)
   groups (fewer by what earlier rounds over-delivered); round r may start once
   v >= r - eta, so with eta >= 1 rounds overlap. When round r's B groups are
@@ -106,9 +120,15 @@ class SimParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     decode_per_seq: float = 1e-4
     decode_per_ctx_token: float = 0.0
     prefill_per_token: float = 0.0
+    prefill_per_seq: float = 0.0
     train_base: float = 1.0
     train_per_token: float = 0.0
     sync_time: float = 0.5
+    engine_slowdown_training: float = 0.0
+    train_busy_engines: float = 0.0
+    group_latency: float = 0.0
+    admission_latency: float = 0.0
+    trainer_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
@@ -132,6 +152,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_new_tokens: int = 1024
     lengths: LengthDist = LengthDist()
     recompute_kv_on_sync: bool = True
+    # AReaL admission hands a dropped group's budget back to the workers; False models a system that
+    # does not (every stale drop then shrinks the pipeline for good). Async mode only.
+    drops_free_admission: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -223,7 +246,7 @@ class _Engine:
     """Context tokens summed over running sequences = ctx_off + running * steps."""
 
     __slots__ = ("eid", "steps", "heap", "running", "ctx_off", "joins", "paused", "epoch", "t0",
-                 "seg_start", "seg_k", "seg_end", "step_a", "step_c", "busy", "kv_recompute")
+                 "seg_start", "seg_k", "seg_end", "step_a", "step_c", "busy", "kv_recompute", "slowdown")
 
     def __init__(self, eid: int) -> None:
         self.eid = eid
@@ -242,6 +265,7 @@ class _Engine:
         self.step_c = 0.0  # growth of step time per step (context cost)
         self.busy = 0.0
         self.kv_recompute = False
+        self.slowdown = 1.0  # engine work takes this many times its cost (colocated with a training trainer)
 
     def decode_time(self, k: int) -> float:
         return k * self.step_a + self.step_c * k * (k - 1) / 2
@@ -265,7 +289,7 @@ class _Engine:
         return k
 
 
-_ENGINE, _TRAIN_DONE, _SYNC_DONE = range(3)
+_ENGINE, _TRAIN_DONE, _SYNC_DONE, _GROUP_READY, _VERSION_SEEN, _TRAINER_FREE = range(6)
 
 
 class _Simulation:
@@ -286,6 +310,7 @@ class _Simulation:
         self.inflight: dict[int, _Group] = {}  # id(group) -> group, admitted and not complete
         self.buffer: list[tuple[int, int, _Group]] = []  # (version, completion order, group)
         self.version = 0
+        self.admit_version = 0  # the version admission has heard of (admission_latency behind)
         self.trainer_busy = False
         self.train_started = 0
         self.train_time = 0.0
@@ -322,26 +347,34 @@ class _Simulation:
                 self.on_engine_event(ref, now)  # type: ignore[arg-type]
             elif kind == _TRAIN_DONE:
                 self.on_train_done(now)
-            else:
+            elif kind == _SYNC_DONE:
                 self.end_sync(now, paused=True)
+            elif kind == _GROUP_READY:
+                self.group_ready(ref, now)  # type: ignore[arg-type]
+            elif kind == _TRAINER_FREE:
+                self.trainer_busy = False
+            else:
+                self.admit_version = max(self.admit_version, ref)  # type: ignore[type-var]
             self.settle(now)
         if self.done_at is None:
             raise RuntimeError("simulation stalled before the last step: no engine can make progress")
         return self.result()
 
     def settle(self, now: float) -> None:
-        """Everything that may follow any event: close/open rounds, train, admit, hand out work."""
+        """Everything that may follow any event: close/open rounds, admit, hand out work, train.
+
+        Training starts last so that it sees which engines have work (colocation costs)."""
         if self.cfg.mode == "april":
             self.april_rounds(now)
-        self.try_train(now)
         if self.cfg.mode != "april":
-            limit = (self.version + self.eta + 1) * self.cfg.batch_groups
-            self.admit(limit - (self.admitted - self.dropped))
+            limit = (self.admit_version + self.eta + 1) * self.cfg.batch_groups
+            self.admit(limit - (self.admitted - (self.dropped if self.cfg.drops_free_admission else 0)))
         self.dispatch(now)
         while self.needs_plan:
             engine = self.needs_plan.pop()
             if engine.seg_end is None and not engine.paused:
                 self.plan(engine, now)
+        self.try_train(now)
 
     # --- engines ------------------------------------------------------------
 
@@ -352,6 +385,7 @@ class _Simulation:
         e.kv_recompute = False
         while len(e.joins) < cfg.max_running - e.running and self.pending:
             e.joins.append(self.pending.popleft())
+        prefill_time = p.prefill_per_seq * len(e.joins)
         for s in e.joins:
             ctx = cfg.prompt_tokens + s.generated
             prefill += ctx
@@ -371,9 +405,10 @@ class _Simulation:
         if top is None:
             e.seg_end = None
             return
-        e.seg_start = now + p.prefill_per_token * prefill
-        e.step_a = p.decode_base + p.decode_per_seq * e.running + p.decode_per_ctx_token * (e.ctx_off + e.running * e.steps)
-        e.step_c = p.decode_per_ctx_token * e.running
+        e.seg_start = now + e.slowdown * (prefill_time + p.prefill_per_token * prefill)
+        e.step_a = e.slowdown * (p.decode_base + p.decode_per_seq * e.running
+                                 + p.decode_per_ctx_token * (e.ctx_off + e.running * e.steps))
+        e.step_c = e.slowdown * p.decode_per_ctx_token * e.running
         e.seg_k = top - e.steps
         self.schedule(e, e.seg_start + e.decode_time(e.seg_k))
 
@@ -391,6 +426,18 @@ class _Simulation:
             heapq.heappop(heap)
         return None
 
+    def set_slowdown(self, slowdown: float, now: float) -> None:
+        """Stretch (or shrink) every engine's remaining work from `now` on: elapsed work keeps its progress."""
+        for e in self.engines:
+            if e.slowdown == slowdown:
+                continue
+            ratio, e.slowdown = slowdown / e.slowdown, slowdown
+            if e.seg_end is not None:
+                e.seg_start = now - (now - e.seg_start) * ratio
+                e.step_a *= ratio
+                e.step_c *= ratio
+                self.schedule(e, e.seg_start + e.decode_time(e.seg_k))
+
     def refresh_free(self, e: _Engine) -> None:
         if not e.paused and e.running + len(e.joins) < self.cfg.max_running:
             self.free.add(e.eid)
@@ -405,7 +452,7 @@ class _Simulation:
         e.t0 = now
         e.seg_end = None
         e.epoch += 1
-        self.collect_finished(e)
+        self.collect_finished(e, now)
 
     def on_engine_event(self, e: _Engine, now: float) -> None:
         self.close_segment(e, now, e.seg_k)
@@ -429,7 +476,7 @@ class _Simulation:
             e.seg_k = k
             self.schedule(e, e.seg_start + e.decode_time(k))
 
-    def collect_finished(self, e: _Engine) -> None:
+    def collect_finished(self, e: _Engine, now: float) -> None:
         while (finish := self.next_finish(e)) is not None and finish <= e.steps:
             s = heapq.heappop(e.heap)[2]
             self.leave_engine(s)
@@ -439,8 +486,18 @@ class _Simulation:
             if group.n_done == len(group.samples) and not group.dropped:
                 self.completed += 1
                 del self.inflight[id(group)]
-                heapq.heappush(self.buffer, (group.version, self.completed, group))
+                if self.p.group_latency:
+                    self.push(now + self.p.group_latency, _GROUP_READY, group)
+                else:
+                    self.group_ready(group, now)
         self.refresh_free(e)
+
+    def group_ready(self, group: _Group, now: float) -> None:
+        """A complete group reaches the buffer, unless the version moved past its bound on the way."""
+        if group.version < self.version - self.eta:
+            self.drop_groups([group], now)
+        else:
+            heapq.heappush(self.buffer, (group.version, next(self.counter), group))
 
     def leave_engine(self, s: _Sample) -> None:
         """Take a running sample off its engine (whose steps must be current), keeping its tokens."""
@@ -512,7 +569,7 @@ class _Simulation:
                 else:
                     self.retract(tail, now)
                 continue
-            if self.version < self.round_next - self.eta:
+            if self.admit_version < self.round_next - self.eta:
                 return
             r = self.round_next
             self.drop_groups([g for g in self.parked if 0 <= g.version < r - self.eta], now)
@@ -583,15 +640,19 @@ class _Simulation:
         self.staleness_sum += sum(staleness)
         self.staleness_max = max(self.staleness_max, max(staleness))
         self.trained_groups += cfg.batch_groups
-        duration = self.p.train_base + self.p.train_per_token * tokens
+        busy_engines = sum(e.running > 0 for e in self.engines) / cfg.n_engines if self.p.train_busy_engines else 0.0
+        duration = self.p.train_base + self.p.train_per_token * tokens + self.p.train_busy_engines * busy_engines
         self.train_time += duration
         self.trainer_busy = True
         self.train_started += 1
         self.current_step = (step, now, len(samples), tokens, sum(staleness) / len(samples), max(staleness))
         self.push(now + duration, _TRAIN_DONE)
+        if self.p.engine_slowdown_training:
+            self.set_slowdown(1.0 + self.p.engine_slowdown_training, now)
 
     def on_train_done(self, now: float) -> None:
         self.train_end = now
+        self.set_slowdown(1.0, now)
         if self.p.sync_time == 0:
             self.end_sync(now, paused=False)
             return
@@ -609,7 +670,14 @@ class _Simulation:
             self.done_at = now
             return
         self.version += 1
-        self.trainer_busy = False
+        if self.p.trainer_overhead:
+            self.push(now + self.p.trainer_overhead, _TRAINER_FREE)
+        else:
+            self.trainer_busy = False
+        if self.p.admission_latency:
+            self.push(now + self.p.admission_latency, _VERSION_SEEN, self.version)
+        else:
+            self.admit_version = self.version
         threshold = self.version - self.eta
         stale = [g for g in self.inflight.values() if 0 <= g.version < threshold]
         while self.buffer and self.buffer[0][0] < threshold:

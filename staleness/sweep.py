@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from async_rl.config import ConfigError, load_config, resolve_recipe
+from async_rl.orchestrator import check_supported
 from staleness.sweep_status import Failure, PointStatus, StatusError, SweepLayout
 
 GRID_ALIASES = {"staleness": "staleness.eta"}
@@ -162,7 +163,7 @@ def plan_points(config_path: str, axes: list[GridAxis], seeds: int, overrides: l
                                f"trainer.seed={seed}", f"task.seed={base.task.seed + k}"]
             name = point_name(settings, seed)
             try:
-                load_config(config_path, point_overrides)
+                check_supported(load_config(config_path, point_overrides))
             except ConfigError as exc:
                 raise SweepError(f"point {name}: {exc}") from None
             points.append(PointStatus(name=name, settings=settings, seed=seed, config=config_path,

@@ -126,3 +126,18 @@ def test_distributed_weight_sync_broadcasts_every_version(tmp_path):
     # The engine generated with broadcast weights: the last batches carry tokens from versions > 0.
     served_versions = {v for batch in served_batches(tmp_path / "buffer") for t in batch for v in t.token_versions}
     assert max(served_versions) >= 6, served_versions
+
+
+def test_two_trainer_ranks_train_together_under_torchrun(tmp_path):
+    """trainer.processes = 2: FSDP2 over gloo on CPU; rank 0 leads, rank 1 follows every collective."""
+    code, output = finish(start_run(tmp_path, "--set", "trainer.total_steps=4", "--set", "trainer.processes=2",
+                                    "--set", "trainer.checkpoint_interval=2", "--set", "weight_sync.method=tensor"))
+    assert code == 0, output
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["samples"] == 128 and r["weight_sync/seconds"] > 0 for r in records)
+    from async_rl.trainer import checkpoint
+
+    latest = checkpoint.latest_checkpoint(tmp_path / "checkpoints")
+    assert latest is not None and {p.name for p in (latest / checkpoint.STATE_DIR).glob("rng_rank*.pt")} == {
+        "rng_rank0.pt", "rng_rank1.pt"}

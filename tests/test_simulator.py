@@ -29,13 +29,14 @@ def test_sync_one_engine_constant_lengths_matches_closed_form():
     assert result.max_staleness == 0 and result.tokens_wasted == 0
 
 
-def test_async_with_bottleneck_trainer_runs_at_trainer_rate():
-    slow_trainer = msgspec.structs.replace(PARAMS, train_base=5.0, train_per_token=0.0)
+@pytest.mark.parametrize("overhead", [0.0, 0.3])
+def test_async_with_bottleneck_trainer_runs_at_trainer_rate(overhead):
+    slow_trainer = msgspec.structs.replace(PARAMS, train_base=5.0, train_per_token=0.0, trainer_overhead=overhead)
     config = SimConfig(mode="async", n_engines=4, batch_groups=4, group_size=4, eta=2, steps=8,
                        lengths=LengthDist(kind="uniform", low=20, high=200))
     result = simulate(config, slow_trainer)
-    assert result.steady_samples_per_s == pytest.approx(16 / (5.0 + PARAMS.sync_time), rel=1e-9)
-    assert result.trainer_busy_fraction > 0.9
+    assert result.steady_samples_per_s == pytest.approx(16 / (5.0 + PARAMS.sync_time + overhead), rel=1e-9)
+    assert result.trainer_busy_fraction > 0.85
 
 
 def test_async_eta0_with_free_training_equals_sync_without_train_time():
@@ -143,3 +144,146 @@ def test_simulated_timeline_is_a_perfetto_trace_and_cli_prints_a_table(tmp_path,
     assert sum(e["name"].startswith("train step") for e in events) == 3
     assert main(["--mode", "sync,async", "--engines", "2", "--steps", "3", "--batch-groups", "2"]) == 0
     assert "async eta=1" in capsys.readouterr().out
+
+
+def test_per_request_cost_enters_the_sync_closed_form_and_colocation_costs_vanish_in_sync():
+    B, G, L, P = 4, 4, 100, 10
+    params = msgspec.structs.replace(PARAMS, prefill_per_seq=3e-4, engine_slowdown_training=0.7, train_busy_engines=0.4)
+    config = SimConfig(mode="sync", n_engines=1, batch_groups=B, group_size=G, steps=5, prompt_tokens=P,
+                       lengths=LengthDist(value=L))
+    n = B * G
+    generation = (params.prefill_per_seq + params.prefill_per_token * P) * n + L * (params.decode_base + params.decode_per_seq * n)
+    train = params.train_base + params.train_per_token * n * (P + L)
+    # In sync the engines are idle while the trainer trains: colocation slows nothing.
+    assert simulate(config, params).samples_per_s == pytest.approx(n / (generation + train + params.sync_time), rel=1e-12)
+
+
+@pytest.mark.parametrize("slowdown, busy_cost", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.3)])
+def test_colocated_engine_is_slowed_while_training_and_slows_training(slowdown, busy_cost):
+    # eta=1, one group of one sample per step, 10 tokens at 0.01 s: groups 0 and 1 decode together in
+    # [0, 0.1]; step 0 trains [0.1, 1.1] with the engine idle; at 1.1 group 2 starts decoding as step 1
+    # starts training on group 1: it decodes (1 + slowdown) times slower and step 1 costs busy_cost more.
+    params = SimParams(decode_base=0.01, decode_per_seq=0.0, train_base=1.0, sync_time=0.0,
+                       engine_slowdown_training=slowdown, train_busy_engines=busy_cost)
+    config = SimConfig(mode="async", n_engines=1, batch_groups=1, group_size=1, eta=1, steps=2, prompt_tokens=0,
+                       lengths=LengthDist(value=10))
+    result = simulate(config, params)
+    assert result.makespan_s == pytest.approx(2.1 + busy_cost, rel=1e-12)
+    assert result.engine_busy_fraction * result.makespan_s == pytest.approx(0.1 + 0.1 * (1 + slowdown), rel=1e-12)
+
+
+def test_hand_off_latencies_enter_the_sync_closed_form():
+    B, G, L, steps = 2, 3, 50, 4
+    # trainer_overhead hides behind generation: the trainer is ready long before the next batch is.
+    params = msgspec.structs.replace(PARAMS, group_latency=0.03, admission_latency=0.02, trainer_overhead=0.1)
+    config = SimConfig(mode="sync", n_engines=1, batch_groups=B, group_size=G, steps=steps, prompt_tokens=0,
+                       lengths=LengthDist(value=L))
+    n = B * G
+    step = (L * (params.decode_base + params.decode_per_seq * n) + params.group_latency + params.train_base
+            + params.train_per_token * n * L + params.sync_time)
+    # The first admission needs no notice; every later one waits admission_latency after a publish.
+    assert simulate(config, params).makespan_s == pytest.approx(steps * step + (steps - 1) * params.admission_latency, rel=1e-12)
+
+
+def _counters(costs: tuple[float, float, float], slowdown: float, rng: np.random.Generator):
+    """Engine polls of a known engine: every interval decodes, admits and finishes some rows."""
+    from staleness.sim_calibrate import EngineSnapshot
+
+    decode_base, decode_per_seq, per_request = costs
+    now, steps, tokens, finished, running = 1000.0, 0, 0, 0, 40
+    snapshots, windows = [EngineSnapshot(now, steps, tokens, finished, running, 0)], []
+    for i in range(200):
+        training = i % 2 == 1
+        k, leave, join = int(rng.integers(3, 30)), int(rng.integers(0, 8)), int(rng.integers(0, 8))
+        seconds = (decode_base * k + decode_per_seq * k * running + per_request * join) * (1 + slowdown * training)
+        seconds *= rng.normal(1.0, 0.02)
+        if training:
+            windows.append((now, now + seconds))
+        steps, tokens, finished = steps + k, tokens + k * running + join, finished + leave
+        running += join - leave
+        now += seconds
+        snapshots.append(EngineSnapshot(now, steps, tokens, finished, running, 0))
+    return [snapshots], windows
+
+
+def test_engine_counters_give_back_the_engine_costs_and_its_slowdown_while_training():
+    from staleness.sim_calibrate import fit_engine_counters
+
+    truth = (1.2e-3, 3e-5, 4e-4)
+    counters, windows = _counters(truth, slowdown=0.4, rng=np.random.default_rng(1))
+    run = _measure(SimConfig(mode="sync", batch_groups=2, group_size=2, steps=4), SimParams(), np.random.default_rng(0))
+    run = msgspec.structs.replace(run, engine_counters=counters, train_windows=windows)
+    *costs, slowdown = fit_engine_counters([run])
+    assert costs == pytest.approx(truth, rel=0.1)
+    assert slowdown == pytest.approx(0.4, rel=0.1)
+    fitted = calibrate([run])  # counters win over decode_steps
+    assert (fitted.decode_base, fitted.engine_slowdown_training) == pytest.approx((costs[0], slowdown))
+
+
+def test_train_cost_is_fitted_with_the_engines_busy_fraction():
+    run = _measure(SimConfig(mode="sync", batch_groups=2, group_size=2, steps=4), SimParams(), np.random.default_rng(0))
+    busy = [0.0, 0.2, 0.5, 0.9, 1.0, 0.0, 0.7, 0.3]
+    tokens = [1000, 3000, 2000, 4000, 1500, 2500, 3500, 1200]
+    steps = [(t, 0.1 + 2e-5 * t + 0.08 * b) for t, b in zip(tokens, busy)]
+    fitted = calibrate([msgspec.structs.replace(run, train_steps=steps, train_busy=busy)])
+    assert (fitted.train_base, fitted.train_per_token, fitted.train_busy_engines) == pytest.approx((0.1, 2e-5, 0.08), rel=1e-6)
+
+
+def test_a_run_folder_becomes_a_measured_run(tmp_path, capsys):
+    from async_rl.config import load_config
+    from async_rl.messages import Trajectory, encode
+    from async_rl.messages import Timings
+    from buffer.wal import Put, Served, WriteAheadLog
+    from staleness.sim_calibrate import ENGINE_COUNTERS_FILE, EngineSnapshot, error_table, read_run
+    from staleness.sim_calibrate import main as calibrate_main
+
+    config = load_config("recipes/tiny.toml", [f"run.output_dir={str(tmp_path)!r}", "staleness.eta=2",
+                                               "rollout.max_new_tokens=64", "trainer.groups_per_step=2", "rollout.group_size=2"])
+    (tmp_path / "config.json").write_bytes(config.to_json())
+    lines = [{"step": s, "time": 100.0 + 0.5 * s, "samples": 4.0, "step_seconds": 0.3, "tokens_per_s": 100.0,
+              "weight_sync/seconds": 0.05} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_bytes(b"".join(msgspec.json.encode(line) + b"\n" for line in lines))
+    (tmp_path / "buffer").mkdir()
+    wal = WriteAheadLog(tmp_path / "buffer" / "buffer.wal", fsync="never")
+    for i, length in enumerate([3, 9, 27, 64]):
+        wal.append(Put(frame=msgspec.Raw(encode(Trajectory(
+            sample_id=f"s{i}", group_id=f"g{i // 2}", group_size=2, prompt_ids=[1, 2, 3, 4], response_ids=[5] * length,
+            behavior_logprobs=[-1.0] * length, token_versions=[0] * length,
+            # g0 ends after step 2's publish, so step 3 (training from 101.15) waits for it;
+            # g1 starts 10 ms after step 3's publish
+            timings=Timings(submitted=101.01 if i < 2 else 101.51, finished=101.1 + 0.01 * i))))))
+    wal.commit()
+    wal.close()
+    polls = [EngineSnapshot(101.0 + 0.1 * i, i, 4 * i, 0, 4, 0) for i in range(25)]
+    (tmp_path / ENGINE_COUNTERS_FILE).write_bytes(msgspec.json.encode([polls]))
+
+    wal = WriteAheadLog(tmp_path / "buffer" / "buffer.wal", fsync="never")
+    wal.append(Served(trainer_version=2, sample_ids=["s0", "s1"], group_ids=["g0"]))
+    wal.commit()
+    wal.close()
+
+    run = read_run(tmp_path, skip_steps=2, label="tiny")
+    assert (run.mode, run.eta, run.batch_groups, run.group_size, run.prompt_tokens) == ("async", 2, 2, 2, 4)
+    assert run.lengths.values == [3, 9, 27, 64] and run.max_new_tokens == 64 and run.steps == 5
+    assert run.measured_samples_per_s == pytest.approx(8 / 1.0) and run.rate_from_step == 2
+    assert run.train_steps == [(30, 0.3)] * 3 and run.sync_seconds == [0.05] * 3
+    assert run.train_windows[0] == pytest.approx((100.15, 100.45)) and run.train_busy == [1.0, 1.0, 1.0]
+    assert run.group_latencies == pytest.approx([101.15 - 101.11]) and run.admission_latencies == pytest.approx([0.01])
+    assert run.trainer_overheads == []  # the only served batch was waited for
+    assert "| tiny | yes |" in error_table(prediction_error(calibrate([run]), [run]), {"tiny"})
+    assert calibrate_main([str(tmp_path)]) == 0
+    assert f"| {tmp_path} | yes |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="config.json"):
+        read_run(tmp_path / "missing")
+    (tmp_path / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match="metrics.jsonl"):
+        read_run(tmp_path)
+
+
+def test_drops_that_keep_their_admission_budget_shrink_the_pipeline():
+    common = dict(mode="async", n_engines=2, batch_groups=4, group_size=4, eta=1, steps=30, max_running=8,
+                  max_new_tokens=2000, lengths=HEAVY_TAIL, seed=1)
+    returned = simulate(SimConfig(**common), PARAMS)
+    kept = simulate(SimConfig(drops_free_admission=False, **common), PARAMS)
+    assert returned.groups_dropped > kept.groups_dropped > 0
+    assert kept.samples_per_s < 0.8 * returned.samples_per_s and kept.max_staleness <= 1

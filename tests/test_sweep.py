@@ -86,8 +86,8 @@ def test_report_only_rerenders(tiny_sweep):
 
 
 def test_crashed_point_is_recorded_and_rerun(tmp_path):
-    # Passes the recipe loader (the spec is well-formed) but `async-rl run` refuses it at once: a crash in seconds.
-    args = ["recipes/tiny.toml", "--out", str(tmp_path), "--set", "rollout.reward=recipes.rewards:no_such_reward"]
+    # Passes every check before the run (the path is only looked for when the run starts): a failure in seconds.
+    args = ["recipes/tiny.toml", "--out", str(tmp_path), "--set", "model.spec=/no_such_model"]
     first = sweep(*args)
     assert first.returncode == 1 and "did not complete" in first.stderr
     second = sweep(*args)
@@ -95,10 +95,10 @@ def test_crashed_point_is_recorded_and_rerun(tmp_path):
     [status] = SweepLayout(tmp_path).all_statuses()
     assert status.state == "failed" and status.attempts == 2
     assert [(f.attempt, f.exit_code) for f in status.failures] == [(1, 2), (2, 2)]
-    assert "no_such_reward" in status.failures[0].message
+    assert "no_such_model" in status.failures[0].message
     assert all((tmp_path / f.log).exists() for f in status.failures)
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "Failed attempts" in summary and "no_such_reward" in summary
+    assert "Failed attempts" in summary and "no_such_model" in summary
     assert table_rows(tmp_path / "report" / "summary.md")[0][-1] == "failed (2 failed attempts)"
 
 
@@ -107,6 +107,7 @@ def test_crashed_point_is_recorded_and_rerun(tmp_path):
     ("staleness=0,-1", "eta=-1 must be >= 0"),
     ("trainer.lr=fast", "trainer.lr"),
     ("run.output_dir=a,b", "--out"),
+    ("rollout.reward=recipes.rewards:no_such_reward", "no_such_reward"),  # what `async-rl run` would refuse
     ("staleness", "must look like section.key=value1,value2"),
 ])
 def test_bad_grid_is_refused_before_anything_runs(tmp_path, grid, message):

@@ -48,14 +48,19 @@ async def test_refused_batches_and_out_of_bound_groups_are_handed_back_to_admiss
                         + group("good"):
                     await sender.send(trajectory)
                 await sender.flush()
-            trainer = asyncio.create_task(train(config, model_dir, [], serve, versions))
-            while not notices or notices[-1].version < 1:
-                notices.append(decode(await subscriber.recv()))
-            await trainer
+
+            async def collect() -> None:
+                while not notices or notices[-1].version < 1:
+                    notices.append(decode(await subscriber.recv()))
+
+            async with asyncio.TaskGroup() as tasks:  # a failing trainer fails the test at once
+                tasks.create_task(collect())
+                tasks.create_task(train(config, model_dir, [], serve, versions))
     subscriber.close(linger=0)
 
-    # Each drop is announced at once at the unchanged version; the next version's notice repeats them all.
-    assert {gid for n in notices if n.version == 0 for gid in n.dropped_groups} == {"bad", "future"}
+    # Each drop is announced at once at the unchanged version (a SUB that joins late may miss those:
+    # PUB/SUB drops before the connection is up); the next version's notice repeats them all.
+    assert {gid for n in notices if n.version == 0 for gid in n.dropped_groups} <= {"bad", "future"}
     assert notices[-1].version == 1 and notices[-1].dropped_groups == {"bad": GROUP_SIZE, "future": GROUP_SIZE}
     [record] = read_metrics(run_dir / "metrics.jsonl")
     assert record["trainer/dropped_batches"] == 1 and record["samples"] == GROUP_SIZE

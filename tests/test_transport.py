@@ -241,3 +241,21 @@ async def test_partials_round_trip_and_repeated_requests_get_the_same_batch(tmp_
             assert (await client.stats()).served == 2
     finally:
         task.cancel()
+
+
+async def test_groups_dropped_as_stale_are_named_in_the_batch_response(tmp_path):
+    """The worker that generated them counted them as accepted: the trainer hands the ids back to it."""
+    service, task = await _in_process_service(tmp_path)
+    try:
+        async with TrajectorySender(service.endpoints["submit"]) as sender, \
+                BufferClient(service.endpoints["serve"]) as client, asyncio.timeout(20):
+            for trajectory in [make_trajectory(f"o{i}", "old", version=0) for i in range(2)] + \
+                    [make_trajectory(f"n{i}", "new", version=5) for i in range(2)]:
+                await sender.send(trajectory)
+            await sender.flush(5)
+            batch = await client.get_batch(trainer_version=5, num_groups=1, max_staleness=1, timeout=5)
+            assert {t.group_id for t in batch.trajectories} == {"new"}
+            assert batch.dropped_groups == {"old": 2} and batch.dropped_stale == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
