@@ -243,7 +243,7 @@ class AprilSection(_Section):
     not retracted are continued at once), retract (requests leave the batch, KV dropped)
     or in_place (requests stay put); with retract and in_place the tail's requests are
     then aborted one by one, which returns their partial output.
-    Needs rollout.workers = 1 and a resumable rollout.generate."""
+    Needs a resumable rollout.generate (rollout_workers/generate.py)."""
 
     enabled: bool = False
     alpha: float = 0.5

@@ -222,10 +222,13 @@ class BufferStats(Message, tag="buffer_stats"):
 
 
 class TakePartials(Message, tag="take_partials"):
-    """Remove up to `max_n` partial rollouts whose oldest token version is >= `min_version`."""
+    """Remove up to `max_n` partial rollouts whose oldest token version is >= `min_version`
+    (older ones of the same groups are dropped), of groups whose id starts with `group_prefix`:
+    each worker takes back only the partials it retracted, so its admission stays exact."""
 
     max_n: int
     min_version: int
+    group_prefix: str = ""
     request_id: str = ""
 
 

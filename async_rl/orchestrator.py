@@ -43,9 +43,6 @@ def main(args: argparse.Namespace) -> int:
 
 def check_supported(config: RunConfig) -> None:
     """What `async-rl run` refuses before starting anything (the sweep checks every point with it too)."""
-    if config.april.enabled and config.rollout.workers != 1:
-        raise ConfigError("april.enabled needs rollout.workers = 1: the partial pool is shared, and a worker can only "
-                          "account for the partial rollouts it retracted itself")
     if config.trainer.groups_per_step % config.rollout.workers:
         raise ConfigError(f"trainer.groups_per_step={config.trainer.groups_per_step} must be a multiple of "
                           f"rollout.workers={config.rollout.workers}: each worker owns an equal share of every batch")

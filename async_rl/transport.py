@@ -193,9 +193,11 @@ class BufferClient:
         request = StatsRequest(trainer_version=trainer_version, request_id=uuid.uuid4().hex)
         return await self._request(request, BufferStats, timeout)
 
-    async def take_partials(self, max_n: int, min_version: int, timeout: float = 5.0) -> list[Trajectory]:
+    async def take_partials(self, max_n: int, min_version: int, timeout: float = 5.0,
+                            group_prefix: str = "") -> list[Trajectory]:
         """Remove and return partial rollouts fresh enough to resume (older ones are dropped by the buffer)."""
-        request = TakePartials(max_n=max_n, min_version=min_version, request_id=uuid.uuid4().hex)
+        request = TakePartials(max_n=max_n, min_version=min_version, group_prefix=group_prefix,
+                               request_id=uuid.uuid4().hex)
         raw = await self._request(request, _RawPartialsResponse, timeout)
         return self._decode_each(raw.trajectories)
 

@@ -131,9 +131,11 @@ class ReplayBuffer:
             plan.frames = [entry.frame for entry in entries]
         return plan
 
-    def plan_partials(self, max_n: int, min_version: int) -> tuple[PartialsTaken, list[msgspec.Raw]]:
+    def plan_partials(self, max_n: int, min_version: int, group_prefix: str = "") -> tuple[PartialsTaken, list[msgspec.Raw]]:
         taken, dropped, frames = [], [], []
         for key, entry in self.partials.items():
+            if not entry.header.group_id.startswith(group_prefix):
+                continue
             if entry.oldest_version < min_version:
                 dropped.append(key)
             elif len(taken) < max_n:

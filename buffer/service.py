@@ -218,7 +218,7 @@ class BufferService:
                 stats.request_id = request_id
                 await serve.send_multipart([identity, encode(stats)])
             case TakePartials():
-                taken, frames_out = self.buffer.plan_partials(request.max_n, request.min_version)
+                taken, frames_out = self.buffer.plan_partials(request.max_n, request.min_version, request.group_prefix)
                 self.wal.append(taken)
                 self._commit()
                 self.buffer.apply(taken)

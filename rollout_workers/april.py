@@ -34,8 +34,8 @@ counted, so a retraction's continue can end a sync's pause early. The embedded e
 an update between decode steps and tags every token with the version that produced it, so
 versions stay truthful either way.
 
-The partial pool is shared by all workers but a worker can only account for its own groups,
-so APRIL runs with rollout.workers = 1 for now (see the orchestrator's check).
+The partial pool is shared by all workers; each takes back only its own groups' partials
+(TakePartials.group_prefix), so every worker's admission accounts for exactly what it retracted.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class RolloutWorker:
                     self._tasks.create_task(self.controller.run())
                     self.controller.wake()
                 else:
-                    loop = self._group_loop if self.sample_params else self._legacy_group_loop
+                    loop = self._group_loop if self.sample_params else self._custom_generate_loop
                     for _ in range(self.concurrency):
                         self._tasks.create_task(loop())
         finally:
@@ -248,7 +248,7 @@ class RolloutWorker:
     async def _take_partials(self, max_n: int, min_version: int) -> list[GroupRollout]:
         """Whole retracted groups back from the pool, once every partial sent so far is durable there."""
         await self.sender.flush()
-        trajectories = await self.buffer.take_partials(max_n, min_version)
+        trajectories = await self.buffer.take_partials(max_n, min_version, group_prefix=f"w{self.index}-")
         members: dict[str, list[Trajectory]] = {}
         for trajectory in trajectories:
             members.setdefault(trajectory.group_id, []).append(trajectory)
@@ -261,7 +261,7 @@ class RolloutWorker:
         return groups
 
     # ---- any other generate function (multi-turn, tools): no resumption -------
-    async def _legacy_group_loop(self) -> None:
+    async def _custom_generate_loop(self) -> None:
         group_size = self.config.rollout.group_size
         while True:
             await self.admission.admit(group_size)

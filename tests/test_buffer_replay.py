@@ -106,6 +106,18 @@ def test_partial_pool_takes_fresh_partials_and_drops_stale_ones():
     assert list(buffer.partials) == ["q@2"]
 
 
+def test_each_worker_takes_back_only_its_own_partials():
+    buffer = ReplayBuffer(capacity=100)
+    for sample, group in (("a", "w0-g1"), ("b", "w1-g1"), ("c", "w1-g2")):
+        put(buffer, make_trajectory(sample, group, version=3, partial=True))
+    put(buffer, make_trajectory("old", "w0-g0", version=0, partial=True))
+    taken, _ = buffer.plan_partials(max_n=10, min_version=2, group_prefix="w1-")
+    assert taken.keys == ["b@1", "c@1"] and taken.dropped_keys == []  # w0's stale one is w0's to drop
+    buffer.apply(taken)
+    taken, _ = buffer.plan_partials(max_n=10, min_version=2, group_prefix="w0-")
+    assert taken.keys == ["a@1"] and taken.dropped_keys == ["old@1"]
+
+
 @pytest.mark.parametrize("bad, reason", [
     (dict(token_versions=[0]), "differ in length"),
     (dict(behavior_logprobs=[float("nan")] * 4), "NaN"),

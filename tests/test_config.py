@@ -90,3 +90,11 @@ def test_import_function_errors_say_which_part_failed():
         import_function("recipes.nope:f")
     with pytest.raises(ConfigError, match="has no function 'nope'"):
         import_function("recipes.rewards:nope")
+
+
+def test_run_refuses_april_with_a_generate_function_it_cannot_resume():
+    from async_rl.orchestrator import check_supported
+
+    check_supported(load_config("april_tiny", ["rollout.workers=2"]))
+    with pytest.raises(ConfigError, match="resumable"):
+        check_supported(load_config("april_tiny", ["rollout.generate=recipes.tool_calling:calculator"]))
