@@ -138,7 +138,8 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     clients = [EngineClient(url) for url in engine_urls]
     publisher = VersionPublisher(versions)
     sink = MetricsSink(run_dir)
-    tracer = Tracer(run_dir / TRACE_DIR / "trainer.json", process_name="trainer")
+    # One file per start: a resumed run's trace keeps the stretch before the restart.
+    tracer = Tracer(run_dir / TRACE_DIR / f"trainer-v{trainer.version}.json", process_name="trainer")
     method = config.weight_sync.method
     total, interval = config.trainer.total_steps, config.trainer.checkpoint_interval
     dropped: Counter[str] = Counter()

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SUBMIT = "tcp://127.0.0.1:5601"
 DEFAULT_SERVE = "tcp://127.0.0.1:5602"
 DEFAULT_VERSIONS = "tcp://127.0.0.1:5603"
+CLOSE_LINGER_MS = 500
 
 
 def _socket(context: zmq.asyncio.Context, kind: int, curve: zmq_auth.CurveClient | None, hwm: int = 1000):
@@ -278,9 +279,10 @@ class VersionPublisher:
             await self._socket.send(self._latest)
 
     def close(self) -> None:
+        """The last notice still reaches connected subscribers (a short linger), then the socket goes."""
         if self._repeater:
             self._repeater.cancel()
-        self._socket.close(linger=0)
+        self._socket.close(linger=CLOSE_LINGER_MS)
 
 
 class VersionSubscriber:

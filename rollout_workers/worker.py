@@ -100,7 +100,8 @@ class RolloutWorker:
         self.sampling_params = {"max_new_tokens": rollout.max_new_tokens, "temperature": rollout.temperature,
                                 "top_p": rollout.top_p}
         run_dir = Path(config.run.output_dir)
-        self.tracer = Tracer(run_dir / TRACE_DIR / f"worker{worker_index}.json", process_name=f"rollout worker {worker_index}")
+        self.tracer = Tracer(run_dir / TRACE_DIR / f"worker{worker_index}-v{start_version}.json",
+                             process_name=f"rollout worker {worker_index}")
         self.metrics = RolloutMetrics(run_dir, worker_index, len(engine_urls), self.share, self.tracer)
         self.active: dict[str, GroupRollout] = {}
         self.credited: set[str] = set()  # dropped group ids already given back (notices repeat)

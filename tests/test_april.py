@@ -199,7 +199,7 @@ def test_april_run_recycles_the_tail_and_never_trains_beyond_eta(long_tail_runs)
     assert last["rollout/tokens_recycled"] > 0
     assert resumed or last["rollout/partials_dropped_stale"] > 0
     assert 0 < last["rollout/engine_busy_fraction"] <= 1
-    events = read_events(run_dir / "trace" / "worker0.json")
+    events = read_events(run_dir / "trace" / "worker0-v0.json")
     assert any(e.get("name") == "retract" for e in events)
     assert any(e.get("name") == "generate" for e in events)
 

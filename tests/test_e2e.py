@@ -114,6 +114,9 @@ def test_an_interrupted_run_resumes_its_version_count(tmp_path):
     assert resumed[0]["step"] in (11, 21, 31) and resumed[-1]["step"] == 40
     # The engine restarted at the checkpoint's version: nothing the resumed trainer used breaks the bound.
     assert max(r["staleness/max"] for r in resumed) <= 1
+    # Both stretches stay in the run's timeline.
+    start = resumed[0]["step"] - 1
+    assert {"trainer-v0.json", f"trainer-v{start}.json"} <= {p.name for p in (tmp_path / "trace").glob("*.json")}
 
 
 def test_distributed_weight_sync_broadcasts_every_version(tmp_path):

@@ -149,7 +149,7 @@ def test_a_run_interrupted_by_ctrl_c_leaves_a_merged_trace(tmp_path):
     events = assert_valid_trace(json.loads((tmp_path / "trace.json").read_text()))
     files = sorted((tmp_path / "trace").glob("*.json"))  # one per process that traces: trainer, workers, ...
     assert len(events) == sum(len(read_events(path)) for path in files)
-    assert len({e["pid"] for e in events}) == len(files) and (tmp_path / "trace" / "trainer.json") in files
+    assert len({e["pid"] for e in events}) == len(files) and (tmp_path / "trace" / "trainer-v0.json") in files
     steps, syncs = spans_named(events, "train step", "step"), spans_named(events, "weight sync", "version")
     waits = spans_named(events, "batch wait", "version")
     assert len(steps) >= 3 and set(steps) - set(syncs) <= {max(steps)}  # the last step may have been interrupted

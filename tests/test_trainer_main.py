@@ -37,6 +37,9 @@ async def test_refused_batches_and_out_of_bound_groups_are_handed_back_to_admiss
     submit, serve = _endpoints()
     versions = f"tcp://127.0.0.1:{_free_port()}"
     subscriber = zmq.asyncio.Context.instance().socket(zmq.SUB)
+    # The trainer binds only once its model is loaded and publishes within milliseconds of that:
+    # retry the connection every 5 ms (default 100 ms) so this SUB is there in time.
+    subscriber.reconnect_ivl = 5
     subscriber.subscribe(b"")
     subscriber.connect(versions)
     (tmp_path / "buffer").mkdir()
@@ -65,6 +68,6 @@ async def test_refused_batches_and_out_of_bound_groups_are_handed_back_to_admiss
     [record] = read_metrics(run_dir / "metrics.jsonl")
     assert record["trainer/dropped_batches"] == 1 and record["samples"] == GROUP_SIZE
     assert {"weight_sync/pause_s", "weight_sync/update_s", "weight_sync/continue_s"} <= record.keys()
-    steps = [e for e in read_events(run_dir / "trace" / "trainer.json") if e["name"] == "train step"]
+    steps = [e for e in read_events(run_dir / "trace" / "trainer-v0.json") if e["name"] == "train step"]
     assert [("dropped" in e["args"]) for e in steps] == [True, False]
-    assert json.loads((run_dir / "trace" / "trainer.json").read_text())  # closed: plain JSON
+    assert json.loads((run_dir / "trace" / "trainer-v0.json").read_text())  # closed: plain JSON
