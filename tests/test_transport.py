@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -215,47 +216,46 @@ async def test_version_announcements_reach_late_subscribers_once_each():
         subscriber.close()
 
 
-async def test_partials_round_trip_and_repeated_requests_get_the_same_batch(tmp_path):
+@contextlib.asynccontextmanager
+async def _holding(tmp_path, trajectories):
+    """An in-process buffer service that durably holds `trajectories`, and a client of its serve side."""
     service, task = await _in_process_service(tmp_path)
     try:
         async with TrajectorySender(service.endpoints["submit"]) as sender, \
                 BufferClient(service.endpoints["serve"]) as client, asyncio.timeout(20):
-            for i in range(2):
-                await sender.send(make_trajectory(f"s{i}", "g"))
-            await sender.send(make_trajectory("p", "gp", version=3, partial=True))
-            await sender.send(make_trajectory("old", "go", version=0, partial=True))
+            for trajectory in trajectories:
+                await sender.send(trajectory)
             await sender.flush(5)
-            partials = await client.take_partials(max_n=4, min_version=2)
-            assert [p.sample_id for p in partials] == ["p"] and partials[0].partial
-            assert await client.take_partials(max_n=4, min_version=0) == []
-
-            raw = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-            raw.connect(service.endpoints["serve"])
-            request = encode(BatchRequest(trainer_version=1, num_groups=1, max_staleness=2, request_id="r1"))
-            replies = []
-            for _ in range(2):
-                await raw.send(request)
-                replies.append(await raw.recv())
-            raw.close(linger=0)
-            assert replies[0] == replies[1] and len(decode(replies[0]).trajectories) == 2
-            assert (await client.stats()).served == 2
+            yield service, client
     finally:
         task.cancel()
+
+
+async def test_partials_round_trip_and_repeated_requests_get_the_same_batch(tmp_path):
+    stored = [make_trajectory(f"s{i}", "g") for i in range(2)] + [
+        make_trajectory("p", "gp", version=3, partial=True), make_trajectory("old", "go", version=0, partial=True)]
+    async with _holding(tmp_path, stored) as (service, client):
+        partials = await client.take_partials(max_n=4, min_version=2)
+        assert [p.sample_id for p in partials] == ["p"] and partials[0].partial
+        assert await client.take_partials(max_n=4, min_version=0) == []
+
+        raw = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        raw.connect(service.endpoints["serve"])
+        request = encode(BatchRequest(trainer_version=1, num_groups=1, max_staleness=2, request_id="r1"))
+        replies = []
+        for _ in range(2):
+            await raw.send(request)
+            replies.append(await raw.recv())
+        raw.close(linger=0)
+        assert replies[0] == replies[1] and len(decode(replies[0]).trajectories) == 2
+        assert (await client.stats()).served == 2
 
 
 async def test_groups_dropped_as_stale_are_named_in_the_batch_response(tmp_path):
     """The worker that generated them counted them as accepted: the trainer hands the ids back to it."""
-    service, task = await _in_process_service(tmp_path)
-    try:
-        async with TrajectorySender(service.endpoints["submit"]) as sender, \
-                BufferClient(service.endpoints["serve"]) as client, asyncio.timeout(20):
-            for trajectory in [make_trajectory(f"o{i}", "old", version=0) for i in range(2)] + \
-                    [make_trajectory(f"n{i}", "new", version=5) for i in range(2)]:
-                await sender.send(trajectory)
-            await sender.flush(5)
-            batch = await client.get_batch(trainer_version=5, num_groups=1, max_staleness=1, timeout=5)
-            assert {t.group_id for t in batch.trajectories} == {"new"}
-            assert batch.dropped_groups == {"old": 2} and batch.dropped_stale == 2
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    stored = [make_trajectory(f"o{i}", "old", version=0) for i in range(2)] + \
+        [make_trajectory(f"n{i}", "new", version=5) for i in range(2)]
+    async with _holding(tmp_path, stored) as (_, client):
+        batch = await client.get_batch(trainer_version=5, num_groups=1, max_staleness=1, timeout=5)
+        assert {t.group_id for t in batch.trajectories} == {"new"}
+        assert batch.dropped_groups == {"old": 2} and batch.dropped_stale == 2
