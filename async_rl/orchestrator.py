@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
@@ -39,6 +39,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(run(config))
+
+
+def run_argv(recipe: str, output_dir: str | os.PathLike[str], overrides: Sequence[str] = (), *,
+             sync: bool = False) -> list[str]:
+    """The command line of `async-rl run RECIPE` into `output_dir`, for tools that start runs as processes."""
+    argv = [sys.executable, "-m", "async_rl.cli", "run", str(recipe), "--set", f"run.output_dir={str(output_dir)!r}"]
+    for override in overrides:
+        argv += ["--set", override]
+    return argv + (["--sync"] if sync else [])
 
 
 def check_supported(config: RunConfig) -> None:

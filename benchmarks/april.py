@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import msgspec
 
 from async_rl.metrics import read_metrics
+from async_rl.orchestrator import run_argv
 
 SKIP = 2  # versions of warm-up not counted
 
@@ -60,9 +60,7 @@ def measure(run_dir: Path, group_size: int) -> Side:
 
 
 def run(recipe: str, output: Path, overrides: list[str]) -> None:
-    command = [sys.executable, "-m", "async_rl.cli", "run", recipe, "--set", f"run.output_dir={str(output)!r}"]
-    for override in overrides:
-        command += ["--set", override]
+    command = run_argv(recipe, output, overrides)
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n"

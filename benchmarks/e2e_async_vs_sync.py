@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from async_rl.metrics import read_metrics
+from async_rl.orchestrator import run_argv
 
 
 def trained_samples_per_s(metrics_path: Path, skip_steps: int) -> float:
@@ -31,11 +31,7 @@ def trained_samples_per_s(metrics_path: Path, skip_steps: int) -> float:
 
 
 def run(recipe: str, output: Path, overrides: list[str], sync: bool) -> float:
-    command = [sys.executable, "-m", "async_rl.cli", "run", recipe, "--set", f"run.output_dir={str(output)!r}"]
-    for override in overrides:
-        command += ["--set", override]
-    if sync:
-        command.append("--sync")
+    command = run_argv(recipe, output, overrides, sync=sync)
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")

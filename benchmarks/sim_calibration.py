@@ -33,7 +33,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -118,11 +117,7 @@ def real_run(recipe: str, output: Path, overrides: list[str], sync: bool) -> str
     """Run one job, polling its engines' counters into output/ENGINE_COUNTERS_FILE.
 
     None when it finished, the orchestrator's refusal when it refused the config."""
-    command = [sys.executable, "-m", "async_rl.cli", "run", recipe, "--set", f"run.output_dir={str(output)!r}"]
-    for override in overrides:
-        command += ["--set", override]
-    if sync:
-        command.append("--sync")
+    command = run_argv(recipe, output, overrides, sync=sync)
     with tempfile.TemporaryFile("w+") as errors:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
         stdout, stop, polled = [], threading.Event(), []

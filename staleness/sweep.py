@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from async_rl.config import ConfigError, load_config, resolve_recipe
-from async_rl.orchestrator import check_supported
+from async_rl.orchestrator import check_supported, run_argv
 from staleness.sweep_status import Failure, PointStatus, StatusError, SweepLayout
 
 GRID_ALIASES = {"staleness": "staleness.eta"}
@@ -249,10 +249,7 @@ def _start_attempt(layout: SweepLayout, status: PointStatus) -> tuple[list[str],
     status.attempts += 1
     status.state, status.exit_code, status.started, status.ended = "running", None, None, None
     layout.write_status(status)
-    overrides = [*status.overrides, f"run.output_dir={run_dir}"]
-    argv = [sys.executable, "-m", "async_rl.cli", "run", status.config, *itertools.chain.from_iterable(
-        ("--set", override) for override in overrides)]
-    return argv, str(layout.log_path(status.name, status.attempts))
+    return run_argv(status.config, run_dir, status.overrides), str(layout.log_path(status.name, status.attempts))
 
 
 def _finish_attempt(layout: SweepLayout, status: PointStatus, result: RunResult) -> None:
