@@ -102,14 +102,19 @@ def share_batch(trainer, trajectories: list[Trajectory] | None) -> list[Trajecto
     return _batch_decoder.decode(payload)
 
 
+def checkpoint_due(config: RunConfig, version: int) -> bool:
+    """Every rank must agree: a checkpoint is a collective under FSDP."""
+    interval = config.trainer.checkpoint_interval
+    return bool(interval and version % interval == 0) or version == config.trainer.total_steps
+
+
 def follow(trainer, config: RunConfig) -> None:
     """Ranks > 0: train on rank 0's batches and take part in every collective rank 0 runs
     (the weight gather of each sync, checkpoints), in the same order."""
     from async_rl.trainer.batch import BatchError
 
     weights_dir = config.output_path(config.weight_sync.dir, "weights")
-    total, interval = config.trainer.total_steps, config.trainer.checkpoint_interval
-    while trainer.version < total:
+    while trainer.version < config.trainer.total_steps:
         try:
             step = trainer.train_step(share_batch(trainer, None))
         except BatchError:
@@ -119,7 +124,7 @@ def follow(trainer, config: RunConfig) -> None:
         else:
             for _ in trainer.named_tensors():
                 pass
-        if (interval and step.version % interval == 0) or step.version == total:
+        if checkpoint_due(config, step.version):
             trainer.save_checkpoint()
 
 
@@ -141,7 +146,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     # One file per start: a resumed run's trace keeps the stretch before the restart.
     tracer = Tracer(run_dir / TRACE_DIR / f"trainer-v{trainer.version}.json", process_name="trainer")
     method = config.weight_sync.method
-    total, interval = config.trainer.total_steps, config.trainer.checkpoint_interval
+    total = config.trainer.total_steps
     dropped: Counter[str] = Counter()
     dropped_batches = 0
     try:
@@ -192,7 +197,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                     log.warning("step %d skipped its update: %s", step.version, step.skip_reason)
                 if step.version % config.run.log_interval == 0 or step.version == total:
                     sink.log(step.version, metrics)
-                if (interval and step.version % interval == 0) or step.version == total:
+                if checkpoint_due(config, step.version):
                     with tracer.span("checkpoint", TRACK, step=step.version):
                         await asyncio.to_thread(trainer.save_checkpoint)
     finally:

@@ -62,8 +62,7 @@ def continuation(prompt_ids: list[int], sample: Sample | None, params: dict[str,
     `max_new_tokens` lowered by what the partial already holds (so the whole response keeps its budget)."""
     if sample is None or not sample.response_ids:
         return list(prompt_ids), params
-    remaining = int(params["max_new_tokens"]) - len(sample.response_ids)
-    return list(prompt_ids) + list(sample.response_ids), {**params, "max_new_tokens": remaining}
+    return list(prompt_ids) + list(sample.response_ids), {**params, "max_new_tokens": remaining_budget(sample, params)}
 
 
 def remaining_budget(sample: Sample | None, params: dict[str, Any]) -> int:

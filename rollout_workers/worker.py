@@ -188,14 +188,20 @@ class RolloutWorker:
             await self._run_group(group)
         log.info("the task source is exhausted: this group task stops")
 
-    async def _new_group(self, round_: int) -> GroupRollout | None:
+    async def _admitted_task(self) -> TaskSample | None:
         """Admit a group's samples (waits for budget) and draw its prompt; None once the tasks run out."""
         group_size = self.config.rollout.group_size
         await self.admission.admit(group_size)
         task = next(self.samples, None)
         if task is None:
             self.admission.on_dropped(group_size)
+        return task
+
+    async def _new_group(self, round_: int) -> GroupRollout | None:
+        task = await self._admitted_task()
+        if task is None:
             return None
+        group_size = self.config.rollout.group_size
         prompt_ids = encode_prompt(self.tokenizer, task.prompt, self.config.rollout.chat_template)
         return GroupRollout(group_id=next(self.group_ids), task=task, prompt_ids=prompt_ids,
                             params=self.sample_params(self.sampling_params, group_size),
@@ -264,13 +270,7 @@ class RolloutWorker:
     # ---- any other generate function (multi-turn, tools): no resumption -------
     async def _custom_generate_loop(self) -> None:
         group_size = self.config.rollout.group_size
-        while True:
-            await self.admission.admit(group_size)
-            task = next(self.samples, None)
-            if task is None:
-                log.info("the task source is exhausted: this group task stops")
-                self.admission.on_dropped(group_size)
-                return
+        while (task := await self._admitted_task()) is not None:
             group_id = next(self.group_ids)
             self.metrics.group_started()
             try:
@@ -283,6 +283,7 @@ class RolloutWorker:
             self.counts["groups"] += 1
             self.metrics.counts["groups_completed"] += 1
             self.metrics.counts["samples_completed"] += group_size
+        log.info("the task source is exhausted: this group task stops")
 
     async def _rollout_group(self, task: TaskSample, group_id: str) -> list[Trajectory]:
         """Generate and score one group, retrying on another engine with backoff until it succeeds."""
