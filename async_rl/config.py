@@ -78,6 +78,8 @@ class EngineSection(_Section):
     api_key: engines require `Authorization: Bearer KEY`; None = open (loopback only).
     max_running_requests: per-engine concurrency cap (SGLang's flag of the same name).
     device: embedded engines' device; None = model.device.
+    start_timeout_s: how long an engine may take to answer /health after it starts (SGLang
+    compiles kernels on its first start); every component that needs the engines waits this long.
     """
 
     kind: Literal["embedded", "sglang"] = "embedded"
@@ -87,10 +89,12 @@ class EngineSection(_Section):
     host: str = "127.0.0.1"
     max_running_requests: int = 256
     device: str | None = None
+    start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         check_field(self.count >= 1, "count", self.count, ">= 1")
+        check_field(self.start_timeout_s > 0, "start_timeout_s", self.start_timeout_s, "> 0")
         check_field(self.max_running_requests >= 1, "max_running_requests", self.max_running_requests, ">= 1")
 
 

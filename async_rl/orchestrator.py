@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
 import time
@@ -19,9 +18,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
-
-HEALTH_TIMEOUT_S = 180.0
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="recipe TOML path or bundled recipe name (e.g. tiny)")
@@ -79,8 +75,7 @@ def _resume_point(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
     latest = checkpoint.latest_checkpoint(config.output_path(config.trainer.ckpt_dir, "checkpoints"))
     if latest is None:
         return model_dir, 0
-    meta = json.loads((latest / checkpoint.STATE_DIR / "meta.json").read_text())
-    return latest, int(meta["version"])
+    return latest, int(checkpoint.read_meta(latest)["version"])
 
 
 async def run(config: RunConfig) -> int:
@@ -123,13 +118,14 @@ async def run(config: RunConfig) -> int:
         return 0
     async with _merged_trace(run_dir), Supervisor(run_dir / "logs") as supervisor:
         try:
+            # Everything starts at once: the trainer and the workers wait for the engines themselves,
+            # so their imports and model loading overlap the engines' start-up.
             for spec in engine_specs:
                 await supervisor.start(spec)
             await supervisor.start(ProcessSpec(name="buffer", env=env, argv=[
                 python, "-m", "async_rl.cli", "buffer", "serve", "--dir", str(config.output_path(config.buffer.dir, "buffer")),
                 "--bind-submit", submit, "--bind-serve", serve, "--max-staleness", str(config.staleness.eta),
                 "--capacity", str(config.buffer.capacity), "--fsync", buffer_fsync]))
-            await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, run_dir / "logs" / "buffer.log"))
             await supervisor.start(ProcessSpec(name="trainer", finishes_run=True, env=env, argv=[
                 *_trainer_launcher(python, config.trainer.processes), *common, "--serve", serve, "--versions", versions]))
             for w in range(config.rollout.workers):
@@ -137,6 +133,8 @@ async def run(config: RunConfig) -> int:
                     python, "-m", "rollout_workers.worker", *common, "--submit", submit, "--versions", versions,
                     "--serve", serve,
                     "--start-version", str(start_version), "--worker-index", str(w)]))
+            await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, run_dir / "logs" / "buffer.log",
+                                               config.engine.start_timeout_s))
             with ProgressDisplay(config.trainer.total_steps) as display:
                 follower = MetricsFollower(run_dir / "metrics.jsonl", display)
                 following = asyncio.create_task(follower.follow())
@@ -198,14 +196,15 @@ def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
     return args + list(config.engine.extra_args)
 
 
-async def _wait_ready(engine_urls: list[str], api_key: str | None, buffer_log: Path) -> None:
+async def _wait_ready(engine_urls: list[str], api_key: str | None, buffer_log: Path, timeout_s: float) -> None:
+    """A start-up that stalls fails the run with what did not come up (a child that dies fails it at once)."""
     from rollout_workers.launcher import probe_health
 
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     pending = list(engine_urls)
     while pending or b"buffer ready" not in _read(buffer_log):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready within {HEALTH_TIMEOUT_S:g} s: engines {pending}, buffer log {buffer_log}")
+            raise TimeoutError(f"not ready within {timeout_s:g} s: engines {pending}, buffer log {buffer_log}")
         pending = [url for url in pending if not await asyncio.to_thread(probe_health, url, api_key)]
         await asyncio.sleep(0.2)
 

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +25,7 @@ from async_rl.metrics import MetricsSink
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
 from async_rl.weight_sync import broadcast_group, sync_weights
-from rollout_workers.client import EngineClient
+from rollout_workers.client import EngineClient, wait_until_healthy
 
 log = logging.getLogger("trainer")
 BATCH_WAIT_S = 30.0
@@ -140,7 +139,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
 
     run_dir = Path(config.run.output_dir)
     weights_dir = config.output_path(config.weight_sync.dir, "weights")
-    clients = [EngineClient(url) for url in engine_urls]
+    clients = [EngineClient(url, api_key=config.engine.api_key) for url in engine_urls]
     publisher = VersionPublisher(versions)
     sink = MetricsSink(run_dir)
     # One file per start: a resumed run's trace keeps the stretch before the restart.
@@ -151,6 +150,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     dropped_batches = 0
     try:
         async with contextlib.AsyncExitStack() as stack:
+            await wait_until_healthy(clients, config.engine.start_timeout_s)
             buffer = await stack.enter_async_context(BufferClient(serve))
             group = None
             if method == "distributed":
@@ -223,4 +223,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from async_rl.process_exit import exit_now
+
+    exit_now(main())

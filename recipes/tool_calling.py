@@ -24,7 +24,7 @@ import re
 from typing import Any
 
 from rollout_workers.client import EngineClient, GenerateResult
-from rollout_workers.generate import GenerationAborted, Sample
+from rollout_workers.generate import GenerationAborted, Sample, load_tokenizer
 
 THINK_TOKENS = 8
 _EXPRESSION = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)")
@@ -42,9 +42,7 @@ def calculate(text: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
 
 
 async def calculator(client: EngineClient, prompt_ids: list[int], sampling_params: dict[str, Any],

@@ -12,6 +12,7 @@ import array
 import asyncio
 import base64
 import math
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -619,6 +620,21 @@ class EngineClient:
         except EngineClientError:
             return False
         return True
+
+
+async def wait_until_healthy(clients: Sequence[EngineClient], timeout_s: float, poll_interval_s: float = 0.2) -> None:
+    """Until every engine answers /health. Components start beside their engines and wait here,
+    so their own start-up overlaps the engines'; EngineTimeoutError names the ones still silent."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(clients)
+    while True:
+        healthy = await asyncio.gather(*(client.is_healthy(timeout_s=2.0) for client in pending))
+        pending = [client for client, ok in zip(pending, healthy) if not ok]
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            raise EngineTimeoutError(f"/health of {', '.join(client.url for client in pending)}", timeout_s)
+        await asyncio.sleep(poll_interval_s)
 
 
 def _decode(body: bytes, type_: Any, endpoint: str) -> Any:

@@ -15,6 +15,7 @@ retraction) is continued from prompt + partial response with the remaining budge
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -41,6 +42,22 @@ class Sample(msgspec.Struct, kw_only=True):
 
 class GenerationAborted(RuntimeError):
     """The engine aborted a request (a weight update in abort mode); the group is retried."""
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The model folder's tokenizer for processes that need nothing else of transformers.
+
+    AutoTokenizer finds the tokenizer class through transformers' model registry, which imports
+    torch (~3 s of CPU at every worker start); a folder with tokenizer.json loads the same fast
+    tokenizer directly (tests/test_generate.py checks they encode, decode and template alike).
+    """
+    if (Path(folder) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:

@@ -22,7 +22,6 @@ import itertools
 import logging
 import math
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,8 +36,8 @@ from async_rl.transport import BufferClient, TrajectorySender, VersionSubscriber
 from recipes.rewards import Reward
 from recipes.tasks import TaskSample, task_samples
 from rollout_workers.april import AprilController, AprilPlan
-from rollout_workers.client import EngineClient, EngineClientError
-from rollout_workers.generate import GenerationAborted, encode_prompt, sample_params_of
+from rollout_workers.client import EngineClient, EngineClientError, wait_until_healthy
+from rollout_workers.generate import GenerationAborted, encode_prompt, load_tokenizer, sample_params_of
 from rollout_workers.group import MAX_BACKOFF_S, GroupRollout, drive, stop_group
 from rollout_workers.rollout_metrics import RolloutMetrics
 from staleness.admission import AdmissionController
@@ -50,8 +49,8 @@ log = logging.getLogger("rollout_worker")
 class EnginePool:
     """Least-loaded choice over the engines; ties go round-robin."""
 
-    def __init__(self, urls: list[str]):
-        self.clients = [EngineClient(url) for url in urls]
+    def __init__(self, urls: list[str], api_key: str | None = None):
+        self.clients = [EngineClient(url, api_key=api_key) for url in urls]
         self.load = [0] * len(urls)
         self._turn = itertools.count()
 
@@ -70,15 +69,13 @@ class EnginePool:
 class RolloutWorker:
     def __init__(self, config: RunConfig, model_dir: Path, engine_urls: list[str], start_version: int,
                  worker_index: int = 0):
-        from transformers import AutoTokenizer
-
         self.config = config
         self.index = worker_index
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer = load_tokenizer(model_dir)
         self.generate = import_function(config.rollout.generate)
         self.sample_params = sample_params_of(self.generate)
         self.reward = Reward.from_spec(config.rollout.reward, config.rollout.reward_timeout_s)
-        self.pool = EnginePool(engine_urls)
+        self.pool = EnginePool(engine_urls, config.engine.api_key)
         self.april = config.april.enabled
         if self.april and self.sample_params is None:
             raise ValueError(f"april.enabled needs a resumable generate function, not {config.rollout.generate}")
@@ -118,6 +115,7 @@ class RolloutWorker:
     async def run(self, submit: str, versions: str, serve: str | None = None) -> None:
         subscriber = VersionSubscriber(versions)
         try:
+            await wait_until_healthy(self.pool.clients, self.config.engine.start_timeout_s)
             async with contextlib.AsyncExitStack() as stack:
                 self.sender = await stack.enter_async_context(TrajectorySender(submit))
                 if self.april:
@@ -355,4 +353,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from async_rl.process_exit import exit_now
+
+    exit_now(main())

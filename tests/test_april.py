@@ -198,7 +198,9 @@ def test_april_run_recycles_the_tail_and_never_trains_beyond_eta(long_tail_runs)
     resumed = [t for _, batch in batches for t in batch if t.attempt > 1]
     assert last["rollout/tokens_recycled"] > 0
     assert resumed or last["rollout/partials_dropped_stale"] > 0
-    assert 0 < last["rollout/engine_busy_fraction"] <= 1
+    # Per-interval rates: the final line's interval may be idle (the trainer is done), so look at every line.
+    busy = [line["rollout/engine_busy_fraction"] for line in lines]
+    assert all(0 <= b <= 1 for b in busy) and max(busy) > 0, busy
     events = read_events(run_dir / "trace" / "worker0-v0.json")
     assert any(e.get("name") == "retract" for e in events)
     assert any(e.get("name") == "generate" for e in events)

@@ -49,6 +49,7 @@ def tiny_sweep(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sweep_writes_report_with_every_point(tiny_sweep):
     summary = tiny_sweep / "report" / "summary.md"
     rows = table_rows(summary)
@@ -66,6 +67,7 @@ def test_sweep_writes_report_with_every_point(tiny_sweep):
         assert config["run"]["output_dir"] == str(tiny_sweep / "points" / name)
 
 
+@pytest.mark.slow
 def test_second_invocation_runs_nothing_finished(tiny_sweep):
     layout = SweepLayout(tiny_sweep)
     before = {p.name: p.stat().st_mtime_ns for p in layout.points.iterdir()}
@@ -78,6 +80,7 @@ def test_second_invocation_runs_nothing_finished(tiny_sweep):
     assert all(status.attempts == 1 and status.state == "finished" for status in layout.all_statuses())
 
 
+@pytest.mark.slow
 def test_report_only_rerenders(tiny_sweep):
     (tiny_sweep / "report" / "summary.html").unlink()
     result = sweep("--report-only", str(tiny_sweep))

@@ -44,7 +44,8 @@ async def test_turns_and_the_tool_reply_form_one_masked_response(engine):
 
 
 def test_the_trainer_learns_only_from_sampled_tokens(tmp_path):
-    from async_rl.trainer import Trainer, TrainerConfig
+    from async_rl.trainer.config import TrainerConfig
+    from async_rl.trainer.trainer import Trainer
 
     trainer = Trainer(TrainerConfig(model_path=str(resolve_model_spec("tiny:llama")), ckpt_dir=str(tmp_path), device="cpu"))
     mask = [1, 1, 0, 0, 1]

@@ -1,11 +1,6 @@
 """Trainer backend (PyTorch, HF models, FSDP2 when launched with several ranks).
 
-Importing this package pulls in torch; keep it out of light processes.
+The package itself imports nothing: `async_rl.trainer.checkpoint` is read by light processes
+(the orchestrator finds the resume point) that must not pay for torch; import the trainer
+from `async_rl.trainer.trainer`.
 """
-
-from async_rl.trainer.batch import BatchError
-from async_rl.trainer.checkpoint import latest_checkpoint
-from async_rl.trainer.config import TrainerConfig
-from async_rl.trainer.trainer import StepResult, Trainer, token_logprobs
-
-__all__ = ["BatchError", "StepResult", "Trainer", "TrainerConfig", "latest_checkpoint", "token_logprobs"]

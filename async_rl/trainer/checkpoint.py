@@ -13,16 +13,16 @@ previous checkpoint as the one resumed from.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import Any
 
 LATEST = "latest"
 STATE_DIR = "trainer_state"
+META = "meta.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -39,9 +39,18 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(ckpt_dir) / pointer.read_text().strip()
-    if not (path / STATE_DIR / "meta.json").is_file():
+    if not (path / STATE_DIR / META).is_file():
         raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
     return path
+
+
+def read_meta(step_folder: Path) -> dict[str, Any]:
+    """A checkpoint's version, rank count and seed (no torch needed: the orchestrator reads it)."""
+    return json.loads((step_folder / STATE_DIR / META).read_text())
+
+
+def write_meta(staging: Path, meta: dict[str, Any]) -> None:
+    (staging / STATE_DIR / META).write_text(json.dumps(meta))
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -68,6 +77,9 @@ def copy_tokenizer_files(source: str | Path, target: Path) -> None:
 
 def capture_rng() -> dict:
     """Every RNG a step might draw from, in types torch.load(weights_only=True) accepts."""
+    import numpy as np
+    import torch
+
     algorithm, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {
@@ -80,6 +92,9 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state: dict) -> None:
+    import numpy as np
+    import torch
+
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     algorithm, keys, pos, has_gauss, cached = state["numpy"]

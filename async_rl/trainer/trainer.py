@@ -11,7 +11,6 @@ synchronous reference for it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -341,8 +340,7 @@ class Trainer:
         torch.save(checkpoint.capture_rng(), tmp / checkpoint.STATE_DIR / f"rng_rank{self.rank}.pt")
         self._barrier()
         if self.rank == 0:
-            meta = {"version": self.version, "world_size": self.world_size, "seed": self.config.seed}
-            (tmp / checkpoint.STATE_DIR / "meta.json").write_text(json.dumps(meta))
+            checkpoint.write_meta(tmp, {"version": self.version, "world_size": self.world_size, "seed": self.config.seed})
             checkpoint.publish(tmp, final)
             checkpoint.prune(self.config.ckpt_dir, self.config.keep_checkpoints)
         self._barrier()
@@ -359,7 +357,7 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"no checkpoint under {config.ckpt_dir!r}")
         state_dir = path / checkpoint.STATE_DIR
-        meta = json.loads((state_dir / "meta.json").read_text())
+        meta = checkpoint.read_meta(path)
         trainer = cls(config, weights_from=path)
         optimizer_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
         set_optimizer_state_dict(trainer.model, trainer.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))

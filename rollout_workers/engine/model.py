@@ -6,10 +6,13 @@ tokenizer.json) so the trainer, the engine and real SGLang all read the same fil
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import string
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,13 +164,30 @@ def save_smollm2(path: str | os.PathLike) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized to float32; dropping the GGUF marks makes them an ordinary checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return _save_folder(Path(path), model, tokenizer)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses the GGUF file three times (config, tokenizer, weights) and rebuilds the gguf
+    package's tensor-name table for each of its ~400 modules: most of a conversion's time. Both are
+    pure functions of their arguments, memoized here for the length of one conversion."""
+    import gguf
+
+    originals = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(gguf.GGUFReader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = originals
 
 
 def _save_folder(path: Path, model, tokenizer) -> Path:
@@ -186,6 +206,18 @@ def _save_folder(path: Path, model, tokenizer) -> Path:
     return path
 
 
+def _cached(target: Path, build) -> Path:
+    """The cached folder, built once; a lock makes processes that start together (the engines and the
+    trainer of one run, two runs, parallel tests) wait for one build instead of replacing each other's."""
+    from filelock import FileLock
+
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        return target if (target / "config.json").exists() else build(target)
+
+
 def model_cache_dir() -> Path:
     return Path(os.environ.get("ASYNC_RL_MODEL_CACHE", Path(tempfile.gettempdir()) / "async-rl-models"))
 
@@ -194,11 +226,11 @@ def resolve_model_spec(spec: str) -> Path:
     """`tiny:llama`, `tiny:qwen2` and `smollm2` are built once into the model cache; anything else is a folder."""
     if spec.startswith("tiny:"):
         family = spec.removeprefix("tiny:")
-        target = model_cache_dir() / f"tiny-{family}"
-        return target if (target / "config.json").exists() else create_tiny_model(target, family)
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
+        return _cached(model_cache_dir() / f"tiny-{family}", lambda target: create_tiny_model(target, family))
     if spec == "smollm2":
-        target = model_cache_dir() / "smollm2-135m-instruct"
-        return target if (target / "config.json").exists() else save_smollm2(target)
+        return _cached(model_cache_dir() / "smollm2-135m-instruct", save_smollm2)
     folder = Path(spec)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
