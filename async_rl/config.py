@@ -77,7 +77,8 @@ class EngineSection(_Section):
     extra_args: appended verbatim to each engine's command line.
     api_key: engines require `Authorization: Bearer KEY`; None = open (loopback only).
     max_running_requests: per-engine concurrency cap (SGLang's flag of the same name).
-    device: embedded engines' device; None = model.device.
+    device: the engines' device; None = model.device. For SGLang a cuda:N becomes --base-gpu-id N
+    (None: SGLang's own default, GPU 0).
     start_timeout_s: how long an engine may take to answer /health after it starts (SGLang
     compiles kernels on its first start); every component that needs the engines waits this long.
     """
@@ -291,6 +292,10 @@ class RunConfig(_Section):
     run: RunSection = msgspec.field(default_factory=RunSection)
 
     def __post_init__(self) -> None:
+        if self.weight_sync.method == "tensor" and self.engine.kind == "sglang":
+            raise ValueError("weight_sync.method = \"tensor\" cannot drive SGLang engines: SGLang decodes tensor updates "
+                             "with its pickle-based MultiprocessingSerializer (any other payload ends the server), and "
+                             "this project never pickles; use \"disk\" or \"distributed\"")
         if self.run.sync and self.staleness.eta != 0:
             raise ValueError(f"run.sync = true trains strictly on-policy: set staleness.eta = 0 (got {self.staleness.eta})")
 

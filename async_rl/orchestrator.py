@@ -55,9 +55,29 @@ def check_supported(config: RunConfig) -> None:
     for spec in (config.rollout.generate, config.rollout.reward, config.task.generator):
         if spec is not None:
             import_function(spec)
+    _check_broadcast_devices(config)
     if config.april.enabled and getattr(import_function(config.rollout.generate), "sample_params", None) is None:
         raise ConfigError(f"april.enabled needs a resumable rollout.generate (one with a sample_params plan, e.g. "
                           f"rollout_workers.generate:single_turn), not {config.rollout.generate}")
+
+
+def _check_broadcast_devices(config: RunConfig) -> None:
+    """NCCL connects one process per GPU: a broadcast group with two ranks on one GPU fails at set-up."""
+    if config.weight_sync.method != "distributed":
+        return
+    trainer = _device(config.trainer.device or config.model.device)
+    if not trainer.startswith("cuda"):
+        return  # gloo: any placement
+    default = "cuda:0" if config.engine.kind == "sglang" else config.model.device
+    engine = _device(config.engine.device or default)
+    gpu = lambda device: device if ":" in device else f"{device}:0"  # noqa: E731
+    if config.engine.count > 1 and engine.startswith("cuda"):
+        raise ConfigError(f"weight_sync.method = \"distributed\" over NCCL needs every engine on its own GPU, but all "
+                          f"{config.engine.count} engines use {engine}: set engine.count = 1 or use disk sync")
+    if engine.startswith("cuda") and gpu(engine) == gpu(trainer):
+        raise ConfigError(f"weight_sync.method = \"distributed\" over NCCL needs the trainer and the engines on "
+                          f"different GPUs, both are on {gpu(trainer)}: set trainer.device / engine.device "
+                          f"(e.g. cuda:1 and cuda:0) or use disk sync")
 
 
 def _device(configured: str) -> str:
@@ -82,7 +102,7 @@ async def run(config: RunConfig) -> int:
     from async_rl.metrics import ProgressDisplay
     from async_rl.supervisor import ProcessSpec, RunEnded, Supervisor
     from rollout_workers.engine.model import resolve_model_spec
-    from rollout_workers.launcher import EngineSpec, engine_command, free_port
+    from rollout_workers.launcher import EngineSpec, engine_command, engine_env, free_port
 
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,9 +122,10 @@ async def run(config: RunConfig) -> int:
     for i in range(config.engine.count):
         port = free_port(host)
         spec = EngineSpec(kind=config.engine.kind, model=str(engine_weights), api_key=config.engine.api_key, host=host,
-                          device=device if config.engine.kind == "embedded" else None,
+                          device=device if config.engine.kind == "embedded" else config.engine.device,
                           extra_args=_engine_args(config, start_version, seed=config.trainer.seed + i))
-        engine_specs.append(ProcessSpec(name=f"engine{i}", argv=engine_command(spec, port, python), env=env))
+        engine_specs.append(ProcessSpec(name=f"engine{i}", argv=engine_command(spec, port, python),
+                                        env={**env, **engine_env(spec)}))
         engine_urls.append(f"http://{host}:{port}")
     submit, serve, versions = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engines = ",".join(engine_urls)
@@ -133,7 +154,7 @@ async def run(config: RunConfig) -> int:
                     python, "-m", "rollout_workers.worker", *common, "--submit", submit, "--versions", versions,
                     "--serve", serve,
                     "--start-version", str(start_version), "--worker-index", str(w)]))
-            await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, run_dir / "logs" / "buffer.log",
+            await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, run_dir / "logs",
                                                config.engine.start_timeout_s))
             with ProgressDisplay(config.trainer.total_steps) as display:
                 follower = MetricsFollower(run_dir / "metrics.jsonl", display)
@@ -196,16 +217,25 @@ def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
     return args + list(config.engine.extra_args)
 
 
-async def _wait_ready(engine_urls: list[str], api_key: str | None, buffer_log: Path, timeout_s: float) -> None:
-    """A start-up that stalls fails the run with what did not come up (a child that dies fails it at once)."""
+async def _wait_ready(engine_urls: list[str], api_key: str | None, log_dir: Path, timeout_s: float) -> None:
+    """A start-up that stalls fails the run with the log tail of what did not come up (a child that
+    dies fails it at once, through the supervisor)."""
+    from async_rl.supervisor import log_tail
     from rollout_workers.launcher import probe_health
 
     deadline = time.monotonic() + timeout_s
-    pending = list(engine_urls)
+    pending = dict(enumerate(engine_urls))
+    buffer_log = log_dir / "buffer.log"
     while pending or b"buffer ready" not in _read(buffer_log):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready within {timeout_s:g} s: engines {pending}, buffer log {buffer_log}")
-        pending = [url for url in pending if not await asyncio.to_thread(probe_health, url, api_key)]
+            silent = [(f"engine{i}", log_dir / f"engine{i}.log") for i in pending]
+            if b"buffer ready" not in _read(buffer_log):
+                silent.append(("buffer", buffer_log))
+            tails = "".join(f"\n--- {name} ({path}):\n" + "\n".join(log_tail(path)) for name, path in silent)
+            raise TimeoutError(f"not ready within {timeout_s:g} s (engine.start_timeout_s): "
+                               f"{', '.join(name for name, _ in silent)}{tails}")
+        healthy = await asyncio.gather(*(asyncio.to_thread(probe_health, url, api_key) for url in pending.values()))
+        pending = {i: url for (i, url), ok in zip(pending.items(), healthy) if not ok}
         await asyncio.sleep(0.2)
 
 

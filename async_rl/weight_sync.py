@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from async_rl.trace import Tracer
-from rollout_workers.client import EngineClient
+from rollout_workers.client import EngineClient, EngineError
 
 if TYPE_CHECKING:
     from async_rl.dist_group import WeightUpdateGroup
@@ -84,14 +84,15 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
                        group: WeightUpdateGroup | None = None, tracer: Tracer | None = None) -> SyncResult:
     """Pause (pause_mode) -> update -> continue on every engine at once.
 
-    `group` is the open broadcast_group, required by method distributed. With in_place the paused
-    requests keep KV computed by the old weights, so the update must not flush the cache: SGLang
-    asserts a flush succeeds after an update, and it cannot while requests sit in the batch.
+    `group` is the open broadcast_group, required by method distributed. Updates never ask the engine
+    to flush its cache: SGLang asserts that a flush after an update succeeds, and with requests paused
+    (retract, in_place) it cannot, so the server exits. Retracted and in-place requests therefore go
+    on from KV computed by the old weights (what those modes mean); in abort mode nothing is left
+    running, and the cache is flushed by a separate /flush_cache, which at worst answers 400.
     """
     tracer = tracer or Tracer(None)
     started_wall, started = time.time(), time.perf_counter()
     version = trainer.version
-    flush = pause_mode != "in_place"
     path = ""
     send = None
     if method == "disk":
@@ -99,11 +100,11 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
             folder = await asyncio.to_thread(trainer.save_weights_for_engine, weights_dir / f"v{version}")
         path = str(folder)
         update = lambda client: client.update_weights_from_disk(  # noqa: E731
-            path, flush_cache=flush, weight_version=str(version))
+            path, flush_cache=False, weight_version=str(version))
     elif method == "tensor":
         tensors = dict(trainer.named_tensors())
         update = lambda client: client.update_weights_from_tensor(  # noqa: E731
-            tensors, flush_cache=flush, weight_version=str(version))
+            tensors, flush_cache=False, weight_version=str(version))
     elif method == "distributed":
         if group is None:
             raise ValueError("weight_sync.method=distributed needs the open broadcast_group")
@@ -111,7 +112,7 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
         names = list(tensors)
         dtypes, shapes = [tensors[n].dtype for n in names], [list(tensors[n].shape) for n in names]
         update = lambda client: client.update_weights_from_distributed(  # noqa: E731
-            names, dtypes, shapes, group_name=GROUP_NAME, flush_cache=flush, weight_version=str(version))
+            names, dtypes, shapes, group_name=GROUP_NAME, flush_cache=False, weight_version=str(version))
         send = lambda: _broadcast_all(group, [tensors[n] for n in names])  # noqa: E731
     else:
         raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
@@ -121,10 +122,12 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
     async def one(index: int, client: EngineClient) -> None:
         track, seconds = f"{SYNC_TRACK} engine-{index}", phases[index]
         with _phase(tracer, "pause", track, seconds, mode=pause_mode, version=version):
-            await client.pause_generation(pause_mode)
+            await client.pause(pause_mode)
         try:
             with _phase(tracer, "update", track, seconds, method=method, version=version):
                 await update(client)
+                if pause_mode == "abort":
+                    await _flush_prefix_cache(client)
         finally:
             with _phase(tracer, "continue", track, seconds, version=version):
                 await client.continue_generation()
@@ -142,6 +145,15 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
     slowest = {name: max((p[name] for p in phases), default=0.0) for name in PHASES}
     return SyncResult(seconds=elapsed, path=path, pause_s=slowest["pause"], update_s=slowest["update"],
                       continue_s=slowest["continue"])
+
+
+async def _flush_prefix_cache(client: EngineClient) -> None:
+    """Resumed partials must not reuse prefix KV of the old weights; a refused flush (a request
+    slipped in) only costs that reuse, so it is logged, not raised."""
+    try:
+        await client.flush_cache()
+    except EngineError as exc:
+        log.warning("%s kept its prefix cache after the update: %s", client.url, exc.message)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@ Both runs are real `async-rl run` jobs (engines, buffer, worker, trainer as proc
 response lengths are forced from a heavy-tailed log-normal (recipes/long_tail.py), which
 is what leaves a synchronous loop idle: every step waits for its longest response, and
 the engines wait for the trainer. Throughput is measured between the first and the last
-logged step, so start-up is not counted.
+logged step, so start-up is not counted. One synchronous baseline, then one asynchronous run
+per weight-sync pause mode (--pause-modes); each line also gives the mean pause of a sync.
 
     .venv/bin/python benchmarks/e2e_async_vs_sync.py [--steps 20] [--max-new-tokens 64] [--eta 2]
     .venv/bin/python benchmarks/e2e_async_vs_sync.py --set model.device=cuda --set model.spec=qwen2-folder
@@ -30,12 +31,19 @@ def trained_samples_per_s(metrics_path: Path, skip_steps: int) -> float:
     return samples / (window[-1]["time"] - window[0]["time"])
 
 
-def run(recipe: str, output: Path, overrides: list[str], sync: bool) -> float:
+def mean_pause_s(metrics_path: Path) -> float:
+    pauses = [r["weight_sync/pause_s"] for r in read_metrics(metrics_path) if "weight_sync/pause_s" in r]
+    return sum(pauses) / max(len(pauses), 1)
+
+
+def run(recipe: str, output: Path, overrides: list[str], sync: bool) -> tuple[float, float]:
+    """(trained samples/s, mean pause seconds of a weight sync)."""
     command = run_argv(recipe, output, overrides, sync=sync)
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
-    return trained_samples_per_s(output / "metrics.jsonl", skip_steps=2)
+    metrics = output / "metrics.jsonl"
+    return trained_samples_per_s(metrics, skip_steps=2), mean_pause_s(metrics)
 
 
 def main() -> None:
@@ -44,19 +52,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eta", type=int, default=2)
+    parser.add_argument("--pause-modes", default="retract", help="comma list: one asynchronous run per weight-sync pause mode")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders (traces, logs) here")
     args = parser.parse_args()
     common = [
         "rollout.generate='recipes.long_tail:lognormal_lengths'", f"rollout.max_new_tokens={args.max_new_tokens}",
         f"trainer.total_steps={args.steps}", *args.overrides,
     ]
     with tempfile.TemporaryDirectory(prefix="e2e-bench-") as scratch:
-        async_rate = run(args.recipe, Path(scratch) / "async", [*common, f"staleness.eta={args.eta}"], sync=False)
-        sync_rate = run(args.recipe, Path(scratch) / "sync", [*common, "staleness.eta=0"], sync=True)
-    print(f"async (eta={args.eta}): {async_rate:8.1f} trained samples/s")
-    print(f"sync:          {sync_rate:8.1f} trained samples/s")
-    print(f"RESULT e2e_async_vs_sync recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
-          f"eta={args.eta} async_samples_s={async_rate:.1f} sync_samples_s={sync_rate:.1f} ratio={async_rate / sync_rate:.2f}")
+        root = args.keep or Path(scratch)
+        sync_rate, sync_pause = run(args.recipe, root / "sync", [*common, "staleness.eta=0"], sync=True)
+        print(f"sync:                     {sync_rate:8.1f} trained samples/s   mean sync pause {sync_pause:.3f} s")
+        for mode in args.pause_modes.split(","):
+            rate, pause = run(args.recipe, root / f"async-{mode}",
+                              [*common, f"staleness.eta={args.eta}", f"weight_sync.pause_mode={mode}"], sync=False)
+            print(f"async (eta={args.eta}, {mode:>8}): {rate:8.1f} trained samples/s   mean sync pause {pause:.3f} s")
+            print(f"RESULT e2e_async_vs_sync recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
+                  f"eta={args.eta} pause_mode={mode} async_samples_s={rate:.1f} sync_samples_s={sync_rate:.1f} "
+                  f"ratio={rate / sync_rate:.2f} async_pause_s={pause:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Engine throughput: N concurrent requests through the engine vs the same prompts one at a time with HF.
+"""Engine throughput: N concurrent requests through each engine, side by side in one run.
 
-The engine runs as a real server subprocess driven by the real client; the
-baseline is `model.generate` in this process on the same weights, greedy, same
-prompt and output lengths. The ratio is the point of continuous batching.
+Sides (--sides): `embedded` (this project's engine) and `sglang` (a real SGLang server) run as
+server subprocesses driven by the real client, one after the other; `hf` is `model.generate` in this
+process, one prompt at a time. Same weights, greedy, same prompt and output lengths. Every ratio is
+the first side over another. Each engine side also times a pause in abort mode with every request
+in flight: SGLang's own pause_generation(abort) against EngineClient.pause("abort").
 
-    .venv/bin/python benchmarks/engine_throughput.py                       # CPU, tiny model
-    .venv/bin/python benchmarks/engine_throughput.py --device cuda --model qwen2-0.5b
+    .venv/bin/python benchmarks/engine_throughput.py                       # CPU, tiny model, embedded vs hf
+    .venv/bin/python benchmarks/engine_throughput.py --device cuda --model qwen2-0.5b --sides embedded,sglang \
+        --concurrency 128 --max-new-tokens 128 --prompt-len 64 --sglang-args "--attention-backend triton ..."
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shlex
 import time
 from pathlib import Path
 
@@ -39,9 +43,25 @@ def make_prompts(count: int, length: int, vocab_size: int, special_ids: set[int]
     return [[rng.choice(ordinary) for _ in range(length)] for _ in range(count)]
 
 
+async def pause_latency(client, prompts: list[list[int]], how: str) -> float:
+    """Seconds one pause in abort mode takes with every prompt generating (then continue)."""
+    from rollout_workers.client import SamplingParams
+
+    params = SamplingParams(max_new_tokens=1024, temperature=1.0, ignore_eos=True)
+    async with asyncio.TaskGroup() as group:
+        for prompt in prompts:
+            group.create_task(client.generate(prompt, sampling_params=params, return_logprob=False))
+        await asyncio.sleep(0.5)  # a benchmark: let every request reach the batch
+        started = time.perf_counter()
+        await (client.pause_generation("abort") if how == "pause_generation" else client.pause("abort"))
+        elapsed = time.perf_counter() - started
+    await client.continue_generation()
+    return elapsed
+
+
 async def engine_run(
     url: str, prompts: list[list[int]], max_new_tokens: int, repeats: int
-) -> tuple[float, list[list[int]]]:
+) -> tuple[float, list[list[int]], dict[str, float]]:
     from rollout_workers.client import EngineClient, SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
@@ -58,7 +78,8 @@ async def engine_run(
             elapsed = time.perf_counter() - started
             outputs = [task.result().output_ids for task in tasks]
             best = max(best, sum(map(len, outputs)) / elapsed)
-    return best, outputs
+        pauses = {how: await pause_latency(client, prompts, how) for how in ("pause_generation", "client.pause")}
+    return best, outputs, pauses
 
 
 def hf_sequential_run(
@@ -101,15 +122,19 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="tiny", help=MODEL_CHOICES)
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
+    parser.add_argument("--sides", default="embedded,hf", help="comma list of embedded, sglang, hf; ratios are "
+                        "the first over each other")
+    parser.add_argument("--sglang-args", default="", help="extra flags for the SGLang server, one string")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for both sides; default 1 on CPU (steady on a shared machine), "
+                        help="torch CPU threads for every side; default 1 on CPU (steady on a shared machine), "
                         "torch's default on CUDA")
     parser.add_argument("--repeats", type=int, default=1, help="report the best of this many timed runs per side")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     args = parser.parse_args()
+    sides = args.sides.split(",")
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     engine_env = {}
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
@@ -129,29 +154,43 @@ def main() -> int:
     specials = set(tokenizer.all_special_ids) | set(range(len(tokenizer), vocab_size))
     prompts = make_prompts(args.concurrency, args.prompt_len, vocab_size, specials)
 
-    spec = EngineSpec(model=str(folder), device=args.device, extra_args=["--dtype", dtype])
-    engine = EngineProcess(spec, env=engine_env)
-    engine.start()
-    try:
-        engine.wait_healthy(args.startup_timeout)
-        engine_tok_s, engine_outputs = asyncio.run(engine_run(engine.url, prompts, args.max_new_tokens, args.repeats))
-    finally:
-        engine.stop()  # before the baseline, so the two never share the machine
-    hf_tok_s, hf_outputs = hf_sequential_run(folder, prompts, args.max_new_tokens, args.device, dtype, args.repeats)
+    rates, outputs, pauses = {}, {}, {}
+    for side in sides:
+        if side == "hf":
+            rates[side], outputs[side] = hf_sequential_run(folder, prompts, args.max_new_tokens, args.device, dtype,
+                                                           args.repeats)
+            continue
+        if side == "embedded":
+            spec = EngineSpec(model=str(folder), device=args.device, extra_args=["--dtype", dtype])
+        else:
+            spec = EngineSpec(kind="sglang", model=str(folder),
+                              extra_args=["--dtype", dtype, "--weight-version", "0", *shlex.split(args.sglang_args)])
+        engine = EngineProcess(spec, env=engine_env)
+        engine.start()
+        try:  # stopped before the next side starts, so two sides never share the machine
+            engine.wait_healthy(args.startup_timeout)
+            rates[side], outputs[side], pauses[side] = asyncio.run(
+                engine_run(engine.url, prompts, args.max_new_tokens, args.repeats))
+        finally:
+            engine.stop()
 
-    # Sanity, not speed: the same greedy tokens (batched numerics may rarely flip a near-tie).
-    agreement = sum(e == h for e, h in zip(engine_outputs, hf_outputs)) / len(prompts)
-    ratio = engine_tok_s / hf_tok_s
+    first = sides[0]
     model_name = args.model if args.model in ("tiny", "tiny:qwen2", "qwen2-0.5b") else Path(args.model).name
-    print(f"engine (continuous batching, {args.concurrency} concurrent): {engine_tok_s:10.1f} tok/s")
-    print(f"HF model.generate, one prompt at a time:            {hf_tok_s:10.1f} tok/s")
-    print(f"greedy outputs identical for {agreement:.0%} of prompts")
-    print(
-        f"RESULT engine_throughput device={args.device} model={model_name} dtype={dtype} "
-        f"threads={threads or 'default'} concurrency={args.concurrency} prompt_len={args.prompt_len} max_new_tokens={args.max_new_tokens} "
-        f"engine_tok_s={engine_tok_s:.1f} hf_sequential_tok_s={hf_tok_s:.1f} ratio={ratio:.2f} "
-        f"greedy_agreement={agreement:.2f}"
-    )
+    for side in sides:
+        print(f"{side:>9}: {rates[side]:10.1f} tok/s" + (f"   pause(abort): SGLang's {pauses[side]['pause_generation']:.3f} s, "
+                                                          f"EngineClient.pause {pauses[side]['client.pause']:.3f} s"
+                                                          if side in pauses else ""))
+    result = [f"RESULT engine_throughput device={args.device} model={model_name} dtype={dtype} "
+              f"threads={threads or 'default'} concurrency={args.concurrency} prompt_len={args.prompt_len} "
+              f"max_new_tokens={args.max_new_tokens}"]
+    result += [f"{side}_tok_s={rates[side]:.1f}" for side in sides]
+    for other in sides[1:]:
+        # Sanity, not speed: the same greedy tokens (batched numerics may flip a near-tie, more so in bf16).
+        agreement = sum(a == b for a, b in zip(outputs[first], outputs[other])) / len(prompts)
+        result += [f"ratio_{first}_over_{other}={rates[first] / rates[other]:.2f}", f"greedy_agreement_{other}={agreement:.2f}"]
+    result += [f"{side}_pause_abort_s={p['pause_generation']:.3f} {side}_client_pause_abort_s={p['client.pause']:.3f}"
+               for side, p in pauses.items()]
+    print(" ".join(result))
     return 0
 
 

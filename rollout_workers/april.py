@@ -223,7 +223,7 @@ class AprilController:
     async def _stop_on_engine(self, client, rids: list[str]) -> None:
         """Failures are logged, not raised: a dead engine returns its requests as errors anyway."""
         try:
-            await client.pause_generation(self.pause_mode)
+            await client.pause(self.pause_mode)
             try:
                 if self.pause_mode != "abort":
                     await asyncio.gather(*(client.abort_request(rid) for rid in rids))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -174,22 +175,41 @@ class _WeightVersionReply(msgspec.Struct, kw_only=True):
     weight_version: str | int | None
 
 
-def _result_from_wire(wire: _WireGenerate) -> GenerateResult:
+def _as_version_number(version: str | int | None) -> int | None:
+    try:
+        return None if version is None else int(version)
+    except ValueError:
+        return None
+
+
+def _token_versions(meta: _WireMetaInfo, count: int, floor: int | None) -> list[str]:
+    """Each output token's policy version, never newer than the weights that produced it.
+
+    An engine that tags tokens (the embedded engine's `output_token_weight_versions`) is exact.
+    SGLang reports one `weight_version`: the engine's version when the response was sent, an upper
+    bound. `floor` is a lower bound: a version the engine had already reached before the request
+    was sent. Equal bounds are exact; otherwise an update happened while the request ran, and which
+    tokens came before it is unknown, so every token gets the oldest possible version, the floor.
+    """
+    if meta.output_token_weight_versions is not None:
+        return [str(v) for v in meta.output_token_weight_versions]
+    final = "" if meta.weight_version is None else str(meta.weight_version)
+    upper = _as_version_number(meta.weight_version)
+    if floor is None or upper is None:
+        return [final] * count
+    return [str(min(floor, upper))] * count
+
+
+def _result_from_wire(wire: _WireGenerate, floor: int | None) -> GenerateResult:
     meta = wire.meta_info
     logprob_triples = meta.output_token_logprobs or []
-    version = "" if meta.weight_version is None else str(meta.weight_version)
-    if meta.output_token_weight_versions is None:
-        # Real SGLang does not tag tokens: every token came from the response's version.
-        token_versions = [version] * len(wire.output_ids)
-    else:
-        token_versions = [str(v) for v in meta.output_token_weight_versions]
     return GenerateResult(
         rid=meta.id,
         text=wire.text,
         output_ids=list(wire.output_ids),
         output_logprobs=[math.nan if lp is None else lp for lp, _, _ in logprob_triples],
-        output_token_weight_versions=token_versions,
-        weight_version=version,
+        output_token_weight_versions=_token_versions(meta, len(wire.output_ids), floor),
+        weight_version="" if meta.weight_version is None else str(meta.weight_version),
         finish_reason=meta.finish_reason,
         prompt_tokens=meta.prompt_tokens,
         completion_tokens=meta.completion_tokens,
@@ -274,6 +294,11 @@ class EngineClient:
     `read_timeout_s` for GET reads. Only the reads (info, health) are retried, with
     exponential backoff, on connection errors, timeouts and 502/503/504: they are
     idempotent, whereas a repeated generate or weight update is not.
+
+    The client keeps a lower bound on the engine's weight version, learnt from every answer that
+    carries one, from its own successful updates and from `note_version` (the trainer's notices);
+    it makes per-token versions exact or older, never newer, on engines that report one version
+    per response (SGLang).
     """
 
     def __init__(
@@ -297,6 +322,8 @@ class EngineClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        # The newest weight version the engine is known to have reached (see _token_versions).
+        self._version_floor: int | None = None
 
     async def __aenter__(self) -> EngineClient:
         self._ensure_session()
@@ -366,6 +393,25 @@ class EngineClient:
             raise EngineError(200, reply.message, endpoint)
         return reply.message
 
+    # ------------------------------------------------------------- versions
+    def note_version(self, version: str | int | None) -> None:
+        """The engine is known to serve `version` or newer (versions only grow)."""
+        number = _as_version_number(version)
+        if number is not None and (self._version_floor is None or number > self._version_floor):
+            self._version_floor = number
+
+    async def _floor_before_request(self) -> int | None:
+        """The lower bound a request's tokens get; read from the engine once if nothing is known yet."""
+        if self._version_floor is None:
+            with contextlib.suppress(EngineClientError):  # the generate that follows reports the failure
+                await self.get_weight_version()
+        return self._version_floor
+
+    def _result(self, wire: _WireGenerate, floor: int | None) -> GenerateResult:
+        result = _result_from_wire(wire, floor)
+        self.note_version(result.weight_version)
+        return result
+
     # -------------------------------------------------------------- generate
     @staticmethod
     def _generate_payload(
@@ -408,8 +454,9 @@ class EngineClient:
         it returns its partial output with `finish_reason.type == "abort"`.
         """
         payload = self._generate_payload(input_ids, text, sampling_params, return_logprob, rid, False, extra)
+        floor = await self._floor_before_request()
         body = await self._post("/generate", payload, timeout_s)
-        return _result_from_wire(_decode(body, _WireGenerate, "/generate"))
+        return self._result(_decode(body, _WireGenerate, "/generate"), floor)
 
     async def generate_batch(
         self,
@@ -424,9 +471,10 @@ class EngineClient:
     ) -> list[GenerateResult]:
         """Many prompts in one request; results in input order (n per prompt when n > 1)."""
         payload = self._generate_payload(input_ids, text, sampling_params, return_logprob, rid, False, extra)
+        floor = await self._floor_before_request()
         body = await self._post("/generate", payload, timeout_s)
         wire = _decode(body, list[_WireGenerate] | _WireGenerate, "/generate")
-        return [_result_from_wire(item) for item in (wire if isinstance(wire, list) else [wire])]
+        return [self._result(item, floor) for item in (wire if isinstance(wire, list) else [wire])]
 
     async def generate_stream(
         self,
@@ -443,6 +491,7 @@ class EngineClient:
         see `_StreamAccumulator`); the last one carries the finish reason.
         One prompt with n == 1; `timeout_s` bounds the whole stream."""
         payload = self._generate_payload(input_ids, text, sampling_params, return_logprob, rid, True, extra)
+        floor = await self._floor_before_request()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         session = self._ensure_session()
         accumulator = _StreamAccumulator()
@@ -462,7 +511,7 @@ class EngineClient:
                     data = line[len(b"data:"):].strip()
                     if data == b"[DONE]":
                         return
-                    yield accumulator.add(_result_from_wire(_decode_stream_chunk(data)))
+                    yield accumulator.add(self._result(_decode_stream_chunk(data), floor))
         except TimeoutError as exc:
             raise EngineTimeoutError("/generate", timeout) from exc
         except aiohttp.ClientError as exc:
@@ -471,6 +520,20 @@ class EngineClient:
     # ---------------------------------------------------------- scheduling
     async def pause_generation(self, mode: PauseMode = "abort", *, timeout_s: float | None = None) -> None:
         await self._post("/pause_generation", {"mode": mode}, timeout_s)
+
+    async def pause(self, mode: PauseMode, *, timeout_s: float | None = None) -> None:
+        """Stop generation for a weight update or a retraction, in SGLang's pause modes.
+
+        Abort is sent as pause(retract) + abort_request(abort_all): the same outcome (every running
+        and waiting request returns its partial output, new ones wait for continue), but SGLang's own
+        abort-mode pause polls for in-flight requests with a one-second sleep, which every weight sync
+        of an asynchronous run would pay.
+        """
+        if mode == "abort":
+            await self.pause_generation("retract", timeout_s=timeout_s)
+            await self.abort_request(abort_all=True, timeout_s=timeout_s)
+        else:
+            await self.pause_generation(mode, timeout_s=timeout_s)
 
     async def continue_generation(self, *, timeout_s: float | None = None) -> None:
         await self._post("/continue_generation", {}, timeout_s)
@@ -489,6 +552,14 @@ class EngineClient:
         await self._post("/flush_cache", None, timeout_s)
 
     # ------------------------------------------------------------- weights
+    async def _update(self, endpoint: str, payload: dict[str, Any], weight_version: str | int | None,
+                      timeout_s: float | None) -> str:
+        if weight_version is not None:
+            payload["weight_version"] = str(weight_version)
+        message = await self._post_expect_success(endpoint, payload, timeout_s)
+        self.note_version(weight_version)
+        return message
+
     async def update_weights_from_disk(
         self,
         model_path: str,
@@ -504,9 +575,7 @@ class EngineClient:
                                    "flush_cache": flush_cache}
         if load_format is not None:
             payload["load_format"] = load_format
-        if weight_version is not None:
-            payload["weight_version"] = str(weight_version)
-        return await self._post_expect_success("/update_weights_from_disk", payload, timeout_s)
+        return await self._update("/update_weights_from_disk", payload, weight_version, timeout_s)
 
     async def update_weights_from_tensor(
         self,
@@ -523,9 +592,7 @@ class EngineClient:
             "load_format": "safetensors",
             "flush_cache": flush_cache,
         }
-        if weight_version is not None:
-            payload["weight_version"] = str(weight_version)
-        return await self._post_expect_success("/update_weights_from_tensor", payload, timeout_s)
+        return await self._update("/update_weights_from_tensor", payload, weight_version, timeout_s)
 
     async def init_weights_update_group(
         self,
@@ -571,9 +638,7 @@ class EngineClient:
             "group_name": group_name,
             "flush_cache": flush_cache,
         }
-        if weight_version is not None:
-            payload["weight_version"] = str(weight_version)
-        return await self._post_expect_success("/update_weights_from_distributed", payload, timeout_s)
+        return await self._update("/update_weights_from_distributed", payload, weight_version, timeout_s)
 
     async def destroy_weights_update_group(
         self, group_name: str = "weight_update_group", *, timeout_s: float | None = None
@@ -594,15 +659,34 @@ class EngineClient:
         await self._post("/resume_memory_occupation", {} if tags is None else {"tags": list(tags)}, timeout_s)
 
     # --------------------------------------------------------------- reads
+    async def _read_first(self, endpoints: tuple[str, ...], timeout_s: float | None) -> tuple[bytes, str]:
+        """The first of `endpoints` the server has (404 moves on): SGLang renames endpoints across releases."""
+        for endpoint in endpoints[:-1]:
+            try:
+                return await self._read(endpoint, timeout_s), endpoint
+            except EngineError as exc:
+                if exc.status != 404:
+                    raise
+        return await self._read(endpoints[-1], timeout_s), endpoints[-1]
+
     async def get_model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
-        return _decode(await self._read("/get_model_info", timeout_s), ModelInfo, "/get_model_info")
+        body, endpoint = await self._read_first(("/model_info", "/get_model_info"), timeout_s)
+        info = _decode(body, ModelInfo, endpoint)
+        self.note_version(info.weight_version)
+        return info
 
     async def get_server_info(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         """Server args and state; their keys differ between engines, hence a plain dict."""
-        return _decode(await self._read("/get_server_info", timeout_s), dict[str, Any], "/get_server_info")
+        body, endpoint = await self._read_first(("/server_info", "/get_server_info"), timeout_s)
+        return _decode(body, dict[str, Any], endpoint)
 
     async def get_weight_version(self, *, timeout_s: float | None = None) -> str:
+        """From /model_info (SGLang 0.5.17 answers 404 on /get_weight_version); older servers' own endpoint else."""
+        info = await self.get_model_info(timeout_s=timeout_s)
+        if info.weight_version is not None:
+            return str(info.weight_version)
         reply = _decode(await self._read("/get_weight_version", timeout_s), _WeightVersionReply, "/get_weight_version")
+        self.note_version(reply.weight_version)
         return "" if reply.weight_version is None else str(reply.weight_version)
 
     async def health(self, *, timeout_s: float | None = None) -> None:

@@ -137,7 +137,8 @@ async def drive(group: GroupRollout, pool, metrics: RolloutMetrics) -> None:
             engine = pool.pick(avoid)
             requests = [continuation(group.prompt_ids, group.samples[i], group.params[i]) for i in pending]
             number = next(group._requests)
-            rids = [f"{group.group_id}-{i}.{number}" for i in pending]
+            # Prefix-free ("/" ends each): SGLang's abort_request aborts every rid that starts with the one given.
+            rids = [f"{group.group_id}-{i}.{number}/" for i in pending]
             client = pool.clients[engine]
             group.live = (engine, rids)
             pool.load[engine] += 1

@@ -30,7 +30,7 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kind: Literal["embedded", "sglang"] = "embedded"
     model: str  # a HF folder, or for the embedded engine also tiny:llama / tiny:qwen2 / smollm2
     extra_args: list[str] = []  # passed through verbatim, e.g. ["--mem-fraction-static", "0.7"]
-    device: str | None = None  # embedded only; SGLang picks its own device
+    device: str | None = None  # cpu | cuda | cuda:N; for SGLang cuda:N is --base-gpu-id N
     api_key: str | None = None
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free port is picked at start
@@ -51,6 +51,8 @@ def engine_command(spec: EngineSpec, port: int, python: str = sys.executable) ->
     if spec.kind == "sglang":
         argv = [python, "-m", "sglang.launch_server", "--model-path", spec.model,
                 "--host", spec.host, "--port", str(port)]
+        if spec.device is not None and spec.device.startswith("cuda:"):
+            argv += ["--base-gpu-id", spec.device.removeprefix("cuda:")]
     else:
         argv = [python, "-m", "async_rl.cli", "engine", "serve", "--model", spec.model,
                 "--host", spec.host, "--port", str(port)]
@@ -59,6 +61,16 @@ def engine_command(spec: EngineSpec, port: int, python: str = sys.executable) ->
     if spec.api_key:
         argv += ["--api-key", spec.api_key]
     return argv + list(spec.extra_args)
+
+
+def engine_env(spec: EngineSpec) -> dict[str, str]:
+    """Environment an engine process needs beyond its command line.
+
+    SGLang's /health generates a token by default (a second or more, and a 503 after 20 s while
+    paused): the project uses /health as liveness and /health_generate when it means generation,
+    as the contract describes.
+    """
+    return {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"} if spec.kind == "sglang" else {}
 
 
 def probe_health(url: str, api_key: str | None = None) -> bool:
@@ -112,7 +124,7 @@ class EngineProcess:
             log_dir.mkdir(parents=True, exist_ok=True)
             self.log_path = log_dir / f"engine-{self.spec.kind}-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **(self.env or {})}
+        env = {**os.environ, **engine_env(self.spec), **(self.env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "wb") as log_file:
             self._process = subprocess.Popen(

@@ -61,6 +61,11 @@ class EnginePool:
             order.remove(avoid)
         return min(order, key=lambda i: self.load[i])
 
+    def note_version(self, version: int) -> None:
+        """Every engine serves `version` or newer (the trainer announces a version once all are updated)."""
+        for client in self.clients:
+            client.note_version(version)
+
     async def close(self) -> None:
         for client in self.clients:
             await client.close()
@@ -76,6 +81,7 @@ class RolloutWorker:
         self.sample_params = sample_params_of(self.generate)
         self.reward = Reward.from_spec(config.rollout.reward, config.rollout.reward_timeout_s)
         self.pool = EnginePool(engine_urls, config.engine.api_key)
+        self.pool.note_version(start_version)  # engines start at the trainer's version
         self.april = config.april.enabled
         if self.april and self.sample_params is None:
             raise ValueError(f"april.enabled needs a resumable generate function, not {config.rollout.generate}")
@@ -152,6 +158,7 @@ class RolloutWorker:
             notice = await subscriber.next()
             self._credit_dropped(getattr(notice, "dropped_groups", {}))
             if notice.version > self.admission.version:
+                self.pool.note_version(notice.version)
                 self.admission.on_version(notice.version)
                 await self._drop_stale(notice.version)
                 self.metrics.write(notice.version)

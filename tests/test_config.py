@@ -98,3 +98,26 @@ def test_run_refuses_april_with_a_generate_function_it_cannot_resume():
     check_supported(load_config("april_tiny", ["rollout.workers=2"]))
     with pytest.raises(ConfigError, match="resumable"):
         check_supported(load_config("april_tiny", ["rollout.generate=recipes.tool_calling:calculator"]))
+
+
+def test_tensor_sync_is_refused_for_sglang_engines():
+    message = config_error(TASK, "engine.kind=sglang", "weight_sync.method=tensor")
+    assert "MultiprocessingSerializer" in message and "disk" in message
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["trainer.device=cuda:0", "engine.device=cuda:0"], "different GPUs"),
+    (["trainer.device=cuda", "engine.kind=sglang"], "different GPUs"),  # SGLang's default GPU is 0
+    (["trainer.device=cuda:1", "engine.device=cuda:0", "engine.count=2"], "its own GPU"),
+    (["trainer.device=cuda:1", "engine.device=cuda:0"], None),
+    (["trainer.device=cpu", "engine.device=cpu", "engine.count=2"], None),  # gloo places anything
+])
+def test_an_nccl_broadcast_needs_one_gpu_per_process(overrides, refused):
+    from async_rl.orchestrator import check_supported
+
+    config = load_config("tiny", ["weight_sync.method=distributed", *overrides])
+    if refused is None:
+        check_supported(config)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_supported(config)

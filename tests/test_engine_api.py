@@ -1,13 +1,25 @@
-"""The SGLang RL API end to end: a real embedded-engine process, real HTTP, through `EngineClient`.
+"""The engine contract: every call the project makes, against a real engine process over real HTTP.
 
-A request that is still running when a test pauses is made with a large
-max_new_tokens and ignore_eos, streamed, and the test waits until it has
-produced k tokens; nothing here sleeps to synchronise.
+The same tests drive the embedded engine (CI) and, unchanged, a real SGLang server:
+
+    pytest tests/test_engine_api.py                                    # embedded engine, CPU
+    pytest tests/test_engine_api.py --engine sglang --engine-args "--attention-backend triton ..."
+
+Where SGLang lacks a feature the project offers on its own engine, the test is marked
+`embedded_only` with the reason, and skips under --engine sglang. Where SGLang would exit on a call,
+the embedded engine refuses it with a 4xx and keeps serving; that test is embedded-only too (it
+would end the SGLang server), and no test sends the call to SGLang. A test that leaves the engine
+dead fails with its log tail, and the next test gets a fresh engine.
+
+A request that is still running when a test pauses is made with a large max_new_tokens and
+ignore_eos, streamed, and the test waits until it has produced k tokens; nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shlex
+import time
 
 import aiohttp
 import pytest
@@ -15,9 +27,12 @@ import torch
 from safetensors.torch import load_file
 
 from async_rl.dist_group import broadcast, destroy, init_weight_update_group
+from async_rl.messages import Trajectory
 from rollout_workers.client import EngineClient, EngineError, GenerateResult, SamplingParams
-from rollout_workers.engine.model import create_tiny_model
+from rollout_workers.engine.model import create_tiny_model, resolve_model_spec
 from rollout_workers.launcher import EngineProcess, EngineSpec, free_port
+from staleness import StalenessBoundError
+from staleness.metrics import check_staleness_bound
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +40,46 @@ PROMPT = [5, 6, 7, 8]
 # Long enough that nothing finishes on its own while a test pauses, aborts or updates.
 LONG = SamplingParams(max_new_tokens=1500, ignore_eos=True, temperature=0.0)
 SHORT = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.0)
-WAIT_S = 30.0
+WAIT_S = 60.0
+START_S = 600.0  # SGLang compiles kernels on its first start
+
+
+class EngineUnderTest:
+    """The engine every test talks to; started again if a test ended it."""
+
+    def __init__(self, config: pytest.Config, log_dir, **spec_changes):
+        self.kind = config.getoption("--engine")
+        model = resolve_model_spec(spec_changes.pop("model", config.getoption("--engine-model")))
+        extra = ["--weight-version", "0", *shlex.split(config.getoption("--engine-args"))]
+        self.spec = EngineSpec(kind=self.kind, model=str(model), device="cpu" if self.kind == "embedded" else None,
+                               extra_args=extra, **spec_changes)
+        self.log_dir = log_dir
+        self.process: EngineProcess | None = None
+        self.starts = 0
+
+    @property
+    def exact_versions(self) -> bool:
+        """The embedded engine tags every token; SGLang reports one version per response."""
+        return self.kind == "embedded"
+
+    def ensure_running(self) -> EngineProcess:
+        if self.process is None or self.process.poll() is not None:
+            self.starts += 1
+            self.process = EngineProcess(self.spec, log_path=self.log_dir / f"engine-{self.starts}.log")
+            self.process.start()
+            self.process.wait_healthy(START_S)
+        return self.process
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with EngineProcess(EngineSpec(model="tiny:llama", device="cpu", extra_args=["--weight-version", "0"])) as process:
-        yield process
+def engine(request, tmp_path_factory):
+    under_test = EngineUnderTest(request.config, tmp_path_factory.mktemp("engine-logs"))
+    yield under_test
+    under_test.stop()
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +91,11 @@ def other_weights(tmp_path_factory) -> dict[str, object]:
 
 @pytest.fixture
 async def client(engine):
-    async with EngineClient(engine.url, timeout_s=WAIT_S) as engine_client:
+    process = engine.ensure_running()
+    async with EngineClient(process.url, timeout_s=WAIT_S) as engine_client:
         yield engine_client
+        if process.poll() is not None:
+            pytest.fail(f"the engine exited during this test (code {process.poll()}):\n{process.log_tail()}")
         # Leave the shared engine serving, whatever the test did to it.
         await engine_client.continue_generation()
         await engine_client.abort_request(abort_all=True)
@@ -91,6 +142,14 @@ async def current_version(client: EngineClient) -> int:
     return int(await client.get_weight_version())
 
 
+async def update_weights(client: EngineClient, via: str, other_weights, version: int) -> None:
+    """The update the weight sync sends while requests are paused: flush_cache false (SGLang exits otherwise)."""
+    if via == "tensor":
+        await client.update_weights_from_tensor(other_weights["tensors"], weight_version=version, flush_cache=False)
+    else:
+        await client.update_weights_from_disk(str(other_weights["folder"]), weight_version=version, flush_cache=False)
+
+
 # ----------------------------------------------------------------- basics
 async def test_info_and_health(client):
     await client.health()
@@ -98,7 +157,14 @@ async def test_info_and_health(client):
     info = await client.get_model_info()
     assert info.model_path.endswith("tiny-llama") and info.is_generation
     server = await client.get_server_info()
-    assert str(server["weight_version"]) == await client.get_weight_version()
+    assert str(server["weight_version"]) == await client.get_weight_version() == str(info.weight_version)
+
+
+async def test_the_old_weight_version_endpoint_is_gone(engine, client):
+    """SGLang 0.5.17 answers 404 there; the client reads /model_info instead."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(engine.process.url + "/get_weight_version") as response:
+            assert response.status == 404 and "/model_info" in await response.text()
 
 
 async def test_generate_single_with_logprobs_and_versions(client):
@@ -119,16 +185,20 @@ async def test_generate_batched_ids_text_and_n(client):
     for result in results:
         assert len(result.output_ids) == 6
         assert_parallel(result)
-    # Batching changes nothing: greedy alone equals greedy in a batch.
-    alone = await client.generate(prompts[1], sampling_params=SHORT)
-    assert alone.output_ids == results[1].output_ids
-
     by_text = await client.generate_batch(text=["12+3=", "ab"], sampling_params=SHORT, return_logprob=False)
     assert len(by_text) == 2 and all(r.text and not r.output_logprobs for r in by_text)
     samples = await client.generate_batch(
         [PROMPT], sampling_params=SamplingParams(max_new_tokens=4, n=3, ignore_eos=True)
     )
     assert len(samples) == 3 and all(len(s.output_ids) == 4 for s in samples)
+
+
+@pytest.mark.embedded_only("greedy outputs depend on the batch (kernels differ by batch size) unless the server "
+                           "runs with --enable-deterministic-inference")
+async def test_batching_changes_no_greedy_output(client):
+    prompts = [[5, 6], [7, 8, 9], [10]]
+    together = await client.generate_batch(prompts, sampling_params=SHORT)
+    assert (await client.generate(prompts[1], sampling_params=SHORT)).output_ids == together[1].output_ids
 
 
 async def test_streaming_matches_non_streaming(client):
@@ -158,16 +228,38 @@ async def test_abort_request_returns_partial_tokens_and_logprobs(client):
     await client.abort_request("no-such-request")
 
 
-async def test_pause_abort_ends_running_and_waiting_requests(client):
+async def test_abort_request_matches_rid_prefixes(client):
+    """SGLang aborts every request whose rid starts with the one given (the worker's rids are prefix-free)."""
+    async with asyncio.TaskGroup() as group:
+        first, second = StreamWatcher(group, client, rid="pre/1"), StreamWatcher(group, client, rid="pre/2")
+        other = StreamWatcher(group, client, rid="other")
+        for watcher in (first, second, other):
+            await watcher.wait_tokens(2)
+        await client.abort_request("pre/")
+        await first.task
+        await second.task
+        assert not other.ended
+        await client.abort_request("other")
+    assert first.task.result().aborted and second.task.result().aborted
+
+
+@pytest.mark.parametrize("how", ["pause_generation", "client.pause"])
+async def test_pause_abort_ends_running_and_waiting_requests(engine, client, how):
+    """SGLang's own abort-mode pause polls its in-flight requests with a one-second sleep;
+    `EngineClient.pause("abort")` (retract + abort_all, what the weight sync sends) ends them at once."""
     async with asyncio.TaskGroup() as group:
         plain = group.create_task(client.generate(PROMPT, sampling_params=LONG, rid="plain"))
         watcher = StreamWatcher(group, client, rid="streamed")
         await watcher.wait_tokens(3)
-        await client.pause_generation("abort")
+        started = time.perf_counter()
+        await (client.pause_generation("abort") if how == "pause_generation" else client.pause("abort"))
+        paused_s = time.perf_counter() - started
     for result in (plain.result(), watcher.task.result()):
         assert result.aborted
         assert_parallel(result)
     assert len(watcher.task.result().output_ids) >= 3
+    if how == "client.pause" and engine.kind == "sglang":
+        assert paused_s < 0.9, f"pause took {paused_s:.2f} s"
     await client.continue_generation()
     assert len((await client.generate(PROMPT, sampling_params=SHORT)).output_ids) == 6
 
@@ -183,28 +275,26 @@ async def test_abort_all(client):
 
 
 # ------------------------------------------------- pause, update, continue
-async def update_weights(client: EngineClient, via: str, other_weights, version: int) -> None:
-    if via == "tensor":
-        await client.update_weights_from_tensor(other_weights["tensors"], weight_version=version)
-    else:
-        await client.update_weights_from_disk(str(other_weights["folder"]), weight_version=version)
+TENSOR_UPDATES = "tensor updates take SGLang's pickled MultiprocessingSerializer payload, which this project never sends"
 
 
-@pytest.mark.parametrize(
-    "mode, via", [("retract", "tensor"), ("retract", "disk"), ("in_place", "tensor")]
-)
-async def test_paused_request_resumes_under_new_weights(client, other_weights, mode, via):
+@pytest.mark.parametrize("mode, via", [
+    ("retract", "disk"),
+    ("in_place", "disk"),
+    pytest.param("retract", "tensor", marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
+    pytest.param("in_place", "tensor", marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
+])
+async def test_paused_request_resumes_under_new_weights(engine, client, other_weights, mode, via):
     old = await current_version(client)
     new = old + 1
     async with asyncio.TaskGroup() as group:
         watcher = StreamWatcher(group, client, rid=f"{mode}-{via}")
         await watcher.wait_tokens(3)
-        await client.pause_generation(mode)
+        await client.pause(mode)
         seen_before = list(watcher.latest.output_ids)
-        if mode == "in_place":
-            with pytest.raises(EngineError) as refused:
-                await client.flush_cache()  # the paused request still holds its KV cache
-            assert refused.value.status == 400 and refused.value.message
+        with pytest.raises(EngineError) as refused:
+            await client.flush_cache()  # the paused request is still in the engine
+        assert refused.value.status == 400 and refused.value.message
         await update_weights(client, via, other_weights, new)
         assert await current_version(client) == new
         await client.continue_generation()
@@ -213,10 +303,60 @@ async def test_paused_request_resumes_under_new_weights(client, other_weights, m
     result = watcher.task.result()
     assert result.output_ids[: len(seen_before)] == seen_before  # nothing generated was lost
     versions = result.token_versions()
-    assert set(versions) == {old, new} and versions == sorted(versions)
-    assert versions.count(old) >= len(seen_before)
+    # Never newer than the truth: what was generated before the pause is `old`; nothing is older than `old`.
+    assert versions[: len(seen_before)] == [old] * len(seen_before)
+    assert versions == sorted(versions) and set(versions) <= {old, new}
+    if engine.exact_versions:
+        assert set(versions) == {old, new}
     assert_parallel(result)
     await client.flush_cache()  # nothing runs any more
+
+
+async def test_versions_across_two_updates_are_exact_or_older_and_the_bound_sees_them(engine, client, other_weights):
+    """One request lives across two weight updates: every token's version is at most the version that
+    really made it (the tokens received before each pause are from the weights before it), at least the
+    version at submission, and the trainer's staleness check, which reads the oldest, refuses it at eta 1."""
+    old = await current_version(client)
+    boundaries = []
+    async with asyncio.TaskGroup() as group:
+        watcher = StreamWatcher(group, client, rid="two-updates")
+        for step in (1, 2):
+            await watcher.wait_tokens((boundaries[-1] if boundaries else 0) + 3)
+            await client.pause("retract")
+            boundaries.append(watcher.tokens)  # made by version old + step - 1 at the latest
+            await update_weights(client, "disk", other_weights, old + step)
+            await client.continue_generation()
+        await watcher.wait_tokens(boundaries[-1] + 3)
+        await client.abort_request("two-updates")
+    result = watcher.task.result()
+    versions = result.token_versions()
+    newest_possible = [old + sum(i >= b for b in boundaries) for i in range(len(versions))]
+    assert all(old <= v <= truth for v, truth in zip(versions, newest_possible)), (versions, boundaries)
+    if engine.exact_versions:
+        assert set(versions) == {old, old + 1, old + 2}
+    trajectory = Trajectory(sample_id="s", group_id="g", group_size=1, prompt_ids=PROMPT,
+                            response_ids=result.output_ids, behavior_logprobs=result.output_logprobs,
+                            token_versions=versions)
+    check_staleness_bound([trajectory], old + 2, 2)
+    with pytest.raises(StalenessBoundError):
+        check_staleness_bound([trajectory], old + 2, 1)
+
+
+@pytest.mark.embedded_only("SGLang exits on this call ('Cache flush failed after updating weights')")
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+async def test_an_update_that_flushes_while_requests_are_paused_is_refused(client, other_weights, mode):
+    old = await current_version(client)
+    async with asyncio.TaskGroup() as group:
+        watcher = StreamWatcher(group, client, rid=f"flush-{mode}")
+        await watcher.wait_tokens(2)
+        await client.pause(mode)
+        with pytest.raises(EngineError) as refused:
+            await client.update_weights_from_disk(str(other_weights["folder"]), weight_version=old + 1)
+        assert refused.value.status == 400 and "flush_cache" in refused.value.message
+        assert await current_version(client) == old  # nothing changed
+        await client.continue_generation()
+        await watcher.wait_tokens(watcher.tokens + 2)  # and the request goes on
+        await client.abort_request(f"flush-{mode}")
 
 
 async def test_flush_cache_fails_while_a_request_runs(client):
@@ -246,47 +386,71 @@ async def test_update_weights_from_distributed_over_gloo(client, other_weights):
         )
     assert joined.result()
     try:
-        # Different weights again (scaled), so the check below proves these tensors arrived.
-        sent = {name: tensor * 0.5 for name, tensor in tensors.items()}
-
-        def send_all() -> None:
+        def send_all(scale: float) -> None:
             for name in names:
-                broadcast(trainer_group, sent[name].contiguous(), src=0)
+                broadcast(trainer_group, (tensors[name] * scale).contiguous(), src=0)
 
-        async with asyncio.TaskGroup() as group:
-            updated = group.create_task(
-                client.update_weights_from_distributed(
-                    names, [sent[n].dtype for n in names], [sent[n].shape for n in names],
-                    group_name="test_sync", weight_version=new,
-                )
-            )
-            await asyncio.to_thread(send_all)
-        assert updated.result()
-        after_broadcast = await client.generate(PROMPT, sampling_params=SHORT)
+        async def broadcast_update(scale: float, version: int) -> GenerateResult:
+            async with asyncio.TaskGroup() as group:
+                updated = group.create_task(client.update_weights_from_distributed(
+                    names, [tensors[n].dtype for n in names], [tensors[n].shape for n in names],
+                    group_name="test_sync", weight_version=version))
+                await asyncio.to_thread(send_all, scale)
+            assert updated.result()
+            return await client.generate(PROMPT, sampling_params=SHORT)
+
+        # Other weights than the engine's (scaled), so the first check proves these tensors arrived.
+        after_broadcast = await broadcast_update(0.5, new)
         assert after_broadcast.token_versions() == [new] * 6
-        # The same weights sent another way must generate the same tokens.
-        await client.update_weights_from_tensor(sent, weight_version=new + 1)
-        reference = await client.generate(PROMPT, sampling_params=SHORT)
-        assert reference.output_ids == after_broadcast.output_ids
-        assert reference.output_logprobs == pytest.approx(after_broadcast.output_logprobs, abs=1e-4)
+        # The same weights by another path (disk for both engines) give the same tokens.
+        await client.update_weights_from_disk(str(other_weights["folder"]), weight_version=new + 1)
+        reference_folder = await client.generate(PROMPT, sampling_params=SHORT)
+        again = await broadcast_update(1.0, new + 2)
+        assert again.output_ids == reference_folder.output_ids
+        assert again.output_logprobs == pytest.approx(reference_folder.output_logprobs, abs=1e-4)
     finally:
         await client.destroy_weights_update_group("test_sync")
         destroy(trainer_group)
-    with pytest.raises(EngineError, match="test_sync"):
-        await client.update_weights_from_distributed(names[:1], [torch.float32], [[1]], group_name="test_sync")
+
+
+@pytest.mark.embedded_only(TENSOR_UPDATES)
+async def test_tensor_and_disk_updates_of_the_same_weights_agree(client, other_weights):
+    version = await current_version(client)
+    await client.update_weights_from_tensor(other_weights["tensors"], weight_version=version + 1)
+    by_tensor = await client.generate(PROMPT, sampling_params=SHORT)
+    await client.update_weights_from_disk(str(other_weights["folder"]), weight_version=version + 2)
+    by_disk = await client.generate(PROMPT, sampling_params=SHORT)
+    assert by_tensor.output_ids == by_disk.output_ids
 
 
 # ----------------------------------------------------------------- memory
-async def test_release_and_resume_memory(client):
+async def test_release_and_resume_memory(engine, client):
     await client.release_memory_occupation(["kv_cache"])
-    with pytest.raises(EngineError) as refused:
-        await client.generate(PROMPT, sampling_params=SHORT)
-    assert refused.value.status == 503
+    if engine.kind == "embedded":  # SGLang without --enable-memory-saver frees nothing and keeps generating
+        with pytest.raises(EngineError) as refused:
+            await client.generate(PROMPT, sampling_params=SHORT)
+        assert refused.value.status == 503
     await client.resume_memory_occupation(["kv_cache"])
     await client.release_memory_occupation()  # all tags
     await client.resume_memory_occupation()
     await client.health_generate()
     assert len((await client.generate(PROMPT, sampling_params=SHORT)).output_ids) == 6
+
+
+@pytest.mark.embedded_only("SGLang asserts an idle scheduler on release and fails on a tag it never released; "
+                           "the embedded engine refuses both so that CI catches such a call")
+async def test_memory_calls_sglang_would_fail_on_are_refused(client):
+    with pytest.raises(EngineError) as refused:
+        await client.resume_memory_occupation(["weights"])  # never released
+    assert refused.value.status == 400 and "not released" in refused.value.message
+    async with asyncio.TaskGroup() as group:
+        watcher = StreamWatcher(group, client, rid="holds-memory")
+        await watcher.wait_tokens(2)
+        with pytest.raises(EngineError) as refused:
+            await client.release_memory_occupation(["weights"])
+        assert refused.value.status == 400
+        await client.abort_request("holds-memory")
+    await client.health_generate()
 
 
 # ------------------------------------------------------------ bad requests
@@ -299,11 +463,15 @@ BAD_CALLS = {
     "negative id": lambda c: c.generate([-1]),
     "bad sampling type": lambda c: c.generate(PROMPT, sampling_params={"temperature": "hot"}),
     "bad pause mode": lambda c: c.pause_generation("sideways"),
-    "mismatched shape": lambda c: c.update_weights_from_tensor({"model.embed_tokens.weight": torch.zeros(3, 3)}),
-    "unknown tensor": lambda c: c.update_weights_from_tensor({"no.such.weight": torch.zeros(1)}),
     "missing folder": lambda c: c.update_weights_from_disk("/no/such/folder"),
     "no group": lambda c: c.update_weights_from_distributed(["x"], ["float32"], [[1]], group_name="none"),
     "destroy unknown group": lambda c: c.destroy_weights_update_group("none"),
+    "mismatched shape": pytest.param(
+        lambda c: c.update_weights_from_tensor({"model.embed_tokens.weight": torch.zeros(3, 3)}),
+        marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
+    "unknown tensor": pytest.param(
+        lambda c: c.update_weights_from_tensor({"no.such.weight": torch.zeros(1)}),
+        marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
 }
 
 
@@ -322,35 +490,43 @@ async def test_bad_request_is_refused_and_the_engine_keeps_serving(client, call)
     [
         ("/generate", b'{"input_ids": [1, 2'),
         ("/generate", b"[1, 2]"),
-        ("/update_weights_from_tensor", b'{"serialized_named_tensors": ["not base64!"], "load_format": "safetensors"}'),
-        ("/update_weights_from_tensor", b'{"serialized_named_tensors": ["aGVsbG8="], "load_format": "pickle"}'),
+        pytest.param("/update_weights_from_tensor",
+                     b'{"serialized_named_tensors": ["not base64!"], "load_format": "safetensors"}',
+                     marks=pytest.mark.embedded_only("SGLang unpickles this field and exits on anything else")),
+        pytest.param("/update_weights_from_tensor",
+                     b'{"serialized_named_tensors": ["aGVsbG8="], "load_format": "pickle"}',
+                     marks=pytest.mark.embedded_only("SGLang unpickles this field and exits on anything else")),
     ],
 )
 async def test_malformed_bodies_get_a_clear_4xx(engine, client, endpoint, body):
     # Malformed JSON cannot be produced through the typed client, so this one goes raw.
     async with aiohttp.ClientSession() as session:
-        async with session.post(engine.url + endpoint, data=body) as response:
+        async with session.post(engine.process.url + endpoint, data=body) as response:
             assert 400 <= response.status < 500
             assert (await response.text()).strip()
     await client.health_generate()
 
 
 # -------------------------------------------------- API key, Qwen2 family
-async def test_api_key_is_enforced_on_a_qwen2_engine():
-    spec = EngineSpec(model="tiny:qwen2", device="cpu", api_key="s3cret")
-    async with (
-        EngineProcess(spec) as qwen_engine,
-        EngineClient(qwen_engine.url) as anonymous,
-        EngineClient(qwen_engine.url, api_key="wrong") as wrong_key,
-        EngineClient(qwen_engine.url, api_key="s3cret") as authorised,
-    ):
-        for outsider in (anonymous, wrong_key):
-            with pytest.raises(EngineError) as refused:
-                await outsider.generate(PROMPT, sampling_params=SHORT)
-            assert refused.value.status == 401
-            with pytest.raises(EngineError):
-                await outsider.get_model_info()
-        assert "qwen2" in (await authorised.get_model_info()).model_path
-        result = await authorised.generate(PROMPT, sampling_params=SHORT)
-        assert len(result.output_ids) == 6
-        assert_parallel(result)
+async def test_api_key_is_enforced_on_a_qwen2_engine(request, tmp_path):
+    keyed = EngineUnderTest(request.config, tmp_path, model="tiny:qwen2", api_key="s3cret")
+    try:
+        url = keyed.ensure_running().url
+        async with (
+            EngineClient(url) as anonymous,
+            EngineClient(url, api_key="wrong") as wrong_key,
+            EngineClient(url, api_key="s3cret") as authorised,
+        ):
+            for outsider in (anonymous, wrong_key):
+                with pytest.raises(EngineError) as refused:
+                    await outsider.generate(PROMPT, sampling_params=SHORT)
+                assert refused.value.status == 401
+                with pytest.raises(EngineError):
+                    await outsider.get_model_info()
+            await anonymous.health()  # liveness needs no key, as in SGLang
+            assert "qwen2" in (await authorised.get_model_info()).model_path
+            result = await authorised.generate(PROMPT, sampling_params=SHORT)
+            assert len(result.output_ids) == 6
+            assert_parallel(result)
+    finally:
+        keyed.stop()

@@ -42,8 +42,8 @@ SGLANG_REPLY = {
 }
 
 
-def parse(reply: dict) -> GenerateResult:
-    return _result_from_wire(_decode(msgspec.json.encode(reply), _WireGenerate, "/generate"))
+def parse(reply: dict, floor: int | None = None) -> GenerateResult:
+    return _result_from_wire(_decode(msgspec.json.encode(reply), _WireGenerate, "/generate"), floor)
 
 
 def test_sglang_reply_without_token_versions_gets_the_response_version():
@@ -56,11 +56,20 @@ def test_sglang_reply_without_token_versions_gets_the_response_version():
     assert result.rid == "r1" and result.prompt_tokens == 3
 
 
+def test_a_response_that_crossed_an_update_gets_the_oldest_possible_version():
+    """SGLang's one weight_version is the version when the response was sent; the floor is the version the
+    engine had before the request. Equal bounds are exact; otherwise every token gets the floor."""
+    assert parse(SGLANG_REPLY, floor=4).output_token_weight_versions == ["4", "4"]
+    crossed = parse(SGLANG_REPLY, floor=2)
+    assert crossed.token_versions() == [2, 2] and crossed.weight_version == "4"
+    assert parse(SGLANG_REPLY, floor=6).token_versions() == [4, 4]  # never newer than the engine said
+
+
 def test_per_token_versions_win_and_int_versions_are_read_as_strings():
     reply = msgspec.json.decode(msgspec.json.encode(SGLANG_REPLY))
     reply["meta_info"]["weight_version"] = 5
     reply["meta_info"]["output_token_weight_versions"] = [4, 5]
-    result = parse(reply)
+    result = parse(reply, floor=3)
     assert result.weight_version == "5"
     assert result.token_versions() == [4, 5]
 
@@ -175,7 +184,7 @@ def test_engine_that_dies_at_start_fails_fast_with_its_log(tmp_path):
 async def test_unreachable_engine_is_a_connection_error_after_retries():
     async with EngineClient(f"http://127.0.0.1:{free_port()}", read_retries=1, retry_backoff_s=0.01) as client:
         assert not await client.is_healthy()
-        with pytest.raises(EngineConnectionError, match="/get_model_info"):
+        with pytest.raises(EngineConnectionError, match="/model_info"):
             await client.get_model_info()
 
 
@@ -192,18 +201,23 @@ async def test_silent_engine_is_a_timeout_error():
 
 
 async def test_reads_are_retried_on_503_and_writes_are_not():
+    """Also the weight version's way on a server of another release: /model_info (404 here), then
+    /get_model_info (no version in it), then the old /get_weight_version."""
     from aiohttp import web
 
-    calls = {"/get_weight_version": 0, "/pause_generation": 0}
+    calls = {"/get_model_info": 0, "/get_weight_version": 0, "/pause_generation": 0}
 
     async def flaky(request: web.Request) -> web.Response:
         calls[request.path] += 1
+        if request.path == "/get_model_info":
+            return web.json_response({"model_path": "m"})
         if request.path == "/pause_generation" or calls[request.path] < 3:
             return web.json_response({"error": {"message": "warming up"}}, status=503)
         return web.json_response({"weight_version": 7})
 
     app = web.Application()
-    app.add_routes([web.get("/get_weight_version", flaky), web.post("/pause_generation", flaky)])
+    app.add_routes([web.get("/get_model_info", flaky), web.get("/get_weight_version", flaky),
+                    web.post("/pause_generation", flaky)])
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -216,6 +230,6 @@ async def test_reads_are_retried_on_503_and_writes_are_not():
                 await client.pause_generation("retract")
     finally:
         await runner.cleanup()
-    assert calls == {"/get_weight_version": 3, "/pause_generation": 1}
+    assert calls == {"/get_model_info": 1, "/get_weight_version": 3, "/pause_generation": 1}
     assert refused.value.status == 503 and refused.value.message == "warming up"
     assert refused.value.endpoint == "/pause_generation"

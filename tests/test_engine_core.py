@@ -175,7 +175,9 @@ def test_pause_update_continue_resumes_under_new_weights(core, tiny, mode):
         assert core.call(core.flush_cache).result(WAIT_S)[0] is False
     # Same values, new version: the continuation must match the uninterrupted run exactly.
     same = {name: tensor.clone() for name, tensor in tiny.model.state_dict().items()}
-    assert core.call(core.load_weights, same, "1").result(WAIT_S)[0]
+    refused, message = core.call(core.load_weights, same, "1").result(WAIT_S)  # flush_cache=True: SGLang would exit
+    assert not refused and "flush_cache" in message and core.weight_version == "0"
+    assert core.call(core.load_weights, same, "1", False).result(WAIT_S)[0]
     assert len(run.output_ids) == paused_at  # nothing generated while paused
     core.call(core.resume).result(WAIT_S)
     tracker.wait(run)
@@ -203,3 +205,19 @@ def test_pause_abort_and_weight_update_is_all_or_nothing(core, tiny):
     assert not ok and "unknown" in message
     assert torch.equal(tiny.model.state_dict()[name], before) and core.weight_version == "0"
     core.call(core.resume).result(WAIT_S)
+
+
+def test_requests_that_arrive_while_paused_wait_outside_the_scheduler(core):
+    """As in SGLang, they keep neither a flush nor a flushing update from running, start on continue,
+    and can be aborted while they wait (rids match by prefix)."""
+    tracker = Tracker()
+    core.call(core.pause, "abort").result(WAIT_S)
+    early, other = tracker.seq("held/1", [5, 6], 3), tracker.seq("kept", [5, 6], 3)
+    core.submit([early, other])
+    assert core.call(core.flush_cache).result(WAIT_S)[0]
+    assert core.call(core.abort, "held/").result(WAIT_S) == 1
+    tracker.wait(early)
+    assert early.finish_reason["type"] == "abort" and not early.output_ids
+    core.call(core.resume).result(WAIT_S)
+    tracker.wait(other)
+    assert other.finish_reason["type"] == "length" and len(other.output_ids) == 3

@@ -162,6 +162,9 @@ class EngineCore:
         self.paused: str | None = None  # the pause mode while paused
         self.released: set[str] = set()
         self.waiting: collections.deque[Sequence] = collections.deque()
+        # Requests that arrive while paused wait outside the scheduler until continue, as in SGLang
+        # (its tokenizer manager holds them): they keep neither /flush_cache nor an update from running.
+        self.held: list[Sequence] = []
         self.batch: RunningBatch | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._live_lock = threading.Lock()
@@ -206,17 +209,22 @@ class EngineCore:
         self._stopping = True
 
     def _enqueue(self, sequences: list[Sequence]) -> None:
-        self.waiting.extend(sequences)
+        (self.held if self.paused else self.waiting).extend(sequences)
 
     def abort(self, rid: str | None, message: str = "aborted by request") -> int:
-        """Engine thread. rid None aborts everything; returns how many sequences were aborted."""
-        return self._abort_where(lambda seq: rid is None or seq.rid == rid, message)
+        """Engine thread. rid None aborts everything; a rid aborts every request whose rid starts with
+        it (SGLang matches prefixes). Returns how many sequences were aborted."""
+        return self._abort_where(lambda seq: rid is None or seq.rid.startswith(rid), message)
 
     def _abort_where(self, predicate: Callable[[Sequence], bool], message: str) -> int:
         reason = {"type": "abort", "message": message}
-        aborted = [seq for seq in self.waiting if predicate(seq)]
-        for seq in aborted:
+        aborted = [seq for seq in self.held if predicate(seq)]
+        self.held = [seq for seq in self.held if not predicate(seq)]
+        queued = [seq for seq in self.waiting if predicate(seq)]
+        for seq in queued:
             self.waiting.remove(seq)
+        aborted += queued
+        for seq in aborted:
             self._finish(seq, reason)
         if self.batch is not None:
             keep = [not predicate(row) for row in self.batch.rows]
@@ -238,6 +246,8 @@ class EngineCore:
 
     def resume(self) -> None:
         self.paused = None
+        self.waiting.extend(self.held)
+        self.held.clear()
 
     def _retract(self) -> None:
         """Move running rows to the front of the queue and drop their KV; they are re-prefilled later."""
@@ -256,8 +266,8 @@ class EngineCore:
         return True, "Cache flushed."
 
     def release_memory(self, tags: list[str]) -> tuple[bool, str]:
-        if "kv_cache" in tags and self.batch is not None:
-            return False, "cannot release the KV cache while requests hold it; pause with mode abort or retract first"
+        if self.has_requests():  # SGLang asserts an idle scheduler here, and exits if it is not
+            return False, "cannot release memory while requests are running, waiting or paused; abort them first"
         if "weights" in tags and "weights" not in self.released and self.device.type != "cpu":
             self.model.to("cpu")  # host copy keeps the weights; the device memory is what gets freed
         self.released.update(tags)
@@ -265,13 +275,24 @@ class EngineCore:
         return True, f"released {', '.join(sorted(tags))}"
 
     def resume_memory(self, tags: list[str]) -> tuple[bool, str]:
+        if not_released := sorted(set(tags) - self.released):  # SGLang fails on a tag it never released
+            return False, f"not released: {', '.join(not_released)}"
         if "weights" in tags and "weights" in self.released and self.device.type != "cpu":
             self.model.to(self.device)
         self.released.difference_update(tags)
         return True, f"resumed {', '.join(sorted(tags))}"
 
-    def load_weights(self, tensors: dict[str, torch.Tensor], weight_version: str | None) -> tuple[bool, str]:
-        """All or nothing: every name must exist with the same shape and finite values, else nothing changes."""
+    def load_weights(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
+                     flush_cache: bool = True) -> tuple[bool, str]:
+        """All or nothing: every name must exist with the same shape and finite values, else nothing changes.
+
+        `flush_cache` while requests are paused in the engine (retract, in_place) is refused: SGLang
+        asserts that the flush after an update succeeds, and with paused requests it cannot, so the
+        server exits; here the same call is a 400 that changes nothing.
+        """
+        if flush_cache and self.paused and self.has_requests():
+            return False, (f"flush_cache=true with requests paused ({self.paused}): the cache cannot be flushed, "
+                           "and SGLang exits on this ('Cache flush failed after updating weights'); send flush_cache=false")
         state = self.model.state_dict()
         for name, tensor in tensors.items():
             if name not in state:

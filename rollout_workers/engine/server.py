@@ -5,13 +5,17 @@ Shapes follow contracts/sglang_rl_api.md. Where the contract is silent:
   /flush_cache and the memory endpoints answer `{"success": false, "message": ...}` with 400;
 - generating while weights or KV cache are released is 503;
 - aborting an unknown rid is 200 with `"aborted": 0` (SGLang semantics: the request
-  may just have finished, which is no error);
+  may just have finished, which is no error); a rid aborts every request whose rid starts with it;
 - meta_info carries the extension `output_token_weight_versions`: the weight
   version that produced each output token;
 - with --api-key every path except /health and /health_generate needs
   `Authorization: Bearer KEY` (as SGLang, which exempts /health*);
 - `top_logprobs_num > 0` and sampling penalties are refused with 400, unknown
   fields are ignored; `/update_weights_from_tensor` takes base64 safetensors, never pickles.
+
+What would end a real SGLang server is refused with a 4xx and the engine keeps serving
+(../shared/sglang-gpu/README.md): an update with flush_cache while requests are paused,
+releasing memory while requests are live, resuming memory that was not released.
 """
 
 from __future__ import annotations
@@ -125,9 +129,12 @@ class EngineServer:
             "/flush_cache": self.flush_cache,
         }
         get = {
-            "/get_model_info": self.get_model_info,
+            "/model_info": self.get_model_info,
+            "/get_model_info": self.get_model_info,  # SGLang keeps the old names as deprecated aliases
+            "/server_info": self.get_server_info,
             "/get_server_info": self.get_server_info,
-            "/get_weight_version": self.get_weight_version,
+            "/get_weight_version": self.weight_version_moved,
+            "/weight_version": self.weight_version_moved,
             "/health": self.health,
             "/health_generate": self.health_generate,
         }
@@ -377,7 +384,7 @@ class EngineServer:
             raise RequestError(f"cannot read weights from {req.model_path!r}: {exc}") from exc
         if req.abort_all_requests:
             await self._on_engine(self.core.abort, None, "aborted for a weight update")
-        ok, message = await self._on_engine(self.core.load_weights, tensors, req.weight_version)
+        ok, message = await self._on_engine(self.core.load_weights, tensors, req.weight_version, req.flush_cache)
         if ok:
             self.model_path = req.model_path
         return _outcome(ok, message)
@@ -396,7 +403,7 @@ class EngineServer:
             tensors = await asyncio.to_thread(decode_serialized, req.serialized_named_tensors[0])
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
-        return _outcome(*await self._on_engine(self.core.load_weights, tensors, req.weight_version))
+        return _outcome(*await self._on_engine(self.core.load_weights, tensors, req.weight_version, req.flush_cache))
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         from async_rl.dist_group import init_weight_update_group
@@ -446,7 +453,7 @@ class EngineServer:
         tensors = {}
         for name, dtype, shape in zip(req.names, dtypes, req.shapes):
             tensors[name] = broadcast(group, torch.empty(shape, dtype=dtype, device=group.device), src=0)
-        return self.core.load_weights(tensors, req.weight_version)
+        return self.core.load_weights(tensors, req.weight_version, req.flush_cache)
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         from async_rl.dist_group import destroy
@@ -495,8 +502,9 @@ class EngineServer:
             }
         )
 
-    async def get_weight_version(self, request: web.Request) -> web.Response:
-        return _json({"weight_version": self.core.weight_version})
+    async def weight_version_moved(self, request: web.Request) -> web.Response:
+        """SGLang 0.5.17 answers 404 here; the version is in /model_info."""
+        return _json({"error": {"message": f"Endpoint {request.path!r} is deprecated. Please use '/model_info' instead."}}, 404)
 
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
