@@ -1,9 +1,10 @@
 """A private process group for broadcasting weights from the trainer to engines.
 
-Built from its own TCPStore and a ProcessGroupGloo/ProcessGroupNCCL object rather
-than the default process group, which the trainer may already use for FSDP.
-The trainer is rank 0 (it hosts the store); engine k joins as rank `rank_offset`.
-The same module runs on both sides, so the rendezvous can never disagree.
+Not the default process group, which the trainer may already use for FSDP. The trainer is rank 0
+(it hosts the store); engine k joins as rank `rank_offset`. The rendezvous is SGLang's own, key for
+key: a tcp:// store under a PrefixStore of the group name, then torch's process-group helper (which
+adds "<group>/" and "<device>/" prefixes per backend); any other layout never meets an SGLang engine
+(measured: the join hangs). No collective runs at set-up: the first broadcast is the first weight.
 """
 
 from __future__ import annotations
@@ -46,18 +47,15 @@ def init_weight_update_group(
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+    from torch.distributed.rendezvous import rendezvous
+
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout, wait_for_workers=True)
-    prefixed = dist.PrefixStore(group_name, store)
-    if backend == "gloo":
-        process_group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    else:
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        process_group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-    # A first collective completes the rendezvous, so the call returns only when every rank is connected.
-    probe = torch.zeros(1, device=_device_for(backend))
-    broadcast_raw(process_group, probe, 0)
+    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    process_group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+                                                 group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[process_group] = {i: i for i in range(world_size)}
     return WeightUpdateGroup(group_name, rank, world_size, backend, process_group, store)
 
 
@@ -74,9 +72,7 @@ def broadcast_raw(process_group, tensor: torch.Tensor, src: int) -> None:
 
 
 def destroy(group: WeightUpdateGroup) -> None:
-    shutdown = getattr(group.process_group, "shutdown", None)
-    if shutdown is not None:
-        shutdown()
+    dist.destroy_process_group(group.process_group)
 
 
 def _device_for(backend: str) -> torch.device:

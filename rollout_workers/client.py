@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import aiohttp
 import msgspec
@@ -75,19 +75,27 @@ class EngineProtocolError(EngineClientError):
     """The engine answered 2xx with a body this client cannot read."""
 
 
+class InvalidRequest(ValueError):
+    """A request the client refuses to send. SGLang does not check these and ends (a token id
+    outside the vocabulary is a CUDA device-side assert; an update for a group it never joined is an
+    assertion in its scheduler), so a bug in a generate function must fail here, loudly, instead."""
+
+
 # -------------------------------------------------------------------- requests
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """SGLang sampling parameters; unset fields are left to the engine's defaults."""
+    """SGLang sampling parameters; unset fields are left to the engine's defaults.
 
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    The ranges are SGLang's: a request outside them is refused by the client (InvalidRequest)."""
+
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
     top_k: int | None = None
-    min_p: float | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
-    n: int | None = None
+    n: Annotated[int, msgspec.Meta(ge=1)] | None = None
     skip_special_tokens: bool | None = None
     no_stop_trim: bool | None = None
 
@@ -224,6 +232,8 @@ class _StreamAccumulator:
     SGLang sends cumulative lists by default and deltas with `--stream-output`
     (and builds differ per field); `completion_tokens` is always the running
     total, so a list of that length is cumulative and anything shorter a delta.
+    Lists never grow past that total: the last chunk of a request aborted in
+    SGLang's waiting queue repeats its last token id (measured, 0.5.17).
     """
 
     def __init__(self) -> None:
@@ -235,7 +245,7 @@ class _StreamAccumulator:
             total = chunk.completion_tokens
 
             def merged(before: list, new: list) -> list:
-                return new if len(new) == total else before + new
+                return new if len(new) == total else (before + new)[:total]
 
             chunk = msgspec.structs.replace(
                 chunk,
@@ -264,6 +274,16 @@ def _error_message(body: bytes) -> str:
             if value:
                 return value if isinstance(value, str) else msgspec.json.encode(value).decode()
     return _to_json(payload).decode()[:2000]
+
+
+def _check_sampling_params(params: SamplingParams | Mapping[str, Any] | None) -> None:
+    """Types and SGLang's ranges, before sending: SGLang answers a wrongly typed value with a 500."""
+    if params is None:
+        return
+    try:
+        msgspec.convert(msgspec.to_builtins(params) if isinstance(params, SamplingParams) else dict(params), SamplingParams)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise InvalidRequest(f"sampling_params: {exc}") from None
 
 
 def _dtype_name(dtype: "torch.dtype | str") -> str:
@@ -311,8 +331,10 @@ class EngineClient:
         read_retries: int = 3,
         retry_backoff_s: float = 0.2,
         max_connections: int = 0,
+        vocab_size: int | None = None,
     ):
         self.url = url.rstrip("/")
+        self.vocab_size = vocab_size  # when known, token ids are checked against it before sending
         self.timeout_s = timeout_s
         self.read_timeout_s = read_timeout_s
         self.read_retries = read_retries
@@ -324,6 +346,7 @@ class EngineClient:
         self._session: aiohttp.ClientSession | None = None
         # The newest weight version the engine is known to have reached (see _token_versions).
         self._version_floor: int | None = None
+        self._groups: set[str] = set()  # weight-update groups this client opened on the engine
 
     async def __aenter__(self) -> EngineClient:
         self._ensure_session()
@@ -393,6 +416,15 @@ class EngineClient:
             raise EngineError(200, reply.message, endpoint)
         return reply.message
 
+    def _check_token_ids(self, input_ids: Sequence[int] | Sequence[Sequence[int]]) -> None:
+        rows = input_ids if len(input_ids) and not isinstance(input_ids[0], int) else [input_ids]
+        for index, row in enumerate(rows):
+            bad = next((t for t in row if type(t) is not int or t < 0 or
+                        (self.vocab_size is not None and t >= self.vocab_size)), None)
+            if bad is not None:
+                vocabulary = f"[0, {self.vocab_size})" if self.vocab_size is not None else "the vocabulary"
+                raise InvalidRequest(f"input {index} has token id {bad!r} outside {vocabulary}")
+
     # ------------------------------------------------------------- versions
     def note_version(self, version: str | int | None) -> None:
         """The engine is known to serve `version` or newer (versions only grow)."""
@@ -413,8 +445,8 @@ class EngineClient:
         return result
 
     # -------------------------------------------------------------- generate
-    @staticmethod
     def _generate_payload(
+        self,
         input_ids: Sequence[int] | Sequence[Sequence[int]] | None,
         text: str | Sequence[str] | None,
         sampling_params: SamplingParams | Mapping[str, Any] | None,
@@ -425,6 +457,10 @@ class EngineClient:
     ) -> dict[str, Any]:
         if (input_ids is None) == (text is None):
             raise ValueError("give exactly one of input_ids or text")
+        if input_ids is not None:
+            self._check_token_ids(input_ids)
+        for params in sampling_params if isinstance(sampling_params, list) else [sampling_params]:
+            _check_sampling_params(params)
         payload: dict[str, Any] = {"return_logprob": return_logprob, "stream": stream}
         if input_ids is not None:
             payload["input_ids"] = input_ids
@@ -614,7 +650,9 @@ class EngineClient:
             "group_name": group_name,
             "backend": backend,
         }
-        return await self._post_expect_success("/init_weights_update_group", payload, timeout_s)
+        message = await self._post_expect_success("/init_weights_update_group", payload, timeout_s)
+        self._groups.add(group_name)
+        return message
 
     async def update_weights_from_distributed(
         self,
@@ -631,6 +669,9 @@ class EngineClient:
         (in `names` order, from rank 0) while this call is in flight."""
         if not len(names) == len(dtypes) == len(shapes):
             raise ValueError("names, dtypes and shapes must have the same length")
+        if group_name not in self._groups:
+            raise InvalidRequest(f"no weight-update group {group_name!r} was opened through this client "
+                                 "(init_weights_update_group first)")
         payload: dict[str, Any] = {
             "names": list(names),
             "dtypes": [_dtype_name(dtype) for dtype in dtypes],
@@ -643,6 +684,7 @@ class EngineClient:
     async def destroy_weights_update_group(
         self, group_name: str = "weight_update_group", *, timeout_s: float | None = None
     ) -> str:
+        self._groups.discard(group_name)
         return await self._post_expect_success(
             "/destroy_weights_update_group", {"group_name": group_name}, timeout_s
         )

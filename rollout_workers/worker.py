@@ -37,6 +37,7 @@ from recipes.rewards import Reward
 from recipes.tasks import TaskSample, task_samples
 from rollout_workers.april import AprilController, AprilPlan
 from rollout_workers.client import EngineClient, EngineClientError, wait_until_healthy
+from rollout_workers.engine.model import vocab_size_of
 from rollout_workers.generate import GenerationAborted, encode_prompt, load_tokenizer, sample_params_of
 from rollout_workers.group import MAX_BACKOFF_S, GroupRollout, drive, stop_group
 from rollout_workers.rollout_metrics import RolloutMetrics
@@ -49,8 +50,8 @@ log = logging.getLogger("rollout_worker")
 class EnginePool:
     """Least-loaded choice over the engines; ties go round-robin."""
 
-    def __init__(self, urls: list[str], api_key: str | None = None):
-        self.clients = [EngineClient(url, api_key=api_key) for url in urls]
+    def __init__(self, urls: list[str], api_key: str | None = None, vocab_size: int | None = None):
+        self.clients = [EngineClient(url, api_key=api_key, vocab_size=vocab_size) for url in urls]
         self.load = [0] * len(urls)
         self._turn = itertools.count()
 
@@ -80,7 +81,7 @@ class RolloutWorker:
         self.generate = import_function(config.rollout.generate)
         self.sample_params = sample_params_of(self.generate)
         self.reward = Reward.from_spec(config.rollout.reward, config.rollout.reward_timeout_s)
-        self.pool = EnginePool(engine_urls, config.engine.api_key)
+        self.pool = EnginePool(engine_urls, config.engine.api_key, vocab_size_of(model_dir))
         self.pool.note_version(start_version)  # engines start at the trainer's version
         self.april = config.april.enabled
         if self.april and self.sample_params is None:

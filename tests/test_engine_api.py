@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 
 from async_rl.dist_group import broadcast, destroy, init_weight_update_group
 from async_rl.messages import Trajectory
-from rollout_workers.client import EngineClient, EngineError, GenerateResult, SamplingParams
-from rollout_workers.engine.model import create_tiny_model, resolve_model_spec
+from rollout_workers.client import EngineClient, EngineError, GenerateResult, InvalidRequest, SamplingParams
+from rollout_workers.engine.model import create_tiny_model, resolve_model_spec, vocab_size_of
 from rollout_workers.launcher import EngineProcess, EngineSpec, free_port
 from staleness import StalenessBoundError
 from staleness.metrics import check_staleness_bound
@@ -228,19 +228,22 @@ async def test_abort_request_returns_partial_tokens_and_logprobs(client):
     await client.abort_request("no-such-request")
 
 
-async def test_abort_request_matches_rid_prefixes(client):
-    """SGLang aborts every request whose rid starts with the one given (the worker's rids are prefix-free)."""
+async def test_abort_request_needs_a_live_rid_and_then_matches_prefixes(client):
+    """SGLang's abort needs a live rid, then aborts every request whose rid starts with it
+    (so the worker's rids are prefix-free: each ends in "/")."""
     async with asyncio.TaskGroup() as group:
-        first, second = StreamWatcher(group, client, rid="pre/1"), StreamWatcher(group, client, rid="pre/2")
+        short, longer = StreamWatcher(group, client, rid="pre/1"), StreamWatcher(group, client, rid="pre/12")
         other = StreamWatcher(group, client, rid="other")
-        for watcher in (first, second, other):
+        for watcher in (short, longer, other):
             await watcher.wait_tokens(2)
-        await client.abort_request("pre/")
-        await first.task
-        await second.task
+        await client.abort_request("pre/")  # no request has this rid: nothing happens
+        await client.abort_request("pre/1")
+        await short.task
+        await longer.task
         assert not other.ended
         await client.abort_request("other")
-    assert first.task.result().aborted and second.task.result().aborted
+    assert short.task.result().aborted and longer.task.result().aborted and other.task.result().aborted
+    assert len(longer.task.result().output_ids) < LONG.max_new_tokens
 
 
 @pytest.mark.parametrize("how", ["pause_generation", "client.pause"])
@@ -455,16 +458,12 @@ async def test_memory_calls_sglang_would_fail_on_are_refused(client):
 
 # ------------------------------------------------------------ bad requests
 BAD_CALLS = {
-    "ids of wrong type": lambda c: c.generate(["a", "b"]),
     "empty input": lambda c: c.generate([]),
-    "empty batch element": lambda c: c.generate_batch([[1], []]),
+    "empty batch element": pytest.param(lambda c: c.generate_batch([[1], []]),
+                                        marks=pytest.mark.embedded_only("SGLang generates for an empty input in a batch")),
     "huge max_new_tokens": lambda c: c.generate(PROMPT, sampling_params={"max_new_tokens": 10**9}),
-    "out-of-vocab id": lambda c: c.generate([10**6]),
-    "negative id": lambda c: c.generate([-1]),
-    "bad sampling type": lambda c: c.generate(PROMPT, sampling_params={"temperature": "hot"}),
     "bad pause mode": lambda c: c.pause_generation("sideways"),
     "missing folder": lambda c: c.update_weights_from_disk("/no/such/folder"),
-    "no group": lambda c: c.update_weights_from_distributed(["x"], ["float32"], [[1]], group_name="none"),
     "destroy unknown group": lambda c: c.destroy_weights_update_group("none"),
     "mismatched shape": pytest.param(
         lambda c: c.update_weights_from_tensor({"model.embed_tokens.weight": torch.zeros(3, 3)}),
@@ -483,6 +482,26 @@ async def test_bad_request_is_refused_and_the_engine_keeps_serving(client, call)
     assert 400 <= refused.value.status < 500 and len(refused.value.message) > 5
     assert await client.get_weight_version() == version  # a refused update changed nothing
     assert len((await client.generate(PROMPT, sampling_params=SHORT)).output_ids) == 6
+
+
+# What SGLang does not check and ends on (measured): the client refuses it before anything is sent.
+UNSENDABLE = {
+    "out-of-vocab id": lambda c: c.generate([10**6]),  # SGLang: CUDA device-side assert
+    "negative id": lambda c: c.generate([-1]),  # SGLang: CUDA device-side assert
+    "ids of wrong type": lambda c: c.generate(["a", "b"]),
+    "bad sampling type": lambda c: c.generate(PROMPT, sampling_params={"temperature": "hot"}),  # SGLang: 500
+    "top_p out of range": lambda c: c.generate_batch([PROMPT], sampling_params=[{"top_p": 0.0}]),
+    "update of a group never opened": lambda c: c.update_weights_from_distributed(  # SGLang: scheduler assertion
+        ["x"], ["float32"], [[1]], group_name="none"),
+}
+
+
+@pytest.mark.parametrize("call", UNSENDABLE.values(), ids=UNSENDABLE.keys())
+async def test_requests_that_would_end_sglang_never_leave_the_client(engine, call):
+    async with EngineClient(engine.ensure_running().url, vocab_size=vocab_size_of(engine.spec.model)) as client:
+        with pytest.raises(InvalidRequest):
+            await call(client)
+        assert len((await client.generate(PROMPT, sampling_params=SHORT)).output_ids) == 6
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,17 @@ def test_stream_accumulator_handles_cumulative_ids_with_delta_logprobs():
     assert last.output_logprobs == pytest.approx([-0.1, -0.2, -0.3])
 
 
+def test_a_stream_never_holds_more_tokens_than_the_engine_counted():
+    """SGLang 0.5.17's last chunk of a request aborted in its waiting queue repeats the last token id
+    (measured: 7 ids, 6 logprobs, completion_tokens 6); the count is the truth."""
+    accumulator = _StreamAccumulator()
+    for ids, logprobs, total in (([1, 2, 3], [-1.0] * 3, 3), ([3], [], 3)):
+        last = accumulator.add(parse({"text": "", "output_ids": ids, "meta_info": {
+            "completion_tokens": total, "output_token_logprobs": [[lp, 0, None] for lp in logprobs],
+            "weight_version": "0"}}))
+    assert last.output_ids == [1, 2, 3] and len(last.output_logprobs) == 3 == len(last.output_token_weight_versions)
+
+
 def test_unexpected_reply_shape_is_a_protocol_error():
     from rollout_workers.client import EngineProtocolError
 

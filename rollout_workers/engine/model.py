@@ -43,6 +43,16 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def vocab_size_of(folder: str | os.PathLike) -> int | None:
+    """The model's vocabulary size from its config.json, without loading anything else."""
+    import json
+
+    try:
+        return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def has_tokenizer(path: Path) -> bool:
     return any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 

@@ -212,8 +212,12 @@ class EngineCore:
         (self.held if self.paused else self.waiting).extend(sequences)
 
     def abort(self, rid: str | None, message: str = "aborted by request") -> int:
-        """Engine thread. rid None aborts everything; a rid aborts every request whose rid starts with
-        it (SGLang matches prefixes). Returns how many sequences were aborted."""
+        """Engine thread. rid None aborts everything. A rid that names a live request aborts it and
+        every other request whose rid starts with it, as SGLang does (its tokenizer manager needs the
+        exact rid, its scheduler then matches prefixes); any other rid aborts nothing.
+        Returns how many sequences were aborted."""
+        if rid is not None and not self.is_live(rid):
+            return 0
         return self._abort_where(lambda seq: rid is None or seq.rid.startswith(rid), message)
 
     def _abort_where(self, predicate: Callable[[Sequence], bool], message: str) -> int:

@@ -5,7 +5,7 @@ Shapes follow contracts/sglang_rl_api.md. Where the contract is silent:
   /flush_cache and the memory endpoints answer `{"success": false, "message": ...}` with 400;
 - generating while weights or KV cache are released is 503;
 - aborting an unknown rid is 200 with `"aborted": 0` (SGLang semantics: the request
-  may just have finished, which is no error); a rid aborts every request whose rid starts with it;
+  may just have finished, which is no error); a live rid also aborts every rid it is a prefix of;
 - meta_info carries the extension `output_token_weight_versions`: the weight
   version that produced each output token;
 - with --api-key every path except /health and /health_generate needs
