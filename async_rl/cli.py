@@ -17,7 +17,7 @@ SUBCOMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("buffer", "serve"), "buffer.service", "run the replay-buffer service"),
     (("buffer", "inspect"), "buffer.inspect", "print a buffer's counts by version and staleness"),
     (("run",), "async_rl.orchestrator", "run a recipe: engines, rollout workers, buffer and trainer"),
-    (("sweep",), "staleness.sweep", "run a staleness/APRIL grid and write a report"),
+    (("sweep",), "staleness.experiments.sweep", "run a staleness/APRIL grid and write a report"),
     (("trace", "merge"), "async_rl.trace", "merge a run's per-process trace files into RUN_DIR/trace.json (ui.perfetto.dev)"),
 ]
 

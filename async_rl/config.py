@@ -1,15 +1,17 @@
 """A run's configuration: one TOML recipe decoded into typed, validated Structs.
 
-Every recipe table is a msgspec Struct (`*Section`), so a typo or a wrong type
-fails at startup with the key's path instead of as a strange error mid-run.
-Components take their own section (or build their own config from it); the
-loss table is the trainer's own `staleness.config.LossConfig`, reused as is.
+Every table is the Struct of the component that uses it, defined once: [trainer] is
+async_rl.trainer.config.TrainerConfig, [staleness] staleness.config.StalenessConfig, [buffer]
+buffer.config.BufferConfig; the tables below are read by the orchestrator, the engines, the workers
+and the weight sync directly. Each field has its docstring. A typo or a wrong type fails at start-up
+with the key's path instead of as a strange error mid-run. Every component process reads the
+resolved config.json of its run (`read_run_config`).
 
-    cfg = load_config("tiny", overrides=["trainer.lr=3e-3", "staleness.eta=2"])
+    config = load_config("tiny", overrides=["trainer.lr=3e-3", "staleness.eta=2"])
 
-"module:function" strings (task generator, generate and reward functions) are
-only checked for shape here and imported where they run (`import_function`),
-so loading a config never imports torch or user code.
+"module:function" strings (task generator, sample plan, generate and reward functions) are only
+checked for shape here and imported where they run (`import_function`), so loading a config never
+imports torch or user code.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any, Literal
 
 import msgspec
 
-# check_field raises "field=value must be rule"; the loader prefixes the section path.
-from staleness.config import LossConfig, check_field
+from async_rl.checks import check_device, check_field
+from async_rl.trainer.config import TrainerConfig
+from buffer.config import BufferConfig
+from staleness.config import StalenessConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -36,90 +40,91 @@ class ConfigError(ValueError):
     """A recipe or override that cannot run; the message names the key path."""
 
 
-def _check_device(device: str | None) -> None:
-    check_field(device is None or bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", device)), "device", device,
-                "auto, cpu, cuda or cuda:N")
-
-
 def _check_function_spec(field: str, spec: str | None) -> None:
     check_field(spec is None or bool(_FUNCTION_SPEC.match(spec)), field, spec, 'of the form "package.module:function"')
 
 
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class ModelSection(_Section):
-    """[model] The policy every engine serves and the trainer optimises.
-
-    spec: a local Hugging Face folder, or `tiny:llama` / `tiny:qwen2` (random-init
-    char-level model, built once into the model cache) or `smollm2` (the bundled
-    SmolLM2-135M-Instruct GGUF, dequantized). Hub ids are not fetched.
-    dtype: weights/compute dtype for engines and trainer forward passes.
-    device: auto (cuda if present, else cpu) | cpu | cuda | cuda:N; the default for
-    engine.device and trainer.device (e.g. engines on cuda:0, trainer on cuda:1).
-    """
+class ModelConfig(_Table):
+    """[model] The policy every engine serves and the trainer optimises."""
 
     spec: str = "tiny:llama"
+    """A local Hugging Face folder, or tiny:llama / tiny:qwen2 (random-init char-level model, built once
+    into the model cache) or smollm2 (the bundled SmolLM2-135M-Instruct GGUF, dequantized). Hub ids are not fetched."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights/compute dtype of engines and trainer forward passes."""
     device: str = "auto"
+    """auto (cuda if present, else cpu) | cpu | cuda | cuda:N: the default of engine.device and trainer.device."""
 
     def __post_init__(self) -> None:
         check_field(bool(self.spec), "spec", self.spec, "a model folder, tiny:llama, tiny:qwen2 or smollm2")
-        _check_device(self.device)
+        check_device("device", self.device)
 
 
-class EngineSection(_Section):
-    """[engine] Rollout engines: all speak SGLang's RL HTTP API.
-
-    kind: embedded (this package's CPU/GPU engine) | sglang (real SGLang server).
-    count: engine processes; workers spread requests over all of them.
-    extra_args: appended verbatim to each engine's command line.
-    api_key: engines require `Authorization: Bearer KEY`; None = open (loopback only).
-    max_running_requests: per-engine concurrency cap (SGLang's flag of the same name).
-    device: the engines' device; None = model.device. For SGLang a cuda:N becomes --base-gpu-id N
-    (None: SGLang's own default, GPU 0).
-    start_timeout_s: how long an engine may take to answer /health after it starts (SGLang
-    compiles kernels on its first start); every component that needs the engines waits this long.
-    """
+class EngineConfig(_Table):
+    """[engine] Rollout engines: all speak SGLang's RL HTTP API."""
 
     kind: Literal["embedded", "sglang"] = "embedded"
+    """embedded (this package's CPU/GPU engine) | sglang (a real `python -m sglang.launch_server`)."""
     count: int = 1
+    """Engine processes; workers spread requests over all of them."""
     extra_args: list[str] = []
+    """Appended verbatim to each engine's command line (SGLang flags go through unchanged)."""
     api_key: str | None = None
+    """Engines require `Authorization: Bearer KEY`; None = open (loopback only)."""
     host: str = "127.0.0.1"
+    """Where the engines listen."""
     max_running_requests: int = 256
+    """Per-engine concurrency cap (SGLang's flag of the same name)."""
     device: str | None = None
+    """The engines' device; None = model.device. For SGLang a cuda:N becomes --base-gpu-id N
+    (None: SGLang's own default, GPU 0)."""
     start_timeout_s: float = 300.0
+    """How long an engine may take to answer /health after it starts (SGLang compiles kernels on its
+    first start); every component that needs the engines waits this long."""
 
     def __post_init__(self) -> None:
-        _check_device(self.device)
+        check_device("device", self.device)
         check_field(self.count >= 1, "count", self.count, ">= 1")
-        check_field(self.start_timeout_s > 0, "start_timeout_s", self.start_timeout_s, "> 0")
         check_field(self.max_running_requests >= 1, "max_running_requests", self.max_running_requests, ">= 1")
+        check_field(self.start_timeout_s > 0, "start_timeout_s", self.start_timeout_s, "> 0")
 
 
-class RolloutSection(_Section):
+class RolloutConfig(_Table):
     """[rollout] How each prompt becomes a scored group of responses.
 
-    workers: rollout worker processes. group_size: responses per prompt (the GRPO group).
-    generate: "module:function" turning one prompt into a trajectory (single-turn by default;
-    multi-turn/tool functions plug in here). reward: "module:function" with signature
-    `(prompt, response, metadata) -> float` (or async); see recipes.rewards.
-    chat_template: wrap each prompt as a user turn with the tokenizer's chat template
-    (instruct models); off for the tiny char-level model, which has none.
-    reward_timeout_s: a reward slower than this scores 0.0 with an error recorded.
+    Two ways to generate, named explicitly: by default the worker drives every group itself, one
+    batched request per engine visit, and an interrupted sample (a weight sync in abort mode, an APRIL
+    retraction) is continued from its partial response; `sample_plan` may change how each sample is
+    asked for (e.g. a forced length). A custom `generate` function (multi-turn, tools) takes the whole
+    group instead, and an interrupted group is generated again.
     """
 
     workers: int = 1
+    """Rollout worker processes; each owns an equal share of every batch."""
     group_size: int = 8
+    """Responses per prompt: the GRPO group."""
     max_new_tokens: int = 64
+    """Response budget of one sample."""
     temperature: float = 1.0
+    """Sampling temperature; behaviour logprobs are those of softmax(logits / T)."""
     top_p: float = 1.0
+    """Nucleus sampling mass."""
     chat_template: bool = False
-    generate: str = "rollout_workers.generate:single_turn"
+    """Wrap each prompt as a user turn with the tokenizer's chat template (instruct models)."""
+    sample_plan: str | None = None
+    """"module:function" `(sampling_params, group_size) -> one params dict per sample` for the
+    worker-driven path; None = the same params for every sample (rollout_workers.generate:same_params)."""
+    generate: str | None = None
+    """"module:function" `async (client, prompt_ids, sampling_params, group_size) -> list[Sample]`
+    that generates a whole group itself (rollout_workers/generate.py); set at most one of the two."""
     reward: str = "recipes.rewards:exact_match"
+    """"module:function" `(prompt, response, metadata) -> float` (or async); see recipes/rewards.py."""
     reward_timeout_s: float = 10.0
+    """A reward slower than this scores 0.0 with the error recorded."""
 
     def __post_init__(self) -> None:
         check_field(self.workers >= 1, "workers", self.workers, ">= 1")
@@ -128,25 +133,29 @@ class RolloutSection(_Section):
         check_field(self.temperature >= 0, "temperature", self.temperature, ">= 0")
         check_field(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         check_field(self.reward_timeout_s > 0, "reward_timeout_s", self.reward_timeout_s, "> 0")
+        _check_function_spec("sample_plan", self.sample_plan)
         _check_function_spec("generate", self.generate)
         _check_function_spec("reward", self.reward)
+        check_field(self.sample_plan is None or self.generate is None, "generate", self.generate,
+                    "unset when sample_plan is set: a custom generate function takes the whole group")
 
 
-class TaskSection(_Section):
-    """[task] Where prompts come from: exactly one of a generator or a dataset.
-
-    generator: "module:function" called as `f(seed=seed, **kwargs)`, returning an
-    iterator of recipes.tasks.TaskSample (e.g. "recipes.tasks:digit_task").
-    dataset: a local .jsonl or .parquet file; rows give `prompt_field` and `answer_field`
-    (bad rows are reported and skipped). seed: makes the prompt order reproducible.
-    """
+class TaskConfig(_Table):
+    """[task] Where prompts come from: exactly one of a generator or a dataset (rollout_workers/tasks.py)."""
 
     generator: str | None = None
+    """"module:function" called as `f(seed=seed, **kwargs)`, returning an iterator of TaskSample
+    (e.g. "recipes.tasks:digit_task")."""
     kwargs: dict[str, Any] = {}
+    """Keyword arguments of the generator."""
     dataset: str | None = None
+    """A local .jsonl or .parquet file; bad rows are reported and skipped."""
     prompt_field: str = "prompt"
+    """The dataset column holding the prompt."""
     answer_field: str = "answer"
+    """The dataset column holding what the reward checks against."""
     seed: int = 0
+    """Makes the prompt order reproducible (worker w uses seed + w)."""
 
     def __post_init__(self) -> None:
         if (self.generator is None) == (self.dataset is None):
@@ -154,142 +163,70 @@ class TaskSection(_Section):
         _check_function_spec("generator", self.generator)
 
 
-class TrainerSection(_Section):
-    """[trainer] The optimiser loop (fields share names with async_rl.trainer's TrainerConfig).
-
-    groups_per_step: GRPO groups per optimizer step (batch = groups_per_step * rollout.group_size
-    samples). max_tokens_per_microbatch: padded tokens per forward, bounding activation memory.
-    total_steps: the run ends after this many published versions. ckpt_dir: "" = <run.output_dir>/checkpoints;
-    checkpoint_interval: steps between checkpoints, 0 = only at the end. device: None = model.device.
-    processes: data-parallel trainer ranks (FSDP2, one per GPU: device must then be cuda, or cpu for gloo),
-    launched under torchrun; rank 0 talks to the buffer and the engines.
-    [trainer.loss]: objective and off-policy correction (staleness.config.LossConfig).
-    """
-
-    lr: float = 1e-6
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    groups_per_step: int = 8
-    max_tokens_per_microbatch: int = 16384
-    total_steps: int = 100
-    seed: int = 0
-    ckpt_dir: str = ""
-    checkpoint_interval: int = 0
-    device: str | None = None
-    processes: int = 1
-    loss: LossConfig = msgspec.field(default_factory=LossConfig)
-
-    def __post_init__(self) -> None:
-        _check_device(self.device)
-        check_field(self.processes >= 1, "processes", self.processes, ">= 1")
-        check_field(self.processes == 1 or not (self.device or "").startswith("cuda:"), "device", self.device,
-                    "cuda, cpu or auto when processes > 1 (rank r takes cuda:r)")
-        check_field(self.lr >= 0, "lr", self.lr, ">= 0")
-        check_field(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
-        check_field(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
-        check_field(self.groups_per_step >= 1, "groups_per_step", self.groups_per_step, ">= 1")
-        check_field(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch", self.max_tokens_per_microbatch, ">= 1")
-        check_field(self.total_steps >= 1, "total_steps", self.total_steps, ">= 1")
-        check_field(self.checkpoint_interval >= 0, "checkpoint_interval", self.checkpoint_interval, ">= 0")
-
-
-class StalenessSection(_Section):
-    """[staleness] The off-policy bound eta: nothing staler than eta versions is trained on,
-    and admission control stops generating what would break it. max_in_flight caps
-    concurrent rollouts regardless (None = only the staleness budget limits)."""
-
-    eta: int = 1
-    max_in_flight: int | None = None
-
-    def __post_init__(self) -> None:
-        check_field(self.eta >= 0, "eta", self.eta, ">= 0")
-        check_field(self.max_in_flight is None or self.max_in_flight >= 1, "max_in_flight", self.max_in_flight, ">= 1")
-
-
-class WeightSyncSection(_Section):
-    """[weight_sync] How new weights reach the engines after each step.
-
-    method: disk (safetensors folder + update_weights_from_disk) | tensor (in-memory
-    tensors, same host) | distributed (NCCL broadcast group). pause_mode: what engines do
-    with running requests during the update: abort (drop, retried later), retract (keep
-    partial tokens and resume after), in_place (update between decode steps, no pause).
-    dir: where disk snapshots go; "" = <run.output_dir>/weights.
-    """
+class WeightSyncConfig(_Table):
+    """[weight_sync] How new weights reach the engines after each step (async_rl/weight_sync.py)."""
 
     method: Literal["disk", "tensor", "distributed"] = "disk"
+    """disk (safetensors folder + update_weights_from_disk) | tensor (in the request body; embedded
+    engines only) | distributed (a broadcast group: NCCL on GPUs, gloo on CPU)."""
     pause_mode: Literal["abort", "retract", "in_place"] = "retract"
+    """What engines do with running requests during the update: abort (they return their partial output
+    and are continued from it), retract (they leave the batch and resume after, KV recomputed) or
+    in_place (they stay, KV kept)."""
     dir: str = ""
+    """Where disk snapshots go; "" = <run.output_dir>/weights."""
 
 
-class BufferSection(_Section):
-    """[buffer] The replay buffer service and its write-ahead log.
-
-    dir: WAL location; "" = <run.output_dir>/buffer. fsync: make each acknowledged
-    trajectory durable before the ack (off = faster, loses the last writes on power loss).
-    capacity: most trajectories held; producers wait when full.
-    """
-
-    dir: str = ""
-    fsync: bool = True
-    capacity: int = 100_000
-
-    def __post_init__(self) -> None:
-        check_field(self.capacity >= 1, "capacity", self.capacity, ">= 1")
-
-
-class AprilSection(_Section):
-    """[april] Active partial rollouts (rollout_workers/april.py): rollout rounds of
-    ceil((1 + alpha) x the batch) groups; once a round's batch of complete groups is in,
-    its unfinished long tail is retracted and recycled as partial rollouts (tokens,
-    behavior logprobs and per-token versions kept), resumed first when the next round starts.
-    pause_mode: how engines stop the tail: abort (the pause returns every request, the ones
-    not retracted are continued at once), retract (requests leave the batch, KV dropped)
-    or in_place (requests stay put); with retract and in_place the tail's requests are
-    then aborted one by one, which returns their partial output.
-    Needs a resumable rollout.generate (rollout_workers/generate.py)."""
+class AprilConfig(_Table):
+    """[april] Active partial rollouts (rollout_workers/april.py): rounds of ceil((1 + alpha) x the batch)
+    groups; once a round's batch of complete groups is in, its unfinished long tail is retracted and
+    recycled as partial rollouts (tokens, behaviour logprobs and per-token versions kept), resumed first
+    when the next round starts. Needs the worker-driven path (no rollout.generate)."""
 
     enabled: bool = False
+    """Run rollouts in APRIL rounds instead of plain asynchronous admission."""
     alpha: float = 0.5
+    """Over-provisioning: a round launches (1 + alpha) x its share of the batch."""
     pause_mode: Literal["abort", "retract", "in_place"] = "retract"
+    """How engines stop the tail: abort (the pause returns every request, the ones not retracted are
+    continued at once), retract (requests leave the batch, KV dropped) or in_place (they stay put);
+    with retract and in_place the tail's requests are then aborted one by one."""
 
     def __post_init__(self) -> None:
         check_field(self.alpha >= 0, "alpha", self.alpha, ">= 0")
 
 
-class RunSection(_Section):
-    """[run] The run as a whole.
-
-    output_dir: logs, metrics.jsonl, TensorBoard events, buffer, weights and checkpoints.
-    sync: strictly on-policy baseline (generate, then train, then sync; needs staleness.eta = 0).
-    log_interval: steps between metric lines. max_wall_s: stop cleanly after this long (None = no limit).
-    """
+class RunOptions(_Table):
+    """[run] The run as a whole."""
 
     output_dir: str = "runs/latest"
+    """Logs, metrics.jsonl, TensorBoard events, buffer, weights, checkpoints and the trace."""
     sync: bool = False
+    """Strictly on-policy baseline: generate, then train, then sync (needs staleness.eta = 0)."""
     log_interval: int = 1
+    """Steps between metric lines."""
     max_wall_s: float | None = None
+    """Stop cleanly after this long; None = no limit."""
 
     def __post_init__(self) -> None:
         check_field(self.log_interval >= 1, "log_interval", self.log_interval, ">= 1")
         check_field(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", self.max_wall_s, "> 0")
 
 
-class RunConfig(_Section):
+class RunConfig(_Table):
     """The whole recipe; every table is optional and defaults to its Struct's defaults,
     except [task], which a run cannot guess."""
 
-    task: TaskSection
-    model: ModelSection = msgspec.field(default_factory=ModelSection)
-    engine: EngineSection = msgspec.field(default_factory=EngineSection)
-    rollout: RolloutSection = msgspec.field(default_factory=RolloutSection)
-    trainer: TrainerSection = msgspec.field(default_factory=TrainerSection)
-    staleness: StalenessSection = msgspec.field(default_factory=StalenessSection)
-    weight_sync: WeightSyncSection = msgspec.field(default_factory=WeightSyncSection)
-    buffer: BufferSection = msgspec.field(default_factory=BufferSection)
-    april: AprilSection = msgspec.field(default_factory=AprilSection)
-    run: RunSection = msgspec.field(default_factory=RunSection)
+    task: TaskConfig
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = msgspec.field(default_factory=TrainerConfig)
+    staleness: StalenessConfig = msgspec.field(default_factory=StalenessConfig)
+    weight_sync: WeightSyncConfig = msgspec.field(default_factory=WeightSyncConfig)
+    buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    april: AprilConfig = msgspec.field(default_factory=AprilConfig)
+    run: RunOptions = msgspec.field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:
         if self.weight_sync.method == "tensor" and self.engine.kind == "sglang":
@@ -298,6 +235,9 @@ class RunConfig(_Section):
                              "this project never pickles; use \"disk\" or \"distributed\"")
         if self.run.sync and self.staleness.eta != 0:
             raise ValueError(f"run.sync = true trains strictly on-policy: set staleness.eta = 0 (got {self.staleness.eta})")
+        if self.april.enabled and self.rollout.generate is not None:
+            raise ValueError(f"april.enabled retracts and resumes samples, which the worker-driven path does: unset "
+                             f"rollout.generate ({self.rollout.generate}) and use rollout.sample_plan")
 
     @property
     def batch_size(self) -> int:
@@ -311,6 +251,11 @@ class RunConfig(_Section):
     def to_json(self) -> bytes:
         """The fully resolved config, saved beside a run's outputs for reproducibility."""
         return msgspec.json.format(msgspec.json.encode(self), indent=2)
+
+
+def read_run_config(path: str | Path) -> RunConfig:
+    """A run's resolved config.json: how every component process reads its settings."""
+    return msgspec.json.decode(Path(path).read_bytes(), type=RunConfig)
 
 
 # ---- loading -------------------------------------------------------------------------------

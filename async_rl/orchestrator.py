@@ -52,13 +52,10 @@ def check_supported(config: RunConfig) -> None:
         raise ConfigError(f"trainer.groups_per_step={config.trainer.groups_per_step} must be a multiple of "
                           f"rollout.workers={config.rollout.workers}: each worker owns an equal share of every batch")
     # Fail before starting anything, not as a worker's traceback a minute later.
-    for spec in (config.rollout.generate, config.rollout.reward, config.task.generator):
+    for spec in (config.rollout.generate, config.rollout.sample_plan, config.rollout.reward, config.task.generator):
         if spec is not None:
             import_function(spec)
     _check_broadcast_devices(config)
-    if config.april.enabled and getattr(import_function(config.rollout.generate), "sample_params", None) is None:
-        raise ConfigError(f"april.enabled needs a resumable rollout.generate (one with a sample_params plan, e.g. "
-                          f"rollout_workers.generate:single_turn), not {config.rollout.generate}")
 
 
 def _check_broadcast_devices(config: RunConfig) -> None:
@@ -130,7 +127,6 @@ async def run(config: RunConfig) -> int:
     submit, serve, versions = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engines = ",".join(engine_urls)
     common = ["--config", str(config_path), "--model-dir", str(model_dir), "--engines", engines]
-    buffer_fsync = "always" if config.buffer.fsync else "never"
 
     print(f"run dir {run_dir}  model {model_dir}  engines {engines}  start version {start_version}", flush=True)
     if start_version >= config.trainer.total_steps:
@@ -144,9 +140,8 @@ async def run(config: RunConfig) -> int:
             for spec in engine_specs:
                 await supervisor.start(spec)
             await supervisor.start(ProcessSpec(name="buffer", env=env, argv=[
-                python, "-m", "async_rl.cli", "buffer", "serve", "--dir", str(config.output_path(config.buffer.dir, "buffer")),
-                "--bind-submit", submit, "--bind-serve", serve, "--max-staleness", str(config.staleness.eta),
-                "--capacity", str(config.buffer.capacity), "--fsync", buffer_fsync]))
+                python, "-m", "async_rl.cli", "buffer", "serve", "--config", str(config_path),
+                "--bind-submit", submit, "--bind-serve", serve]))
             await supervisor.start(ProcessSpec(name="trainer", finishes_run=True, env=env, argv=[
                 *_trainer_launcher(python, config.trainer.processes), *common, "--serve", serve, "--versions", versions]))
             for w in range(config.rollout.workers):

@@ -17,9 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import msgspec
 
-from async_rl.config import RunConfig
+from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import BatchResponse, Trajectory, WeightsPublished, encode, make_decoder
 from async_rl.metrics import MetricsSink
 from async_rl.trace import TRACE_DIR, Tracer
@@ -33,17 +32,15 @@ TRACK = "trainer"
 _batch_decoder = make_decoder(list[Trajectory])
 
 
-def trainer_config(config: RunConfig, model_dir: Path):
-    """The recipe's [trainer] table as the trainer's own config (the shared fields have the same names)."""
-    from async_rl.trainer.config import TrainerConfig
+def trainer_context(config: RunConfig, model_dir: Path):
+    """What the run decides for the trainer; the recipe's [trainer] table is its TrainerConfig as is."""
+    from async_rl.trainer.config import TrainerContext
 
-    t = config.trainer
-    return TrainerConfig(
-        model_path=str(model_dir), ckpt_dir=str(config.output_path(t.ckpt_dir, "checkpoints")), device=t.device or config.model.device,
-        compute_dtype="bfloat16" if config.model.dtype == "bfloat16" else "float32", seed=t.seed, lr=t.lr,
-        lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.total_steps, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, max_tokens_per_microbatch=t.max_tokens_per_microbatch,
-        max_staleness=config.staleness.eta, loss=t.loss,
+    return TrainerContext(
+        model_path=str(model_dir), ckpt_dir=str(config.output_path(config.trainer.ckpt_dir, "checkpoints")),
+        device=config.trainer.device or config.model.device,
+        compute_dtype="bfloat16" if config.model.dtype == "bfloat16" else "float32",
+        max_staleness=config.staleness.eta,
         # Engines report logprobs of the distribution they sampled from: softmax(logits / T).
         logprob_temperature=config.rollout.temperature or 1.0,
     )
@@ -84,7 +81,7 @@ async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serv
     rank 0 leads (buffer, engines, metrics, versions) and hands each batch to the other ranks."""
     from async_rl.trainer.trainer import Trainer
 
-    trainer = Trainer.resume_or_new(trainer_config(config, model_dir))
+    trainer = Trainer.resume_or_new(config.trainer, trainer_context(config, model_dir))
     if trainer.rank == 0:
         await lead(trainer, config, engine_urls, serve, versions)
     else:
@@ -217,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--versions", required=True, help="PUB endpoint for WeightsPublished")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = msgspec.json.decode(args.config.read_bytes(), type=RunConfig)
+    config = read_run_config(args.config)
     asyncio.run(train(config, args.model_dir, args.engines.split(","), args.serve, args.versions))
     return 0
 

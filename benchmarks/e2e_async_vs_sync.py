@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders (traces, logs) here")
     args = parser.parse_args()
     common = [
-        "rollout.generate='recipes.long_tail:lognormal_lengths'", f"rollout.max_new_tokens={args.max_new_tokens}",
+        "rollout.sample_plan='recipes.long_tail:forced_lengths'", f"rollout.max_new_tokens={args.max_new_tokens}",
         f"trainer.total_steps={args.steps}", *args.overrides,
     ]
     with tempfile.TemporaryDirectory(prefix="e2e-bench-") as scratch:

@@ -8,7 +8,7 @@ orchestrator accepts it. Every simulator input is measured, none is guessed:
 - train cost vs tokens and weight-sync time: the run's own metrics ("step_seconds",
   "weight_sync/seconds"), with the fraction of engines busy during each step (colocation cost);
 - decode step cost vs batch size and the engines' slowdown while the trainer trains: the run's own
-  engine counters (/get_server_info polled every 50 ms), see staleness.sim_calibrate.fit_engine_counters;
+  engine counters (/get_server_info polled every 50 ms), see staleness.experiments.sim_calibrate.fit_engine_counters;
 - per-sequence request cost: a probe engine (same model and threads) timed through the real client
   just before each run: the slope of burst time vs burst size for one-token sequences, sent in
   requests of --probe-request-size sequences as the worker sends them (a step's requests land in a
@@ -19,7 +19,7 @@ orchestrator accepts it. Every simulator input is measured, none is guessed:
 
 The costs are fitted on the runs named by --fit-on (all rounds), then every run is predicted.
 Throughput is trained samples/s between the 3rd and the last step, in the run and in the simulator.
-The run folders stay in --out: `python -m staleness.sim_calibrate FOLDER...` refits them.
+The run folders stay in --out: `python -m staleness.experiments.sim_calibrate FOLDER...` refits them.
 
     .venv/bin/python benchmarks/sim_calibration.py [--rounds 3] [--steps 20] [--max-new-tokens 64]
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import msgspec
 
-from staleness.sim_calibrate import (ENGINE_COUNTERS_FILE, ENGINE_PROBE_FILE, EngineCosts, EngineSnapshot, MeasuredRun,
+from staleness.experiments.sim_calibrate import (ENGINE_COUNTERS_FILE, ENGINE_PROBE_FILE, EngineCosts, EngineSnapshot, MeasuredRun,
                                      PredictionError, calibrate, error_table, prediction_error, read_run)
 
 SKIP_STEPS = 2  # the rate starts at the 3rd step, as in benchmarks/e2e_async_vs_sync.py
@@ -167,7 +167,7 @@ def main() -> None:
     from async_rl.config import load_config
     from rollout_workers.launcher import EngineProcess, EngineSpec
 
-    common = ["rollout.generate='recipes.long_tail:lognormal_lengths'", f"rollout.max_new_tokens={args.max_new_tokens}",
+    common = ["rollout.sample_plan='recipes.long_tail:forced_lengths'", f"rollout.max_new_tokens={args.max_new_tokens}",
               f"trainer.total_steps={args.steps}", "run.max_wall_s=240", *args.overrides]
     todo = modes([int(e) for e in args.etas.split(",")], args.april_eta, args.alpha)
     fit_modes = set(args.fit_on.split(","))

@@ -112,7 +112,7 @@ async def buffer_rates(count: int, fsync: str) -> tuple[float, float]:
     trajectories = [make_trajectory(i) for i in range(count)]
     with tempfile.TemporaryDirectory() as directory:
         process = subprocess.Popen(
-            [sys.executable, "-m", "async_rl.cli", "buffer", "serve", "--dir", directory, "--fsync", fsync,
+            [sys.executable, "-m", "async_rl.cli", "buffer", "serve", "--dir", directory, "--set", f"fsync={fsync}",
              "--bind-submit", submit, "--bind-serve", serve], cwd=REPO, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True)
         try:

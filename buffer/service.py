@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,34 +34,16 @@ from async_rl.messages import (
     BatchRequest, BatchResponse, Message, MessageError, PartialsResponse, Rejected, StatsRequest, TakePartials,
     TrajectoryAck, decode, encode,
 )
+from buffer.config import BufferConfig
 from buffer.frames import read_header
-from buffer.replay import ReplayBuffer, Sampling, StalePolicy
-from buffer.wal import FsyncPolicy, Put, WriteAheadLog
+from buffer.replay import ReplayBuffer
+from buffer.wal import Put, WriteAheadLog
 
 log = logging.getLogger("buffer.service")
 
 WAL_NAME = "buffer.wal"
 _DRAIN = 512  # messages handled per WAL commit (group commit)
 _REPLY_CACHE = 64
-
-
-@dataclass
-class BufferConfig:
-    directory: Path
-    submit: str = "tcp://127.0.0.1:5601"
-    serve: str = "tcp://127.0.0.1:5602"
-    capacity: int = 65536
-    # Hard ceiling on staleness: a BatchRequest may ask for less, never more.
-    max_staleness: int = 4
-    stale_policy: StalePolicy = "drop"
-    sampling: Sampling = "fifo"
-    fsync: FsyncPolicy = "batch"
-    fsync_interval_s: float = 1.0
-    max_frame_bytes: int = 64 << 20
-    compact_min_bytes: int = 64 << 20
-    hwm: int = 1000
-    curve: zmq_auth.CurveServer | None = None
-    allow_insecure_bind: bool = False
 
 
 @dataclass
@@ -74,14 +57,24 @@ class _PendingBatch:
 
 @dataclass
 class BufferService:
-    """Usable in-process (`await service.run()`, cancel to stop) or via `async-rl buffer serve`."""
+    """Usable in-process (`await service.run()`, cancel to stop) or via `async-rl buffer serve`.
+
+    `config` is the recipe's [buffer]; the rest is the run's wiring: the log's folder, the two
+    endpoints to bind ("tcp://127.0.0.1:*" picks a port; `endpoints` then tells which), the hard
+    ceiling on staleness (staleness.eta: a BatchRequest may ask for less, never more) and CURVE.
+    """
 
     config: BufferConfig
+    directory: Path
+    submit: str
+    serve: str
+    max_staleness: int
+    curve: zmq_auth.CurveServer | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.config.directory.mkdir(parents=True, exist_ok=True)
-        self.wal = WriteAheadLog(self.config.directory / WAL_NAME, self.config.fsync, self.config.fsync_interval_s)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.wal = WriteAheadLog(self.directory / WAL_NAME, self.config.fsync, self.config.fsync_interval_s)
         self.buffer = ReplayBuffer(self.config.capacity, self.config.stale_policy, self.config.sampling)
         for record in self.wal.recovered:
             self.buffer.apply(record)
@@ -93,7 +86,7 @@ class BufferService:
 
     async def run(self) -> None:
         context = zmq.asyncio.Context()
-        authenticator = zmq_auth.start_authenticator(context, self.config.curve) if self.config.curve else None
+        authenticator = zmq_auth.start_authenticator(context, self.curve) if self.curve else None
         sockets = {name: self._bind(context, name) for name in ("submit", "serve")}
         self.ready.set()
         try:
@@ -111,15 +104,15 @@ class BufferService:
             self.wal.close()
 
     def _bind(self, context: zmq.asyncio.Context, name: str) -> zmq.asyncio.Socket:
-        endpoint = getattr(self.config, name)
-        zmq_auth.check_bind(endpoint, self.config.curve is not None, self.config.allow_insecure_bind)
+        endpoint = getattr(self, name)
+        zmq_auth.check_bind(endpoint, self.curve is not None, self.config.allow_insecure_bind)
         socket = context.socket(zmq.ROUTER)
         socket.sndhwm = socket.rcvhwm = self.config.hwm
         # Hard memory guard in libzmq; frames between max_frame_bytes and this are rejected with a reason.
         socket.maxmsgsize = 4 * self.config.max_frame_bytes
         socket.router_mandatory = False
-        if self.config.curve:
-            zmq_auth.secure_server(socket, self.config.curve)
+        if self.curve:
+            zmq_auth.secure_server(socket, self.curve)
         socket.bind(endpoint)
         self.endpoints[name] = socket.last_endpoint.decode()
         return socket
@@ -235,7 +228,7 @@ class BufferService:
             request = pending.request
             plan = self.buffer.plan_batch(
                 request.trainer_version, request.num_groups,
-                min(request.max_staleness, self.config.max_staleness), request.include_stale,
+                min(request.max_staleness, self.max_staleness), request.include_stale,
             )
             if plan.dropped is not None:
                 pending.dropped_stale += len(plan.dropped.sample_ids)
@@ -273,32 +266,36 @@ class BufferService:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, required=True, help="directory of the write-ahead log")
-    parser.add_argument("--bind-submit", default=BufferConfig.submit, help="ROUTER endpoint for trajectories")
-    parser.add_argument("--bind-serve", default=BufferConfig.serve, help="ROUTER endpoint for batch/stats requests")
-    parser.add_argument("--capacity", type=int, default=BufferConfig.capacity)
-    parser.add_argument("--max-staleness", type=int, default=BufferConfig.max_staleness)
-    parser.add_argument("--stale-policy", choices=["drop", "keep"], default="drop")
-    parser.add_argument("--sampling", choices=["fifo", "stalest_first", "freshest_first"], default="fifo")
-    parser.add_argument("--fsync", choices=["always", "batch", "never"], default="batch")
-    parser.add_argument("--fsync-interval", type=float, default=BufferConfig.fsync_interval_s)
-    parser.add_argument("--max-frame-bytes", type=int, default=BufferConfig.max_frame_bytes)
-    parser.add_argument("--compact-min-bytes", type=int, default=BufferConfig.compact_min_bytes)
-    parser.add_argument("--hwm", type=int, default=BufferConfig.hwm)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="a run's config.json: its [buffer], its staleness.eta and its folder")
+    source.add_argument("--dir", type=Path, help="standalone: the write-ahead log's folder, [buffer] defaults")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="standalone: a [buffer] setting, e.g. --set fsync=batch (repeatable)")
+    parser.add_argument("--max-staleness", type=int, default=4, help="standalone: the staleness ceiling")
+    parser.add_argument("--bind-submit", default="tcp://127.0.0.1:5601", help="ROUTER endpoint for trajectories")
+    parser.add_argument("--bind-serve", default="tcp://127.0.0.1:5602", help="ROUTER endpoint for batch/stats requests")
     parser.add_argument("--curve-secret", type=Path, help="server .key_secret file: enables CURVE")
     parser.add_argument("--curve-clients", type=Path, help="folder of authorized client .key files")
-    parser.add_argument("--allow-insecure-bind", action="store_true", help="bind beyond loopback without CURVE")
 
 
-def config_from_args(args: argparse.Namespace) -> BufferConfig:
-    return BufferConfig(
-        directory=args.dir, submit=args.bind_submit, serve=args.bind_serve, capacity=args.capacity,
-        max_staleness=args.max_staleness, stale_policy=args.stale_policy, sampling=args.sampling, fsync=args.fsync,
-        fsync_interval_s=args.fsync_interval, max_frame_bytes=args.max_frame_bytes,
-        compact_min_bytes=args.compact_min_bytes, hwm=args.hwm,
-        curve=zmq_auth.load_server(args.curve_secret, args.curve_clients) if args.curve_secret else None,
-        allow_insecure_bind=args.allow_insecure_bind,
-    )
+def service_from_args(args: argparse.Namespace) -> BufferService:
+    from async_rl.config import ConfigError, apply_override, read_run_config
+
+    if args.config is not None:
+        run = read_run_config(args.config)
+        config, directory, max_staleness = run.buffer, run.output_path(run.buffer.dir, "buffer"), run.staleness.eta
+    else:
+        table: dict = {}
+        for assignment in args.overrides:
+            apply_override(table, assignment)
+        try:
+            config = msgspec.convert(table, BufferConfig)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"--set: {exc}") from None
+        directory, max_staleness = args.dir, args.max_staleness
+    curve = zmq_auth.load_server(args.curve_secret, args.curve_clients) if args.curve_secret else None
+    return BufferService(config, directory=directory, submit=args.bind_submit, serve=args.bind_serve,
+                         max_staleness=max_staleness, curve=curve)
 
 
 async def _serve_until_signalled(service: BufferService) -> None:
@@ -313,8 +310,14 @@ async def _serve_until_signalled(service: BufferService) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from async_rl.config import ConfigError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    service = BufferService(config_from_args(args))
+    try:
+        service = service_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve_until_signalled(service))
     except asyncio.CancelledError:

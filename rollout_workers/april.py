@@ -1,6 +1,6 @@
 """The APRIL controller: over-provision rollout rounds, retract their long tail, recycle it.
 
-It follows the model in staleness/simulator.py (mode "april"), per worker with its share
+It follows the model in staleness/experiments/simulator.py (mode "april"), per worker with its share
 b = groups_per_step / workers of every batch:
 
 - Rollout rounds of ceil((1 + alpha) * b) groups, fewer by the groups carried over and by
@@ -44,12 +44,13 @@ import asyncio
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from async_rl.trace import Tracer
 from rollout_workers.client import EngineClientError, PauseMode
 from rollout_workers.group import GroupRollout, stop_group
+from staleness.admission import AdmissionController
 
 log = logging.getLogger("april")
 TRACK = "april"
@@ -57,7 +58,7 @@ TRACK = "april"
 
 @dataclass
 class AprilPlan:
-    """The round arithmetic alone (no I/O): the rules of staleness/simulator.py's april_rounds."""
+    """The round arithmetic alone (no I/O): the rules of staleness/experiments/simulator.py's april_rounds."""
 
     share: int  # b: this worker's groups per trainer step
     alpha: float
@@ -81,30 +82,36 @@ class AprilPlan:
         return max(0, self.round_size - carried - surplus)
 
 
+class GroupHost(Protocol):
+    """What the controller asks of the rollout worker that owns it (rollout_workers.worker.RolloutWorker)."""
+
+    admission: AdmissionController
+    active: dict[str, GroupRollout]  # the worker's groups in flight, by id
+
+    def start_group(self, group: GroupRollout) -> None:
+        """Run `group` to its end in the worker's task group."""
+
+    async def new_group(self, round_: int) -> GroupRollout | None:
+        """Admit and return a fresh group; None when the task source is exhausted."""
+
+    async def take_partials(self, max_n: int, min_version: int) -> list[GroupRollout]:
+        """The pool's partial groups fresh enough for a round (after every retracted group sent so far is durable)."""
+
+    def account_drop(self, group: GroupRollout, *, partial: bool = False, admitted: bool = True) -> None:
+        """Account for a group that will never be trained."""
+
+
 class AprilController:
-    """Owns the rounds; the worker supplies how to start a group and reports completions.
+    """Owns the rounds; its host worker starts groups, admits new ones and reports completions."""
 
-    `start_group(group)` runs a group to its end in the worker's task group; `new_group(round)`
-    admits and returns a fresh group (None when the task source is exhausted); `take_partials`
-    returns the pool's partial groups fresh enough for a round (after every retracted group sent
-    so far is durable there); `on_dropped(group, partial=, admitted=)` accounts for a group that
-    will never be trained.
-    """
-
-    def __init__(self, plan: AprilPlan, pool, pause_mode: PauseMode, tracer: Tracer, *, admission, group_size: int,
-                 active: dict[str, GroupRollout], start_group: Callable, new_group: Callable, take_partials: Callable,
-                 on_dropped: Callable[..., None]):
+    def __init__(self, plan: AprilPlan, pool, pause_mode: PauseMode, tracer: Tracer, *, host: GroupHost,
+                 group_size: int):
         self.plan = plan
         self.pool = pool
         self.pause_mode = pause_mode
         self.tracer = tracer
-        self.admission = admission
+        self.host = host
         self.group_size = group_size
-        self.start_group = start_group
-        self.new_group = new_group
-        self.take_partials = take_partials
-        self.on_dropped = on_dropped
-        self.active = active  # the worker's groups in flight, by id
         self.parked: dict[str, GroupRollout] = {}
         self.retracting: list[GroupRollout] = []  # stopped, their tasks may still be returning
         self._changed = asyncio.Event()
@@ -112,7 +119,7 @@ class AprilController:
 
     @property
     def accepted_groups(self) -> int:
-        return self.admission.accepted // self.group_size
+        return self.host.admission.accepted // self.group_size
 
     def wake(self) -> None:
         self._changed.set()
@@ -135,7 +142,7 @@ class AprilController:
             if plan.closable(self.accepted_groups):
                 closing = plan.round_close
                 plan.round_close += 1
-                tail = [g for g in self.active.values() if g.round == closing]
+                tail = [g for g in self.host.active.values() if g.round == closing]
                 for group in tail:
                     group.round = plan.round_close
                 if plan.round_close < plan.round_next:
@@ -148,7 +155,7 @@ class AprilController:
                 elif tail:
                     await self.retract(tail)
                 continue
-            if self.exhausted or not plan.launchable(self.admission.version):
+            if self.exhausted or not plan.launchable(self.host.admission.version):
                 return
             await self.launch()
 
@@ -158,11 +165,11 @@ class AprilController:
         carried = await self.resume_parked(r)
         count = plan.new_groups(self.accepted_groups, len(carried))
         log.info("round %d: %d resumed + %d new groups (v=%d, accepted %d groups)", r, len(carried), count,
-                 self.admission.version, self.accepted_groups)
-        self.tracer.instant(f"round {r}", TRACK, resumed=len(carried), new=count, version=self.admission.version)
+                 self.host.admission.version, self.accepted_groups)
+        self.tracer.instant(f"round {r}", TRACK, resumed=len(carried), new=count, version=self.host.admission.version)
         plan.round_next += 1
         for _ in range(count):
-            group = await self.new_group(r)
+            group = await self.host.new_group(r)
             if group is None:
                 self.exhausted = True
                 break
@@ -177,7 +184,7 @@ class AprilController:
             return []
         min_version = round_ - self.plan.eta
         with self.tracer.span("take partials", TRACK, round=round_, min_version=min_version) as span:
-            taken = await self.take_partials(len(self.parked) * self.group_size, min_version)
+            taken = await self.host.take_partials(len(self.parked) * self.group_size, min_version)
             span["groups"] = len(taken)
         by_id = {group.group_id: group for group in taken}
         resumed = []
@@ -186,24 +193,24 @@ class AprilController:
             # Retracted before its first token: nothing went to the pool, it restarts from here.
             group = by_id.pop(group_id, None) if parked.oldest_version is not None else parked
             if group is None:
-                self.on_dropped(parked, partial=True)
+                self.host.account_drop(parked, partial=True)
                 continue
             group.round, group.retracting = round_, False
             resumed.append(group)
             self._start(group)
         for group in by_id.values():  # left in the pool by an earlier run of this worker: adopt if budget allows
-            if self.admission.try_admit(group.size):
+            if self.host.admission.try_admit(group.size):
                 group.round = round_
                 resumed.append(group)
                 self._start(group)
             else:
-                self.on_dropped(group, partial=True, admitted=False)
+                self.host.account_drop(group, partial=True, admitted=False)
         return resumed
 
     def _start(self, group: GroupRollout) -> None:
-        self.active[group.group_id] = group  # at once: a round closing before its task runs must see it
+        self.host.active[group.group_id] = group  # at once: a round closing before its task runs must see it
         group.ended.clear()
-        self.start_group(group)
+        self.host.start_group(group)
 
     async def retract(self, tail: list[GroupRollout]) -> None:
         """Stop the tail on every engine that runs it; the group tasks then park it in the pool."""

@@ -1,28 +1,30 @@
-"""Generate functions: turn one prompt into a group of sampled responses.
+"""The two rollout plug-ins a recipe names under [rollout], and what both build on.
 
-The worker calls `await generate(client, prompt_ids, sampling_params, group_size)`
-for the function a recipe names under rollout.generate; a multi-turn or tool-using
-function plugs in with the same signature and returns the same `Sample`s.
-
-A single-turn function can also be *resumable*: it says, through a `sample_params`
-attribute (`(sampling_params, group_size) -> one params dict per sample`), how each
-sample is asked for. The worker then drives the group itself, one batched request
-per engine visit, and an interrupted sample (a weight sync in abort mode, an APRIL
-retraction) is continued from prompt + partial response with the remaining budget
-(`continuation`, `extend`) instead of being generated again.
+- `sample_plan` `(sampling_params, group_size) -> one params dict per sample`: the worker drives the
+  group itself (rollout_workers/group.py), one batched request per engine visit, and an interrupted
+  sample (a weight sync in abort mode, an APRIL retraction) is continued from prompt + partial
+  response with the remaining budget (`continuation`, `extend`). The default is `same_params`.
+- `generate` `async (client, prompt_ids, sampling_params, group_size) -> list[Sample]`: a custom
+  rollout (multi-turn, tools, recipes/tool_calling.py) that makes the whole group; the worker retries
+  an interrupted group from the start.
+`RolloutPlugins.from_config` resolves exactly one of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from rollout_workers.client import EngineClient, GenerateResult
 
-SampleParams = Callable[[dict[str, Any], int], list[dict[str, Any]]]
+if TYPE_CHECKING:
+    from async_rl.config import RolloutConfig
+
+SamplePlan = Callable[[dict[str, Any], int], list[dict[str, Any]]]
 FINISHED = ("length", "stop")
 
 
@@ -69,11 +71,6 @@ def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def sample_params_of(generate: Callable) -> SampleParams | None:
-    """The per-sample request plan of a resumable generate function, None for any other."""
-    return getattr(generate, "sample_params", None)
-
-
 def continuation(prompt_ids: list[int], sample: Sample | None, params: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
     """Input ids and sampling params that generate the rest of `sample`: prompt + partial response in,
     `max_new_tokens` lowered by what the partial already holds (so the whole response keeps its budget)."""
@@ -102,16 +99,22 @@ def same_params(sampling_params: dict[str, Any], group_size: int) -> list[dict[s
     return [dict(sampling_params) for _ in range(group_size)]
 
 
-async def single_turn(client: EngineClient, prompt_ids: list[int], sampling_params: dict[str, Any],
-                      group_size: int) -> list[Sample]:
-    """One /generate request with n = group_size; an aborted response aborts the group."""
-    results = await client.generate_batch([prompt_ids], sampling_params={**sampling_params, "n": group_size},
-                                          return_logprob=True)
-    if len(results) != group_size:
-        raise RuntimeError(f"engine returned {len(results)} responses for n={group_size}")
-    if any(result.aborted for result in results):
-        raise GenerationAborted("engine aborted the request")
-    return [extend(None, r) for r in results]
+class GenerateFunction(Protocol):
+    async def __call__(self, client: EngineClient, prompt_ids: list[int], sampling_params: dict[str, Any],
+                       group_size: int) -> list[Sample]: ...
 
 
-single_turn.sample_params = same_params
+@dataclass(frozen=True)
+class RolloutPlugins:
+    """Exactly one is set: the worker drives each group by `plan`, or `generate` makes whole groups."""
+
+    plan: SamplePlan | None
+    generate: GenerateFunction | None
+
+    @classmethod
+    def from_config(cls, rollout: RolloutConfig) -> RolloutPlugins:
+        from async_rl.config import import_function
+
+        if rollout.generate is not None:
+            return cls(plan=None, generate=import_function(rollout.generate))
+        return cls(plan=import_function(rollout.sample_plan) if rollout.sample_plan else same_params, generate=None)

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from async_rl.messages import Timings, Trajectory
-from recipes.tasks import TaskSample
+from rollout_workers.tasks import TaskSample
 from rollout_workers.client import EngineClientError, EngineProtocolError
 from rollout_workers.generate import Sample, continuation, extend, remaining_budget
+from rollout_workers.reward import RewardResult
 from rollout_workers.rollout_metrics import RolloutMetrics
 
 log = logging.getLogger("rollout_worker")
@@ -92,6 +93,26 @@ class GroupRollout:
                 timings=Timings(submitted=self.submitted),
                 metadata={**self.metadata(i), "text": sample.text, "resumed": self.resumed, "missing": missing})
             for i, sample in enumerate(self.samples) if sample is not None and sample.response_ids
+        ]
+
+    def response_texts(self, tokenizer: Any) -> list[str]:
+        """What the reward reads: a resumed sample's text is decoded whole (segment texts may split a character)."""
+        return [tokenizer.decode(s.response_ids, skip_special_tokens=True) if self.resumed else s.text
+                for s in self.samples]
+
+    def finished_trajectories(self, rewards: list[RewardResult], *, finished: float, reward_done: float) -> list[Trajectory]:
+        """The one place a finished group becomes trajectories for the buffer (both rollout paths)."""
+        return [
+            Trajectory(
+                sample_id=f"{self.group_id}-{i}", group_id=self.group_id, group_size=self.size,
+                prompt_ids=self.prompt_ids, response_ids=sample.response_ids,
+                behavior_logprobs=sample.behavior_logprobs, token_versions=sample.token_versions,
+                reward=reward.reward, finish_reason=sample.finish_reason, loss_mask=sample.loss_mask,
+                engine_id=self.engine_url, attempt=self.attempt,
+                timings=Timings(submitted=self.submitted, finished=finished, reward_done=reward_done),
+                metadata={"task": self.task.metadata.get("task", ""), "round": self.round,
+                          **({"reward_error": reward.error} if reward.error else {})})
+            for i, (sample, reward) in enumerate(zip(self.samples, rewards, strict=True))
         ]
 
     @classmethod

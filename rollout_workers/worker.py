@@ -29,20 +29,19 @@ from pathlib import Path
 
 import msgspec
 
-from async_rl.config import RunConfig, import_function
-from async_rl.messages import Timings, Trajectory
+from async_rl.config import RunConfig, read_run_config
+from async_rl.messages import Trajectory
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, TrajectorySender, VersionSubscriber
-from recipes.rewards import Reward
-from recipes.tasks import TaskSample, task_samples
+from rollout_workers.reward import Reward
+from rollout_workers.tasks import TaskSample, task_samples
 from rollout_workers.april import AprilController, AprilPlan
 from rollout_workers.client import EngineClient, EngineClientError, wait_until_healthy
 from rollout_workers.engine.model import vocab_size_of
-from rollout_workers.generate import GenerationAborted, encode_prompt, load_tokenizer, sample_params_of
+from rollout_workers.generate import GenerationAborted, RolloutPlugins, encode_prompt, load_tokenizer
 from rollout_workers.group import MAX_BACKOFF_S, GroupRollout, drive, stop_group
 from rollout_workers.rollout_metrics import RolloutMetrics
 from staleness.admission import AdmissionController
-from staleness.config import StalenessConfig
 
 log = logging.getLogger("rollout_worker")
 
@@ -78,23 +77,19 @@ class RolloutWorker:
         self.config = config
         self.index = worker_index
         self.tokenizer = load_tokenizer(model_dir)
-        self.generate = import_function(config.rollout.generate)
-        self.sample_params = sample_params_of(self.generate)
+        self.plugins = RolloutPlugins.from_config(config.rollout)
         self.reward = Reward.from_spec(config.rollout.reward, config.rollout.reward_timeout_s)
         self.pool = EnginePool(engine_urls, config.engine.api_key, vocab_size_of(model_dir))
         self.pool.note_version(start_version)  # engines start at the trainer's version
-        self.april = config.april.enabled
-        if self.april and self.sample_params is None:
-            raise ValueError(f"april.enabled needs a resumable generate function, not {config.rollout.generate}")
+        self.april = config.april.enabled  # the config refuses APRIL with a custom generate function
         # Each of W workers owns 1/W of every batch, so together they keep the global bound.
         self.share = config.trainer.groups_per_step // config.rollout.workers
         group_size = config.rollout.group_size
         # APRIL over-provisions by ceil(alpha * b) groups beyond AReaL's limit (rollout_workers/april.py).
         extra = math.ceil(config.april.alpha) if self.april else 0
-        staleness = StalenessConfig(eta=config.staleness.eta + extra, batch_size=self.share * group_size,
-                                    max_in_flight=config.staleness.max_in_flight)
+        staleness = msgspec.structs.replace(config.staleness, eta=config.staleness.eta + extra)
         # Everything before the start version was trained on; in-buffer leftovers are re-generated.
-        self.admission = AdmissionController.from_counts(staleness, version=start_version,
+        self.admission = AdmissionController.from_counts(staleness, self.share * group_size, version=start_version,
                                                          accepted=start_version * self.share * group_size)
         # Workers draw different prompts: each offsets the task seed by its index.
         self.samples: Iterator[TaskSample] = task_samples(msgspec.structs.replace(config.task, seed=config.task.seed + worker_index))
@@ -136,7 +131,7 @@ class RolloutWorker:
                     self._tasks.create_task(self.controller.run())
                     self.controller.wake()
                 else:
-                    loop = self._group_loop if self.sample_params else self._custom_generate_loop
+                    loop = self._group_loop if self.plugins.plan is not None else self._custom_generate_loop
                     for _ in range(self.concurrency):
                         self._tasks.create_task(loop())
         finally:
@@ -147,11 +142,13 @@ class RolloutWorker:
 
     def _april_controller(self) -> AprilController:
         april, eta = self.config.april, self.config.staleness.eta
-        return AprilController(
-            AprilPlan(share=self.share, alpha=april.alpha, eta=eta), self.pool, april.pause_mode, self.tracer,
-            admission=self.admission, group_size=self.config.rollout.group_size, active=self.active,
-            start_group=lambda group: self._tasks.create_task(self._run_group(group)),
-            new_group=self._new_group, take_partials=self._take_partials, on_dropped=self._account_drop)
+        return AprilController(AprilPlan(share=self.share, alpha=april.alpha, eta=eta), self.pool, april.pause_mode,
+                               self.tracer, host=self, group_size=self.config.rollout.group_size)
+
+    # ---- what the APRIL controller asks of its worker (april.GroupHost) ------
+    def start_group(self, group: GroupRollout) -> None:
+        """Run `group` to its end in the worker's task group."""
+        self._tasks.create_task(self._run_group(group))
 
     # ---- versions -----------------------------------------------------------
     async def _follow_versions(self, subscriber: VersionSubscriber) -> None:
@@ -189,7 +186,7 @@ class RolloutWorker:
 
     # ---- resumable groups (plain async and APRIL) ---------------------------
     async def _group_loop(self) -> None:
-        while (group := await self._new_group(0)) is not None:
+        while (group := await self.new_group(0)) is not None:
             self.active[group.group_id] = group
             await self._run_group(group)
         log.info("the task source is exhausted: this group task stops")
@@ -203,14 +200,15 @@ class RolloutWorker:
             self.admission.on_dropped(group_size)
         return task
 
-    async def _new_group(self, round_: int) -> GroupRollout | None:
+    async def new_group(self, round_: int) -> GroupRollout | None:
+        """Admit (waits for budget) and return a fresh group; None once the task source is exhausted."""
         task = await self._admitted_task()
         if task is None:
             return None
         group_size = self.config.rollout.group_size
         prompt_ids = encode_prompt(self.tokenizer, task.prompt, self.config.rollout.chat_template)
         return GroupRollout(group_id=next(self.group_ids), task=task, prompt_ids=prompt_ids,
-                            params=self.sample_params(self.sampling_params, group_size),
+                            params=self.plugins.plan(self.sampling_params, group_size),
                             samples=[None] * group_size, round=round_)
 
     async def _run_group(self, group: GroupRollout) -> None:
@@ -218,7 +216,7 @@ class RolloutWorker:
         try:
             await drive(group, self.pool, self.metrics)
             if group.dropped:
-                self._account_drop(group)
+                self.account_drop(group)
             elif group.complete:
                 await self._submit(group)
             else:  # retracted: its partial responses wait in the buffer's pool for the next round
@@ -231,7 +229,8 @@ class RolloutWorker:
                 self.controller.group_ended(group)
             group.ended.set()
 
-    def _account_drop(self, group: GroupRollout, *, partial: bool = False, admitted: bool = True) -> None:
+    def account_drop(self, group: GroupRollout, *, partial: bool = False, admitted: bool = True) -> None:
+        """`group` will never be trained: its budget back (if it was admitted), its tokens counted as waste."""
         if admitted:
             self.admission.on_dropped(group.size)
         self.metrics.counts["tokens_wasted"] += group.tokens
@@ -239,26 +238,17 @@ class RolloutWorker:
             self.metrics.counts["partials_dropped_stale"] += group.size
 
     async def _submit(self, group: GroupRollout) -> None:
+        """Score a finished group and send its trajectories; admission counts it as accepted."""
         finished = time.time()
-        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) if group.resumed else s.text
-                 for s in group.samples]
-        rewards = await asyncio.gather(*(self.reward(group.task.prompt, text, group.task.metadata) for text in texts))
-        reward_done = time.time()
-        for i, (sample, reward) in enumerate(zip(group.samples, rewards)):
-            await self.sender.send(Trajectory(
-                sample_id=f"{group.group_id}-{i}", group_id=group.group_id, group_size=group.size,
-                prompt_ids=group.prompt_ids, response_ids=sample.response_ids,
-                behavior_logprobs=sample.behavior_logprobs, token_versions=sample.token_versions,
-                reward=reward.reward, finish_reason=sample.finish_reason, loss_mask=sample.loss_mask,
-                engine_id=group.engine_url, attempt=group.attempt,
-                timings=Timings(submitted=group.submitted, finished=finished, reward_done=reward_done),
-                metadata={"task": group.task.metadata.get("task", ""), "round": group.round,
-                          **({"reward_error": reward.error} if reward.error else {})}))
+        rewards = await asyncio.gather(*(self.reward(group.task.prompt, text, group.task.metadata)
+                                         for text in group.response_texts(self.tokenizer)))
+        for trajectory in group.finished_trajectories(rewards, finished=finished, reward_done=time.time()):
+            await self.sender.send(trajectory)
         self.admission.on_finished(group.size)
         self.metrics.counts["groups_completed"] += 1
         self.metrics.counts["samples_completed"] += group.size
 
-    async def _take_partials(self, max_n: int, min_version: int) -> list[GroupRollout]:
+    async def take_partials(self, max_n: int, min_version: int) -> list[GroupRollout]:
         """Whole retracted groups back from the pool, once every partial sent so far is durable there."""
         await self.sender.flush()
         trajectories = await self.buffer.take_partials(max_n, min_version, group_prefix=f"w{self.index}-")
@@ -273,37 +263,32 @@ class RolloutWorker:
                 log.info("%s: dropped", exc)
         return groups
 
-    # ---- any other generate function (multi-turn, tools): no resumption -------
+    # ---- a custom generate function (multi-turn, tools): no resumption --------
     async def _custom_generate_loop(self) -> None:
-        group_size = self.config.rollout.group_size
         while (task := await self._admitted_task()) is not None:
-            group_id = next(self.group_ids)
             self.metrics.group_started()
             try:
-                trajectories = await self._rollout_group(task, group_id)
+                group = await self._generate_group(task, next(self.group_ids))
             finally:
                 self.metrics.group_ended()
-            for trajectory in trajectories:
-                await self.sender.send(trajectory)
-            self.admission.on_finished(group_size)
-            self.counts["groups"] += 1
-            self.metrics.counts["groups_completed"] += 1
-            self.metrics.counts["samples_completed"] += group_size
+            await self._submit(group)
         log.info("the task source is exhausted: this group task stops")
 
-    async def _rollout_group(self, task: TaskSample, group_id: str) -> list[Trajectory]:
-        """Generate and score one group, retrying on another engine with backoff until it succeeds."""
+    async def _generate_group(self, task: TaskSample, group_id: str) -> GroupRollout:
+        """One call of the custom generate function, retried on another engine with backoff until it succeeds."""
         rollout = self.config.rollout
         prompt_ids = encode_prompt(self.tokenizer, task.prompt, rollout.chat_template)
-        avoid = None
-        for attempt in itertools.count(1):
+        avoid, attempt = None, 0
+        while True:
+            attempt += 1
             engine = self.pool.pick(avoid)
             self.pool.load[engine] += 1
             self.metrics.request_started(engine)
             submitted = time.time()
             samples = []
             try:
-                samples = await self.generate(self.pool.clients[engine], prompt_ids, self.sampling_params, rollout.group_size)
+                samples = await self.plugins.generate(self.pool.clients[engine], prompt_ids, self.sampling_params,
+                                                      rollout.group_size)
             except (EngineClientError, GenerationAborted, RuntimeError) as exc:
                 self.counts["engine_errors"] += 1
                 log.warning("group %s attempt %d on engine %d failed: %s", group_id, attempt, engine, exc)
@@ -313,21 +298,9 @@ class RolloutWorker:
             finally:
                 self.pool.load[engine] -= 1
                 self.metrics.request_finished(engine, sum(len(s.response_ids) for s in samples))
-            finished = time.time()
-            rewards = await asyncio.gather(*(self.reward(task.prompt, s.text, task.metadata) for s in samples))
-            reward_done = time.time()
-            return [
-                Trajectory(
-                    sample_id=f"{group_id}-{i}", group_id=group_id, group_size=rollout.group_size,
-                    prompt_ids=prompt_ids, response_ids=s.response_ids, behavior_logprobs=s.behavior_logprobs,
-                    token_versions=s.token_versions, reward=r.reward, finish_reason=s.finish_reason,
-                    loss_mask=s.loss_mask, engine_id=self.pool.clients[engine].url,
-                    attempt=attempt,
-                    timings=Timings(submitted=submitted, finished=finished, reward_done=reward_done),
-                    metadata={"task": task.metadata.get("task", ""), **({"reward_error": r.error} if r.error else {})},
-                )
-                for i, (s, r) in enumerate(zip(samples, rewards))
-            ]
+            return GroupRollout(group_id=group_id, task=task, prompt_ids=prompt_ids,
+                                params=[dict(self.sampling_params) for _ in samples], samples=list(samples),
+                                attempt=attempt, submitted=submitted, engine_url=self.pool.clients[engine].url)
 
 
 async def _run_until_signalled(worker: RolloutWorker, args: argparse.Namespace) -> None:
@@ -351,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-index", type=int, default=0, help="keeps group ids unique across workers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = msgspec.json.decode(args.config.read_bytes(), type=RunConfig)
+    config = read_run_config(args.config)
     worker = RolloutWorker(config, args.model_dir, args.engines.split(","), args.start_version, args.worker_index)
     try:
         asyncio.run(_run_until_signalled(worker, args))

@@ -1,15 +1,12 @@
-"""Staleness: version accounting, admission control, off-policy corrections.
-
-The torch-free parts are exported here; `staleness.corrections` needs torch.
-"""
+"""Staleness: version accounting and admission control (torch-free, and imports nothing of the
+rest of the project); the experiment tooling is in staleness.experiments."""
 
 from staleness.admission import AdmissionController
-from staleness.config import LossConfig, StalenessConfig
+from staleness.config import StalenessConfig
 from staleness.metrics import StalenessBoundError, check_staleness_bound, staleness_histogram, staleness_summary
 
 __all__ = [
     "AdmissionController",
-    "LossConfig",
     "StalenessBoundError",
     "StalenessConfig",
     "check_staleness_bound",

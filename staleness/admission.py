@@ -20,28 +20,33 @@ from staleness.config import StalenessConfig
 
 
 class AdmissionController:
-    """Counts samples (not groups): admitting a GRPO group of G is `admit(G)`."""
+    """Counts samples (not groups): admitting a GRPO group of G is `admit(G)`; `batch_size` is the
+    samples one trainer step consumes (groups_per_step x group_size, or a worker's share of it)."""
 
-    def __init__(self, config: StalenessConfig, *, version: int = 0, accepted: int = 0, in_flight: int = 0):
+    def __init__(self, config: StalenessConfig, batch_size: int, *, version: int = 0, accepted: int = 0,
+                 in_flight: int = 0):
         if version < 0 or accepted < 0 or in_flight < 0:
             raise ValueError(f"counts must be >= 0: version={version} accepted={accepted} in_flight={in_flight}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
         self.config = config
+        self.batch_size = batch_size
         self.version = version
         self.accepted = accepted
         self.in_flight = in_flight
         self._changed = asyncio.Event()
 
     @classmethod
-    def from_counts(cls, config: StalenessConfig, *, version: int, accepted: int) -> AdmissionController:
+    def from_counts(cls, config: StalenessConfig, batch_size: int, *, version: int, accepted: int) -> AdmissionController:
         """Rebuild after a restart from the trainer's version and the buffer's accepted count.
 
         Requests in flight at the crash are gone with their engines, so none are counted.
         """
-        return cls(config, version=version, accepted=accepted, in_flight=0)
+        return cls(config, batch_size, version=version, accepted=accepted, in_flight=0)
 
     @property
     def limit(self) -> int:
-        return (self.version + self.config.eta + 1) * self.config.batch_size
+        return (self.version + self.config.eta + 1) * self.batch_size
 
     @property
     def capacity(self) -> int:

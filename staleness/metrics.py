@@ -8,8 +8,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import Protocol
 
-from async_rl.messages import Trajectory
+
+class Trajectory(Protocol):
+    """What staleness needs of a sample (async_rl.messages.Trajectory has it)."""
+
+    sample_id: str
+
+    def staleness(self, trainer_version: int) -> int: ...
 
 
 class StalenessBoundError(ValueError):

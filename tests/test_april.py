@@ -15,7 +15,7 @@ from async_rl.metrics import read_metrics
 from async_rl.trace import Tracer, read_events
 from buffer.service import WAL_NAME
 from buffer.wal import Put, Served, read_records
-from recipes.tasks import TaskSample
+from rollout_workers.tasks import TaskSample
 from rollout_workers.april import AprilController, AprilPlan
 from rollout_workers.group import GroupRollout, drive
 from rollout_workers.launcher import EngineProcess, EngineSpec
@@ -88,9 +88,9 @@ async def test_a_retracted_request_resumes_on_another_engine(engine_urls, tmp_pa
         await set_weights(engine_a.clients[0], 0, 0.0)
         await set_weights(engine_b.clients[0], 1, 0.05)
         group = new_group(f"w0-{mode}-g0")
+        # Retraction needs no host: it only pauses engines and stops requests.
         controller = AprilController(AprilPlan(share=1, alpha=0.0, eta=1), engine_a, mode, Tracer(None),
-                                     admission=None, group_size=2, active={}, start_group=None, new_group=None,
-                                     take_partials=None, on_dropped=None)
+                                     host=None, group_size=2)
         async with asyncio.timeout(60):
             running = asyncio.create_task(run_group(group, engine_a, metrics))
             await wait_generating(engine_a.clients[0])

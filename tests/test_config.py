@@ -96,8 +96,10 @@ def test_run_refuses_april_with_a_generate_function_it_cannot_resume():
     from async_rl.orchestrator import check_supported
 
     check_supported(load_config("april_tiny", ["rollout.workers=2"]))
-    with pytest.raises(ConfigError, match="resumable"):
-        check_supported(load_config("april_tiny", ["rollout.generate=recipes.tool_calling:calculator"]))
+    with pytest.raises(ConfigError, match="april.enabled retracts and resumes samples"):
+        load_config("tiny", ["april.enabled=true", "rollout.generate=recipes.tool_calling:calculator"])
+    with pytest.raises(ConfigError, match="unset when sample_plan is set"):
+        load_config("april_tiny", ["rollout.generate=recipes.tool_calling:calculator"])
 
 
 def test_tensor_sync_is_refused_for_sglang_engines():

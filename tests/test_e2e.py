@@ -71,13 +71,13 @@ def test_sync_mode_equals_a_synchronous_replay_of_its_batches(tmp_path):
     from safetensors.torch import load_file
 
     from async_rl.trainer.reference import synchronous_replay
-    from async_rl.trainer_main import trainer_config
+    from async_rl.trainer_main import trainer_context
     from rollout_workers.engine.model import resolve_model_spec
 
     config = msgspec.json.decode((tmp_path / "config.json").read_bytes(), type=RunConfig)
     batches = served_batches(tmp_path / "buffer")
     assert len(batches) == 15 and all(len(b) == config.batch_size for b in batches)
-    replay = synchronous_replay(trainer_config(config, resolve_model_spec(config.model.spec)), batches)
+    replay = synchronous_replay(config.trainer, trainer_context(config, resolve_model_spec(config.model.spec)), batches)
     saved = {}
     for shard in (tmp_path / "checkpoints" / "step_15").glob("*.safetensors"):
         saved.update(load_file(shard))

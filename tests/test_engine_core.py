@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rollout_workers.engine.model import create_tiny_model, load_model
-from rollout_workers.engine.scheduler import EngineCore, EngineError, Sequence
+from rollout_workers.engine.core import EngineCore, EngineError, Sequence
 
 WAIT_S = 30
 

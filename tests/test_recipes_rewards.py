@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from recipes.rewards import Reward, char_match, exact_match, math_answer
+from recipes.rewards import char_match, exact_match, math_answer
+from rollout_workers.reward import Reward
 
 
 def test_exact_and_partial_credit():

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from async_rl.config import parse_config
-from recipes.tasks import DIGIT_KINDS, arithmetic, dataset, digit_task, read_dataset, task_samples
+from recipes.tasks import DIGIT_KINDS, arithmetic, digit_task
+from rollout_workers.tasks import dataset, read_dataset, task_samples
 
 
 def take(iterator, n):

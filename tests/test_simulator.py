@@ -9,8 +9,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from staleness.sim_calibrate import MeasuredRun, calibrate, prediction_error
-from staleness.simulator import LengthDist, SimConfig, SimParams, main, simulate, write_trace
+from staleness.experiments.sim_calibrate import MeasuredRun, calibrate, prediction_error
+from staleness.experiments.simulator import LengthDist, SimConfig, SimParams, main, simulate, write_trace
 
 PARAMS = SimParams(decode_base=0.01, decode_per_seq=0.001, prefill_per_token=1e-5,
                    train_base=0.5, train_per_token=1e-5, sync_time=0.2)
@@ -187,7 +187,7 @@ def test_hand_off_latencies_enter_the_sync_closed_form():
 
 def _counters(costs: tuple[float, float, float], slowdown: float, rng: np.random.Generator):
     """Engine polls of a known engine: every interval decodes, admits and finishes some rows."""
-    from staleness.sim_calibrate import EngineSnapshot
+    from staleness.experiments.sim_calibrate import EngineSnapshot
 
     decode_base, decode_per_seq, per_request = costs
     now, steps, tokens, finished, running = 1000.0, 0, 0, 0, 40
@@ -207,7 +207,7 @@ def _counters(costs: tuple[float, float, float], slowdown: float, rng: np.random
 
 
 def test_engine_counters_give_back_the_engine_costs_and_its_slowdown_while_training():
-    from staleness.sim_calibrate import fit_engine_counters
+    from staleness.experiments.sim_calibrate import fit_engine_counters
 
     truth = (1.2e-3, 3e-5, 4e-4)
     counters, windows = _counters(truth, slowdown=0.4, rng=np.random.default_rng(1))
@@ -234,8 +234,8 @@ def test_a_run_folder_becomes_a_measured_run(tmp_path, capsys):
     from async_rl.messages import Trajectory, encode
     from async_rl.messages import Timings
     from buffer.wal import Put, Served, WriteAheadLog
-    from staleness.sim_calibrate import ENGINE_COUNTERS_FILE, EngineSnapshot, error_table, read_run
-    from staleness.sim_calibrate import main as calibrate_main
+    from staleness.experiments.sim_calibrate import ENGINE_COUNTERS_FILE, EngineSnapshot, error_table, read_run
+    from staleness.experiments.sim_calibrate import main as calibrate_main
 
     config = load_config("recipes/tiny.toml", [f"run.output_dir={str(tmp_path)!r}", "staleness.eta=2",
                                                "rollout.max_new_tokens=64", "trainer.groups_per_step=2", "rollout.group_size=2"])

@@ -4,8 +4,8 @@ import msgspec
 import pytest
 import torch
 
-from staleness.config import LossConfig
-from staleness.corrections import (
+from async_rl.trainer.config import LossConfig
+from async_rl.trainer.loss import (
     aggregate_loss,
     behavior_weight,
     group_advantages,

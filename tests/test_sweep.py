@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from staleness import report
-from staleness.sweep import plan_points, prepare
-from staleness.sweep_status import PointStatus, SweepLayout
+from staleness.experiments import report
+from staleness.experiments.sweep import plan_points, prepare
+from staleness.experiments.sweep_status import PointStatus, SweepLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -135,7 +135,7 @@ def test_ray_sweep_on_a_local_cluster(tmp_path):
 
 
 def test_plan_is_the_grid_product_times_seeds():
-    from staleness.sweep import parse_grid
+    from staleness.experiments.sweep import parse_grid
 
     points = plan_points(str(ROOT / "recipes/tiny.toml"), [parse_grid("staleness=0,1"), parse_grid("trainer.lr=1e-3,2e-3")],
                          seeds=2, overrides=["trainer.total_steps=5"])
@@ -147,7 +147,7 @@ def test_plan_is_the_grid_product_times_seeds():
 
 
 def test_prepare_reruns_interrupted_points_and_refuses_changed_ones(tmp_path):
-    from staleness.sweep import SweepError
+    from staleness.experiments.sweep import SweepError
 
     layout = SweepLayout(tmp_path)
     point = PointStatus(name="p", settings={"staleness.eta": "1"}, seed=0, config="c.toml", overrides=["staleness.eta=1"])

@@ -44,10 +44,11 @@ async def test_turns_and_the_tool_reply_form_one_masked_response(engine):
 
 
 def test_the_trainer_learns_only_from_sampled_tokens(tmp_path):
-    from async_rl.trainer.config import TrainerConfig
+    from async_rl.trainer.config import TrainerConfig, TrainerContext
     from async_rl.trainer.trainer import Trainer
 
-    trainer = Trainer(TrainerConfig(model_path=str(resolve_model_spec("tiny:llama")), ckpt_dir=str(tmp_path), device="cpu"))
+    trainer = Trainer(TrainerConfig(), TrainerContext(model_path=str(resolve_model_spec("tiny:llama")), ckpt_dir=str(tmp_path),
+                                                      device="cpu"))
     mask = [1, 1, 0, 0, 1]
     batch = [Trajectory(sample_id=f"s{i}", group_id="g", group_size=2, prompt_ids=[5, 6], response_ids=[7, 8, 9, 10, 11],
                         behavior_logprobs=[-1.0] * 5, token_versions=[0] * 5, loss_mask=mask, reward=float(i))

@@ -17,12 +17,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from async_rl.messages import Trajectory, encode
 from async_rl.trainer.batch import BatchError
 from async_rl.trainer.checkpoint import latest_checkpoint
-from async_rl.trainer.config import TrainerConfig
+from async_rl.trainer.config import TrainerConfig, TrainerContext
 from async_rl.trainer.trainer import Trainer, token_logprobs
 from async_rl.trainer.batch import pack_microbatches
 from async_rl.trainer.distributed import full_tensor
 from async_rl.trainer.reference import reference_loss
-from staleness import LossConfig, StalenessBoundError
+from async_rl.trainer.config import LossConfig
+from staleness import StalenessBoundError
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,15 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+CONTEXT_FIELDS = ("ckpt_dir", "device", "compute_dtype", "max_staleness", "logprob_temperature")
+
+
+def setup(model_dir, **fields) -> tuple[TrainerConfig, TrainerContext]:
+    """A trainer's settings and the run-decided context, from one keyword list."""
+    context = {name: fields.pop(name) for name in CONTEXT_FIELDS if name in fields}
+    return TrainerConfig(**fields), TrainerContext(model_path=str(model_dir), **context)
 
 
 def make_batch(model_dir, *, version=0, groups=2, group_size=4, seed=0, temperature=1.0):
@@ -74,7 +84,7 @@ def sequence_logprob(model, trajectory):
 
 def test_steps_raise_rewarded_and_lower_unrewarded_responses(model_dir):
     batch = make_batch(model_dir)
-    trainer = Trainer(TrainerConfig(model_path=str(model_dir), lr=1e-2))
+    trainer = Trainer(*setup(model_dir, lr=1e-2))
     before = [sequence_logprob(trainer.model, t) for t in batch]
     for step in range(3):
         result = trainer.train_step(batch)
@@ -96,9 +106,9 @@ def test_steps_raise_rewarded_and_lower_unrewarded_responses(model_dir):
 def test_logprobs_are_recomputed_at_the_rollout_temperature(model_dir, temperature):
     """Behaviour logprobs of softmax(logits / T) match the trainer's own at that T (KL 0), not at T = 1."""
     batch = make_batch(model_dir, temperature=temperature)
-    matched = Trainer(TrainerConfig(model_path=str(model_dir), lr=0.0, logprob_temperature=temperature)).train_step(batch)
+    matched = Trainer(*setup(model_dir, lr=0.0, logprob_temperature=temperature)).train_step(batch)
     assert abs(matched.metrics["kl/behav_current_k1"]) < 1e-6
-    unscaled = Trainer(TrainerConfig(model_path=str(model_dir), lr=0.0)).train_step(batch)
+    unscaled = Trainer(*setup(model_dir, lr=0.0)).train_step(batch)
     assert abs(unscaled.metrics["kl/behav_current_k1"]) > 1e-4
 
 
@@ -132,11 +142,11 @@ def test_step_matches_unpadded_single_sequence_reference(model_dir, correction):
     itself is checked separately: it is AdamW's, applied to exactly the gradient the trainer computed.
     """
     batch = make_batch(model_dir, seed=1)
-    config = TrainerConfig(
-        model_path=str(model_dir), lr=1e-3, max_grad_norm=1e9, max_tokens_per_microbatch=24,
+    config = setup(
+        model_dir, lr=1e-3, max_grad_norm=1e9, max_tokens_per_microbatch=24,
         loss=LossConfig(correction=correction), gradient_checkpointing=correction == "decoupled_ppo",
     )
-    trainer = Trainer(config)
+    trainer = Trainer(*config)
     initial = copy.deepcopy(trainer.model)
     updates = capture_gradients(trainer)
     result = trainer.train_step(batch)
@@ -160,7 +170,7 @@ def test_step_matches_unpadded_single_sequence_reference(model_dir, correction):
 
 def test_several_minibatches_use_the_step_start_policy_as_proximal(model_dir):
     batch = make_batch(model_dir, seed=2)
-    trainer = Trainer(TrainerConfig(model_path=str(model_dir), lr=5e-2, num_minibatches=2))
+    trainer = Trainer(*setup(model_dir, lr=5e-2, num_minibatches=2))
     result = trainer.train_step(batch)
     assert result.version == 1 and not result.skipped
     assert result.metrics["clip_frac"] > 0  # the second update moved away from the proximal policy
@@ -168,7 +178,7 @@ def test_several_minibatches_use_the_step_start_policy_as_proximal(model_dir):
 
 def test_kl_penalty_towards_the_initial_policy(model_dir):
     batch = make_batch(model_dir, seed=6)
-    trainer = Trainer(TrainerConfig(model_path=str(model_dir), lr=1e-2, loss=LossConfig(kl_coef=0.1)))
+    trainer = Trainer(*setup(model_dir, lr=1e-2, loss=LossConfig(kl_coef=0.1)))
     first, second = trainer.train_step(batch), trainer.train_step(batch)
     assert first.metrics["kl/current_ref_k3"] == pytest.approx(0.0, abs=1e-6)
     assert second.metrics["kl/current_ref_k3"] > 1e-6
@@ -180,7 +190,7 @@ def test_non_finite_loss_skips_the_update_and_keeps_weights(model_dir):
     first = batch[0]
     batch[0] = Trajectory(**{**{f: getattr(first, f) for f in first.__struct_fields__},
                              "behavior_logprobs": [-1e30] * len(first.response_ids), "reward": -5.0})
-    trainer = Trainer(TrainerConfig(model_path=str(model_dir), lr=1e-2, loss=LossConfig(correction="none")))
+    trainer = Trainer(*setup(model_dir, lr=1e-2, loss=LossConfig(correction="none")))
     before = weights(trainer)
     result = trainer.train_step(batch)
     assert result.skipped and "non-finite" in result.skip_reason
@@ -191,7 +201,7 @@ def test_non_finite_loss_skips_the_update_and_keeps_weights(model_dir):
 
 
 def test_bad_batches_are_refused_before_any_change(model_dir):
-    trainer = Trainer(TrainerConfig(model_path=str(model_dir), max_staleness=1))
+    trainer = Trainer(*setup(model_dir, max_staleness=1))
     good = make_batch(model_dir, groups=1, group_size=2)
     broken = Trajectory(**{**{f: getattr(good[0], f) for f in good[0].__struct_fields__}, "behavior_logprobs": [-1.0]})
     with pytest.raises(BatchError, match="s0-0"):
@@ -207,10 +217,10 @@ def test_bad_batches_are_refused_before_any_change(model_dir):
 
 def test_same_seed_and_data_give_identical_weights(model_dir):
     batch = make_batch(model_dir, seed=4)
-    config = TrainerConfig(model_path=str(model_dir), lr=1e-2, max_tokens_per_microbatch=40)
+    config = setup(model_dir, lr=1e-2, max_tokens_per_microbatch=40)
     runs = []
     for _ in range(2):
-        trainer = Trainer(config)
+        trainer = Trainer(*config)
         trainer.train_step(batch)
         trainer.train_step(batch)
         runs.append(weights(trainer))
@@ -218,12 +228,12 @@ def test_same_seed_and_data_give_identical_weights(model_dir):
 
 
 def test_resume_continues_bit_exactly(model_dir, tmp_path):
-    config = TrainerConfig(
-        model_path=str(model_dir), ckpt_dir=str(tmp_path / "ckpt"), lr=1e-2, lr_schedule="cosine", warmup_steps=1,
+    config = setup(
+        model_dir, ckpt_dir=str(tmp_path / "ckpt"), lr=1e-2, lr_schedule="cosine", warmup_steps=1,
         total_steps=10, weight_decay=0.1, keep_checkpoints=2,
     )
     batches = [make_batch(model_dir, version=v, seed=10 + v) for v in range(3)]
-    trainer = Trainer(config)
+    trainer = Trainer(*config)
     trainer.save_checkpoint()  # step_0, pruned later
     for batch in batches[:2]:
         trainer.train_step(batch)
@@ -233,7 +243,7 @@ def test_resume_continues_bit_exactly(model_dir, tmp_path):
     uninterrupted = weights(trainer)
     trainer.save_checkpoint()
 
-    resumed = Trainer.resume(config, tmp_path / "ckpt" / "step_2")
+    resumed = Trainer.resume(*config, tmp_path / "ckpt" / "step_2")
     assert resumed.version == 2
     assert torch.equal(torch.rand(3), draws_after_save[0])  # every RNG is back where it was
     assert np.array_equal(np.random.rand(3), draws_after_save[1]) and random.random() == draws_after_save[2]
@@ -244,14 +254,14 @@ def test_resume_continues_bit_exactly(model_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert latest_checkpoint(ckpt) == ckpt / "step_3"
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_2", "step_3"]
-    assert Trainer.resume_or_new(config).version == 3
+    assert Trainer.resume_or_new(*config).version == 3
     # the step folder is what an engine loads for a disk weight sync
     engine_model = AutoModelForCausalLM.from_pretrained(ckpt / "step_3", dtype=torch.float32)
     assert_same_weights(uninterrupted, dict(engine_model.named_parameters()))
 
 
 def test_weights_for_sync_use_hf_names(model_dir, tmp_path):
-    trainer = Trainer(TrainerConfig(model_path=str(model_dir)))
+    trainer = Trainer(*setup(model_dir))
     synced = trainer.state_dict_for_sync(dtype=torch.bfloat16)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert synced.keys() == dict(reference.named_parameters()).keys()
@@ -274,13 +284,12 @@ FSDP_WORKER = """
 import sys, msgspec, torch
 from safetensors.torch import save_file
 from async_rl.messages import Trajectory, make_decoder
-from async_rl.trainer.config import TrainerConfig
+from async_rl.trainer.config import TrainerConfig, TrainerContext
 from async_rl.trainer.trainer import Trainer
 from async_rl.trainer.distributed import full_tensor
 model_dir, batch_file, out_dir = sys.argv[1:4]
 batch = make_decoder(list[Trajectory]).decode(open(batch_file, "rb").read())
-config = msgspec.json.decode(sys.argv[4], type=TrainerConfig)
-trainer = Trainer(config)
+trainer = Trainer(msgspec.json.decode(sys.argv[4], type=TrainerConfig), msgspec.json.decode(sys.argv[5], type=TrainerContext))
 assert trainer.world_size == 2
 first = {}  # the first update's whole gradients and resulting weights (gathering is a collective: every rank)
 
@@ -314,18 +323,18 @@ def test_fsdp_two_cpu_ranks_match_one_process(model_dir, tmp_path):
     batch = make_batch(model_dir, groups=3, group_size=3, seed=5)  # 9 rows: ranks get unequal work
     (tmp_path / "batch.msgpack").write_bytes(encode(batch))
     (tmp_path / "worker.py").write_text(FSDP_WORKER)
-    config = TrainerConfig(
-        model_path=str(model_dir), ckpt_dir=str(tmp_path / "ckpt"), device="cpu", lr=1e-2,
+    config = setup(
+        model_dir, ckpt_dir=str(tmp_path / "ckpt"), device="cpu", lr=1e-2,
         max_tokens_per_microbatch=24, num_minibatches=2,
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(tmp_path / "worker.py"), str(model_dir), str(tmp_path / "batch.msgpack"), str(tmp_path),
-               msgspec.json.encode(config).decode()]
+               *(msgspec.json.encode(part).decode() for part in config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    single = Trainer(config)
+    single = Trainer(*config)
     initial = copy.deepcopy(single.model)
     single_updates = capture_gradients(single)
     results = [single.train_step(batch) for _ in range(2)]
@@ -347,7 +356,7 @@ def test_fsdp_two_cpu_ranks_match_one_process(model_dir, tmp_path):
         torch.testing.assert_close(sharded_first[name], parameter.detach(), rtol=1e-6, atol=1e-7, msg=name)
 
     sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "weights", dtype=torch.float32)
-    resumed = Trainer.resume(config)  # saved by 2 ranks, resumed by 1: weights and optimizer are whole
+    resumed = Trainer.resume(*config)  # saved by 2 ranks, resumed by 1: weights and optimizer are whole
     assert resumed.version == 2
     assert all(torch.equal(t, sharded.get_parameter(n)) for n, t in resumed.named_tensors())
     assert resumed.optimizer.state_dict()["state"][0]["step"] == 4  # 2 steps x 2 minibatches
@@ -355,17 +364,17 @@ def test_fsdp_two_cpu_ranks_match_one_process(model_dir, tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_bfloat16_step_checkpoint_and_resume(model_dir, tmp_path):
-    config = TrainerConfig(
-        model_path=str(model_dir), ckpt_dir=str(tmp_path / "ckpt"), device="cuda", compute_dtype="bfloat16", lr=1e-2,
+    config = setup(
+        model_dir, ckpt_dir=str(tmp_path / "ckpt"), device="cuda", compute_dtype="bfloat16", lr=1e-2,
         max_tokens_per_microbatch=24, num_minibatches=2,
     )
-    trainer = Trainer(config)
+    trainer = Trainer(*config)
     batch = make_batch(model_dir, seed=7)
     result = trainer.train_step(batch)
     assert not result.skipped and result.metrics["response_tokens"] > 0
     assert all(t.device.type == "cuda" for _, t in trainer.named_tensors())
     trainer.save_checkpoint()
-    resumed = Trainer.resume(config)
+    resumed = Trainer.resume(*config)
     assert resumed.version == 1
     assert_same_weights(weights(trainer), weights(resumed))
     assert not resumed.train_step(batch).skipped

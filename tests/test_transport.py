@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from async_rl import zmq_auth
 from async_rl.messages import BatchRequest, StatsRequest, WeightsPublished, decode, encode
 from async_rl.transport import BufferClient, TrajectorySender, VersionPublisher, VersionSubscriber
-from buffer.service import BufferConfig, BufferService
+from buffer.config import BufferConfig
+from buffer.service import BufferService
 from tests.test_buffer_replay import make_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ async def test_kill_9_mid_stream_loses_no_acked_trajectory_and_serves_none_twice
             assert not batch.error
             served.extend(t.sample_id for t in batch.trajectories)
 
-    with buffer_process(tmp_path, submit, serve, "--fsync", "batch") as first:
+    with buffer_process(tmp_path, submit, serve, "--set", "fsync=batch") as first:
         sender = TrajectorySender(submit, max_in_flight=16, ack_timeout_s=0.5,
                                   on_ack=lambda ack: acked.add(ack.sample_id))
         async with sender, BufferClient(serve, resend_after_s=0.5) as client, asyncio.timeout(60):
@@ -84,7 +85,7 @@ async def test_kill_9_mid_stream_loses_no_acked_trajectory_and_serves_none_twice
             os.kill(first.pid, signal.SIGKILL)  # mid-stream: the last sends are still unacked
             first.wait(10)
             acked_before_kill = set(acked)
-            with buffer_process(tmp_path, submit, serve, "--fsync", "batch"):
+            with buffer_process(tmp_path, submit, serve, "--set", "fsync=batch"):
                 await _send_all(sender, second_half)
                 await sender.flush(30)
                 await take_batches(client, groups // 2 - 5)
@@ -104,7 +105,7 @@ async def _send_all(sender: TrajectorySender, trajectories):
 def fuzz_target(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzz")
     submit, serve = _endpoints()
-    with buffer_process(directory, submit, serve, "--max-frame-bytes", "65536") as process:
+    with buffer_process(directory, submit, serve, "--set", "max_frame_bytes=65536") as process:
         context = zmq.Context()
         sockets = {name: context.socket(zmq.DEALER) for name in ("submit", "serve")}
         sockets["submit"].connect(submit)
@@ -161,9 +162,9 @@ def test_oversized_frames_are_refused_with_a_reason_and_counted(fuzz_target):
     assert stats.rejected >= 1 and process.poll() is None
 
 
-async def _in_process_service(tmp_path, **config):
-    service = BufferService(BufferConfig(directory=tmp_path, submit="tcp://127.0.0.1:*", serve="tcp://127.0.0.1:*",
-                                         **config))
+async def _in_process_service(tmp_path, curve=None):
+    service = BufferService(BufferConfig(), directory=tmp_path, submit="tcp://127.0.0.1:*", serve="tcp://127.0.0.1:*",
+                            max_staleness=4, curve=curve)
     task = asyncio.create_task(service.run())
     await service.ready.wait()
     return service, task

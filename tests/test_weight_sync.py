@@ -31,10 +31,10 @@ def engine_url(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer(model_dir):
-    from async_rl.trainer.config import TrainerConfig
+    from async_rl.trainer.config import TrainerConfig, TrainerContext
     from async_rl.trainer.trainer import Trainer
 
-    return Trainer(TrainerConfig(model_path=str(model_dir)))
+    return Trainer(TrainerConfig(), TrainerContext(model_path=str(model_dir)))
 
 
 async def engine_stats(client: EngineClient) -> dict:

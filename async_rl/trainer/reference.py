@@ -14,10 +14,9 @@ from collections.abc import Iterable
 import torch
 
 from async_rl.messages import Trajectory
-from async_rl.trainer.config import TrainerConfig
+from async_rl.trainer.config import LossConfig, TrainerConfig, TrainerContext
+from async_rl.trainer.loss import aggregate_loss, group_advantages, policy_token_loss
 from async_rl.trainer.trainer import Trainer, token_logprobs
-from staleness.config import LossConfig
-from staleness.corrections import aggregate_loss, group_advantages, policy_token_loss
 
 
 def reference_loss(model: torch.nn.Module, trajectories: list[Trajectory], config: LossConfig) -> torch.Tensor:
@@ -40,9 +39,9 @@ def reference_loss(model: torch.nn.Module, trajectories: list[Trajectory], confi
     return total
 
 
-def synchronous_replay(config: TrainerConfig, batches: Iterable[list[Trajectory]]) -> Trainer:
+def synchronous_replay(config: TrainerConfig, context: TrainerContext, batches: Iterable[list[Trajectory]]) -> Trainer:
     """A fresh trainer that trained on `batches` one after another."""
-    trainer = Trainer(config)
+    trainer = Trainer(config, context)
     for batch in batches:
         trainer.train_step(batch)
     return trainer

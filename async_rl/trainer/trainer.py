@@ -33,9 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
 from async_rl.messages import Trajectory
 from async_rl.trainer import checkpoint
 from async_rl.trainer.batch import BatchError, PaddedBatch, pack_microbatches, pad_trajectories, split_minibatches, validate_trajectory
-from async_rl.trainer.config import TrainerConfig
+from async_rl.trainer.config import TrainerConfig, TrainerContext
 from async_rl.trainer.distributed import all_reduce_sum, full_tensor, init_distributed, shard_model
-from staleness.corrections import aggregate_loss, group_advantages, kl_k1, kl_k3, policy_token_loss
+from async_rl.trainer.loss import aggregate_loss, group_advantages, kl_k1, kl_k3, policy_token_loss
 from staleness.metrics import check_staleness_bound, staleness_histogram, staleness_summary
 
 log = logging.getLogger(__name__)
@@ -89,23 +89,24 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainerConfig, *, weights_from: str | Path | None = None):
-        """Fresh trainer at version 0 on `config.model_path` (or on `weights_from`, as resume does)."""
+    def __init__(self, config: TrainerConfig, context: TrainerContext, *, weights_from: str | Path | None = None):
+        """Fresh trainer at version 0 on `context.model_path` (or on `weights_from`, as resume does)."""
         self.config = config
-        self.rank, self.world_size, self.device = init_distributed(config.device)
+        self.context = context
+        self.rank, self.world_size, self.device = init_distributed(context.device)
         _seed_everything(config.seed + self.rank)
-        self.weights_path = Path(weights_from or config.model_path)
+        self.weights_path = Path(weights_from or context.model_path)
         self.model = load_model(self.weights_path, self.device)
         self.vocab_size = int(self.model.config.vocab_size)
         if config.gradient_checkpointing:  # renamed in transformers 5.x; the old name still works
             enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
             enable()
-        self.compute_dtype = torch.bfloat16 if config.compute_dtype == "bfloat16" else torch.float32
+        self.compute_dtype = torch.bfloat16 if context.compute_dtype == "bfloat16" else torch.float32
         if self.world_size > 1:
             shard_model(self.model, self.compute_dtype)
         self.reference = None
         if config.loss.kl_coef > 0:
-            self.reference = load_model(config.model_path, self.device).requires_grad_(False)
+            self.reference = load_model(context.model_path, self.device).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=self.lr_at(0),
@@ -140,8 +141,8 @@ class Trainer:
             raise BatchError("empty batch")
         for trajectory in trajectories:
             validate_trajectory(trajectory, self.vocab_size)
-        if self.config.max_staleness is not None:
-            check_staleness_bound(trajectories, self.version, self.config.max_staleness)
+        if self.context.max_staleness is not None:
+            check_staleness_bound(trajectories, self.version, self.context.max_staleness)
         histogram = staleness_histogram(trajectories, self.version)
 
         loss_config = self.config.loss
@@ -212,7 +213,7 @@ class Trainer:
         for micro, weight in self._microbatches_of_this_rank(rows, batch.lengths):
             part = batch.rows(micro)
             with self._autocast():
-                cur = token_logprobs(self.model, part.input_ids, part.attention_mask, self.config.logprob_temperature)
+                cur = token_logprobs(self.model, part.input_ids, part.attention_mask, self.context.logprob_temperature)
             token_loss, diagnostics = policy_token_loss(
                 cur, part.behav, advantages[micro], loss_config,
                 prox=_take(prox, micro, cur.shape[1]), ref=_take(ref, micro, cur.shape[1]),
@@ -263,7 +264,7 @@ class Trainer:
         for micro, weight in self._microbatches_of_this_rank(list(range(batch.size)), batch.lengths):
             part = batch.rows(micro)
             with self._autocast():
-                logprobs = token_logprobs(model, part.input_ids, part.attention_mask, self.config.logprob_temperature)
+                logprobs = token_logprobs(model, part.input_ids, part.attention_mask, self.context.logprob_temperature)
             if weight:
                 result[micro, : logprobs.shape[1]] = logprobs
         return all_reduce_sum(result)
@@ -326,9 +327,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Save weights, optimizer, version and RNG states to ckpt_dir/step_{version}/."""
-        if not self.config.ckpt_dir:
-            raise ValueError("TrainerConfig.ckpt_dir is empty: nowhere to checkpoint")
-        final = checkpoint.step_dir(self.config.ckpt_dir, self.version)
+        if not self.context.ckpt_dir:
+            raise ValueError("TrainerContext.ckpt_dir is empty: nowhere to checkpoint")
+        final = checkpoint.step_dir(self.context.ckpt_dir, self.version)
         tmp = final.parent / f".{final.name}.tmp"
         model_state = self._hf_state_dict()
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
@@ -342,23 +343,23 @@ class Trainer:
         if self.rank == 0:
             checkpoint.write_meta(tmp, {"version": self.version, "world_size": self.world_size, "seed": self.config.seed})
             checkpoint.publish(tmp, final)
-            checkpoint.prune(self.config.ckpt_dir, self.config.keep_checkpoints)
+            checkpoint.prune(self.context.ckpt_dir, self.config.keep_checkpoints)
         self._barrier()
         return final
 
     @classmethod
-    def resume(cls, config: TrainerConfig, path: str | Path | None = None) -> Trainer:
+    def resume(cls, config: TrainerConfig, context: TrainerContext, path: str | Path | None = None) -> Trainer:
         """A trainer continuing exactly where checkpoint `path` (default: ckpt_dir's latest) stopped.
 
         Bit-exact with the same number of ranks; another rank count also resumes (weights and
         optimizer state are saved whole), only the per-rank RNG states are then not restored.
         """
-        path = Path(path) if path is not None else checkpoint.latest_checkpoint(config.ckpt_dir)
+        path = Path(path) if path is not None else checkpoint.latest_checkpoint(context.ckpt_dir)
         if path is None:
-            raise FileNotFoundError(f"no checkpoint under {config.ckpt_dir!r}")
+            raise FileNotFoundError(f"no checkpoint under {context.ckpt_dir!r}")
         state_dir = path / checkpoint.STATE_DIR
         meta = checkpoint.read_meta(path)
-        trainer = cls(config, weights_from=path)
+        trainer = cls(config, context, weights_from=path)
         optimizer_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
         set_optimizer_state_dict(trainer.model, trainer.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
         trainer.version = int(meta["version"])
@@ -370,10 +371,10 @@ class Trainer:
         return trainer
 
     @classmethod
-    def resume_or_new(cls, config: TrainerConfig) -> Trainer:
-        if config.ckpt_dir and checkpoint.latest_checkpoint(config.ckpt_dir) is not None:
-            return cls.resume(config)
-        return cls(config)
+    def resume_or_new(cls, config: TrainerConfig, context: TrainerContext) -> Trainer:
+        if context.ckpt_dir and checkpoint.latest_checkpoint(context.ckpt_dir) is not None:
+            return cls.resume(config, context)
+        return cls(config, context)
 
     def _barrier(self) -> None:
         if dist.is_initialized() and self.world_size > 1:

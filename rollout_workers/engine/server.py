@@ -264,7 +264,7 @@ class EngineServer:
         return list(rid)
 
     def _sequences(self, prompt: list[int], params: P.SamplingParams, rid: str, req: P.GenerateRequest, on_update):
-        from rollout_workers.engine.scheduler import Sequence
+        from rollout_workers.engine.core import Sequence
 
         core = self.core
         if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
@@ -515,7 +515,7 @@ class EngineServer:
             raise RequestError("memory released", 503)
         if self.core.paused:
             return _json({"status": "paused"})
-        from rollout_workers.engine.scheduler import Sequence
+        from rollout_workers.engine.core import Sequence
 
         done = asyncio.get_running_loop().create_future()
 
@@ -562,7 +562,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from rollout_workers.engine.model import load_model, resolve_model_spec
-    from rollout_workers.engine.scheduler import EngineCore
+    from rollout_workers.engine.core import EngineCore
 
     torch.manual_seed(args.seed)
     path = resolve_model_spec(args.model)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from staleness.config import Aggregation, LossConfig
+from async_rl.trainer.config import Aggregation, LossConfig
 
 
 def group_advantages(

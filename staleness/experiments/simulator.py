@@ -1,7 +1,7 @@
 """Discrete-event throughput model of an RL post-training loop.
 
 Why: picking eta, alpha and the engine count on a real cluster costs GPU-hours
-per point; this model ranks the knobs in seconds, and `staleness.sim_calibrate`
+per point; this model ranks the knobs in seconds, and `staleness.experiments.sim_calibrate`
 fits its costs to a few measured runs so its answers can be checked.
 
 The model, in the terms of ARCHITECTURE.md:
@@ -769,7 +769,7 @@ def _length_arg(text: str) -> LengthDist:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m staleness.simulator", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m staleness.experiments.simulator", description=__doc__.split("\n")[0])
     parser.add_argument("--mode", default="sync,async,april", help="comma-separated modes to compare")
     parser.add_argument("--eta", type=int, default=1)
     parser.add_argument("--alpha", type=float, default=0.5)

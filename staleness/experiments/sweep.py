@@ -4,7 +4,7 @@ Each point of the grid product x seeds is a real `async-rl run` subprocess with 
 own run.output_dir under the sweep folder: one after another here, or as Ray tasks
 with --ray-address (the folder must then be on a filesystem every node shares).
 Every point is validated by the recipe loader before anything runs, so a typo in a
-grid key costs nothing. A status file per point (staleness.sweep_status) lets an
+grid key costs nothing. A status file per point (staleness.experiments.sweep_status) lets an
 interrupted sweep resume: finished points are kept, crashed or interrupted ones run
 again from scratch, and their failures stay on record for the report.
 """
@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from async_rl.config import ConfigError, load_config, resolve_recipe
 from async_rl.orchestrator import check_supported, run_argv
-from staleness.sweep_status import Failure, PointStatus, StatusError, SweepLayout
+from staleness.experiments.sweep_status import Failure, PointStatus, StatusError, SweepLayout
 
 GRID_ALIASES = {"staleness": "staleness.eta"}
 # Keys the sweep sets itself for every point.
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from staleness.report import write_report
+    from staleness.experiments.report import write_report
 
     if args.report_only is not None:
         if args.config is not None or args.grid:

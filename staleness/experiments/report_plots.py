@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from staleness.report import PointSummary  # noqa: E402
+from staleness.experiments.report import PointSummary  # noqa: E402
 
 
 def write_plots(report_dir: Path, points: list[PointSummary], at_seconds: float | None) -> None:

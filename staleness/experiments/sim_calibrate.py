@@ -6,7 +6,7 @@ runs it was fitted on; `prediction_error` is that check (target: within 15%).
 (non-negative) least squares or means of timing samples, nothing is fitted to
 throughput itself.
 
-    python -m staleness.sim_calibrate RUN_DIR... [--fit-on RUN_DIR...]
+    python -m staleness.experiments.sim_calibrate RUN_DIR... [--fit-on RUN_DIR...]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from staleness.simulator import LengthDist, Mode, SimConfig, SimParams, SimResult, simulate
+from staleness.experiments.simulator import LengthDist, Mode, SimConfig, SimParams, SimResult, simulate
 
 
 class EngineSnapshot(msgspec.Struct, frozen=True, array_like=True):
@@ -390,10 +390,10 @@ def error_table(rows: list[PredictionError], fitted_on: set[str] = frozenset()) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m staleness.sim_calibrate RUN_DIR... [--fit-on RUN_DIR...]`: calibrated SimParams and their error."""
+    """`python -m staleness.experiments.sim_calibrate RUN_DIR... [--fit-on RUN_DIR...]`: calibrated SimParams and their error."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m staleness.sim_calibrate", description=main.__doc__.split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="python -m staleness.experiments.sim_calibrate", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("runs", nargs="+", type=Path, help="`async-rl run` folders (with engine_counters.json, "
                         "as benchmarks/sim_calibration.py leaves them, or give --engine-costs)")
     parser.add_argument("--fit-on", nargs="+", type=Path, default=[], help="fit on these folders only (default: all)")

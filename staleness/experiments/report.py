@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from async_rl.metrics import read_metrics
-from staleness.sweep_status import Failure, PointStatus, SweepLayout
+from staleness.experiments.sweep_status import Failure, PointStatus, SweepLayout
 
 # Per-step rewards are noisy (one batch each): a reward "at" a time is the mean of this many logged steps.
 REWARD_WINDOW = 5
@@ -200,7 +200,7 @@ class SummaryTable(NamedTuple):
 
 def write_report(sweep_dir: str | Path) -> Path:
     """Render SWEEP_DIR/report/ from the points on disk; returns summary.md's path."""
-    from staleness.report_plots import write_plots
+    from staleness.experiments.report_plots import write_plots
 
     layout = SweepLayout(sweep_dir)
     statuses = sorted(layout.all_statuses(), key=_grid_order)
