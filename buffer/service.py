@@ -30,6 +30,7 @@ import zmq
 import zmq.asyncio
 
 from async_rl import zmq_auth
+from async_rl.transport import DEFAULT_SERVE, DEFAULT_SUBMIT
 from async_rl.messages import (
     BatchRequest, BatchResponse, Message, MessageError, PartialsResponse, Rejected, StatsRequest, TakePartials,
     TrajectoryAck, decode, encode,
@@ -245,11 +246,14 @@ class BufferService:
                 reply = BatchResponse(trainer_version=request.trainer_version, trajectories=plan.frames,
                                       dropped_stale=pending.dropped_stale, dropped_groups=pending.dropped_groups,
                                       request_id=request_id)
-            elif time.monotonic() >= pending.deadline:
+            elif pending.dropped_groups or time.monotonic() >= pending.deadline:
+                # Drops are answered at once: the workers counted those groups as accepted and wait
+                # for that budget back before they generate what would fill this batch.
                 ready = self.buffer.stats(request.trainer_version).complete_groups
+                why = f"dropped {len(pending.dropped_groups)} stale groups" if pending.dropped_groups else "timeout"
                 reply = BatchResponse(trainer_version=request.trainer_version, trajectories=[],
                                       dropped_stale=pending.dropped_stale, dropped_groups=pending.dropped_groups,
-                                      error=f"timeout: {ready} of {request.num_groups} groups ready",
+                                      error=f"{why}: {ready} of {request.num_groups} groups ready",
                                       request_id=request_id)
             else:
                 continue
@@ -272,8 +276,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="standalone: a [buffer] setting, e.g. --set fsync=batch (repeatable)")
     parser.add_argument("--max-staleness", type=int, default=4, help="standalone: the staleness ceiling")
-    parser.add_argument("--bind-submit", default="tcp://127.0.0.1:5601", help="ROUTER endpoint for trajectories")
-    parser.add_argument("--bind-serve", default="tcp://127.0.0.1:5602", help="ROUTER endpoint for batch/stats requests")
+    parser.add_argument("--bind-submit", default=DEFAULT_SUBMIT, help="ROUTER endpoint for trajectories")
+    parser.add_argument("--bind-serve", default=DEFAULT_SERVE, help="ROUTER endpoint for batch/stats requests")
     parser.add_argument("--curve-secret", type=Path, help="server .key_secret file: enables CURVE")
     parser.add_argument("--curve-clients", type=Path, help="folder of authorized client .key files")
 

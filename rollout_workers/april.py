@@ -139,6 +139,7 @@ class AprilController:
     async def step(self) -> None:
         plan = self.plan
         while True:
+            self.reopen_short_rounds()
             if plan.closable(self.accepted_groups):
                 closing = plan.round_close
                 plan.round_close += 1
@@ -158,6 +159,24 @@ class AprilController:
             if self.exhausted or not plan.launchable(self.host.admission.version):
                 return
             await self.launch()
+
+    def reopen_short_rounds(self) -> None:
+        """Reopen closed rounds that drops left short of their batches.
+
+        A round closes on groups accepted so far; the buffer may later drop some of them as too
+        stale (a round's surplus, generated at its launch version, can be older than the next
+        batch allows) and credit them back. The closed rounds then no longer cover their
+        batches, and with nothing in flight the gate would wait for a version the trainer can
+        never reach: the short rounds open again and the next launch (parked tail first) fills them.
+        """
+        plan = self.plan
+        covered = self.accepted_groups // plan.share
+        if covered >= plan.round_close:
+            return
+        log.info("rounds %d..%d lost accepted groups to drops: reopened", covered, plan.round_close - 1)
+        plan.round_close = covered
+        if not self.host.active:
+            plan.round_next = covered
 
     async def launch(self) -> None:
         plan = self.plan
