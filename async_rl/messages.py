@@ -85,21 +85,6 @@ class Message(msgspec.Struct, tag_field="kind", forbid_unknown_fields=False, kw_
     schema: int = SCHEMA_VERSION
 
 
-class PromptTask(Message, tag="prompt"):
-    """One prompt to roll out `group_size` times (a GRPO group)."""
-
-    task_id: str
-    prompt_ids: TokenArray
-    group_size: int = 1
-    prompt_text: str | None = None
-    # Whatever the reward function needs (reference answer, test cases, ...).
-    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if type(self.prompt_ids) is not TokenArray:
-            self.prompt_ids = TokenArray(self.prompt_ids)
-
-
 class Timings(msgspec.Struct, kw_only=True):
     """Wall-clock seconds (time.time()) of a trajectory's life."""
 
@@ -256,7 +241,7 @@ class WeightsPublished(Message, tag="weights_published"):
 
 
 AnyMessage = Union[
-    PromptTask, Trajectory, TrajectoryAck, BatchRequest, BatchResponse, StatsRequest, BufferStats,
+    Trajectory, TrajectoryAck, BatchRequest, BatchResponse, StatsRequest, BufferStats,
     TakePartials, PartialsResponse, Rejected, WeightsPublished,
 ]
 

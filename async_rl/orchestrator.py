@@ -149,7 +149,7 @@ async def run(config: RunConfig) -> int:
                     python, "-m", "rollout_workers.worker", *common, "--submit", submit, "--versions", versions,
                     "--serve", serve,
                     "--start-version", str(start_version), "--worker-index", str(w)]))
-            await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, run_dir / "logs",
+            await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, serve, run_dir / "logs",
                                                config.engine.start_timeout_s))
             with ProgressDisplay(config.trainer.total_steps) as display:
                 follower = MetricsFollower(run_dir / "metrics.jsonl", display)
@@ -212,26 +212,42 @@ def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
     return args + list(config.engine.extra_args)
 
 
-async def _wait_ready(engine_urls: list[str], api_key: str | None, log_dir: Path, timeout_s: float) -> None:
-    """A start-up that stalls fails the run with the log tail of what did not come up (a child that
-    dies fails it at once, through the supervisor)."""
+async def _wait_ready(engine_urls: list[str], api_key: str | None, serve: str, log_dir: Path, timeout_s: float) -> None:
+    """Every engine answers /health and the buffer answers a StatsRequest; a start-up that stalls fails
+    the run with the log tail of what did not come up (a child that dies fails it at once, through the
+    supervisor)."""
     from async_rl.supervisor import log_tail
-    from rollout_workers.launcher import probe_health
+    from async_rl.transport import BufferClient
+    from rollout_workers.client import EngineClient, EngineTimeoutError, wait_until_healthy
 
-    deadline = time.monotonic() + timeout_s
-    pending = dict(enumerate(engine_urls))
-    buffer_log = log_dir / "buffer.log"
-    while pending or b"buffer ready" not in _read(buffer_log):
-        if time.monotonic() > deadline:
-            silent = [(f"engine{i}", log_dir / f"engine{i}.log") for i in pending]
-            if b"buffer ready" not in _read(buffer_log):
-                silent.append(("buffer", buffer_log))
-            tails = "".join(f"\n--- {name} ({path}):\n" + "\n".join(log_tail(path)) for name, path in silent)
-            raise TimeoutError(f"not ready within {timeout_s:g} s (engine.start_timeout_s): "
-                               f"{', '.join(name for name, _ in silent)}{tails}")
-        healthy = await asyncio.gather(*(asyncio.to_thread(probe_health, url, api_key) for url in pending.values()))
-        pending = {i: url for (i, url), ok in zip(pending.items(), healthy) if not ok}
-        await asyncio.sleep(0.2)
+    silent: list[str] = []
+
+    async def buffer_ready() -> None:
+        try:
+            async with BufferClient(serve) as buffer:
+                await buffer.stats(timeout=timeout_s)
+        except TimeoutError:
+            silent.append("buffer")
+
+    async def engines_ready() -> None:
+        clients = [EngineClient(url, api_key=api_key) for url in engine_urls]
+        try:
+            await wait_until_healthy(clients, timeout_s)
+        except EngineTimeoutError:
+            for i, client in enumerate(clients):
+                if not await client.is_healthy():
+                    silent.append(f"engine{i}")
+        finally:
+            for client in clients:
+                await client.close()
+
+    async with asyncio.TaskGroup() as waits:
+        waits.create_task(buffer_ready())
+        waits.create_task(engines_ready())
+    if silent:
+        tails = "".join(f"\n--- {name} ({log_dir / f'{name}.log'}):\n" + "\n".join(log_tail(log_dir / f"{name}.log"))
+                        for name in silent)
+        raise TimeoutError(f"not ready within {timeout_s:g} s (engine.start_timeout_s): {', '.join(silent)}{tails}")
 
 
 def _read(path: Path) -> bytes:

@@ -106,7 +106,7 @@ def checkpoint_due(config: RunConfig, version: int) -> bool:
 
 def follow(trainer, config: RunConfig) -> None:
     """Ranks > 0: train on rank 0's batches and take part in every collective rank 0 runs
-    (the weight gather of each sync, checkpoints), in the same order."""
+    (the weight export of each sync, checkpoints), in the same order."""
     from async_rl.trainer.batch import BatchError
 
     weights_dir = config.output_path(config.weight_sync.dir, "weights")
@@ -115,11 +115,7 @@ def follow(trainer, config: RunConfig) -> None:
             step = trainer.train_step(share_batch(trainer, None))
         except BatchError:
             continue  # rank 0 refused the same batch
-        if config.weight_sync.method == "disk":
-            trainer.save_weights_for_engine(weights_dir / f"v{step.version}")
-        else:
-            for _ in trainer.named_tensors():
-                pass
+        trainer.export_weights(config.weight_sync.method, weights_dir)  # rank 0 does the same in sync_weights
         if checkpoint_due(config, step.version):
             trainer.save_checkpoint()
 

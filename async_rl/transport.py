@@ -155,7 +155,7 @@ class TrajectorySender:
                     self.counts["resent"] += 1
 
 
-class BufferError(RuntimeError):
+class BufferRefused(RuntimeError):
     """The buffer answered a request with a refusal."""
 
 
@@ -182,7 +182,8 @@ class BufferClient:
 
     async def get_batch(self, trainer_version: int, num_groups: int, max_staleness: int, timeout: float = 30.0,
                         include_stale: bool = False) -> BatchResponse:
-        """`num_groups` complete groups with staleness <= max_staleness, or an empty batch with `error` at timeout."""
+        """`num_groups` complete groups with staleness <= max_staleness, or an empty batch with `error`
+        (at timeout, or at once after dropping stale groups: their ids are in `dropped_groups`)."""
         request = BatchRequest(trainer_version=trainer_version, num_groups=num_groups, max_staleness=max_staleness,
                                timeout_s=timeout, include_stale=include_stale, request_id=uuid.uuid4().hex)
         raw = await self._request(request, _RawBatchResponse, timeout + self.reply_grace_s)
@@ -228,7 +229,7 @@ class BufferClient:
                 except TimeoutError:
                     continue  # buffer restarted or reply lost: ask again under the same id
                 if isinstance(reply, Rejected):
-                    raise BufferError(reply.reason)
+                    raise BufferRefused(reply.reason)
                 return reply
 
     @staticmethod

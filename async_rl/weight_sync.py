@@ -93,22 +93,19 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
     tracer = tracer or Tracer(None)
     started_wall, started = time.time(), time.perf_counter()
     version = trainer.version
-    path = ""
     send = None
+    with tracer.span("save snapshot" if method == "disk" else "gather weights", SYNC_TRACK, version=version):
+        export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
+    path, tensors = export.path, export.tensors
     if method == "disk":
-        with tracer.span("save snapshot", SYNC_TRACK, version=version):
-            folder = await asyncio.to_thread(trainer.save_weights_for_engine, weights_dir / f"v{version}")
-        path = str(folder)
         update = lambda client: client.update_weights_from_disk(  # noqa: E731
             path, flush_cache=False, weight_version=str(version))
     elif method == "tensor":
-        tensors = dict(trainer.named_tensors())
         update = lambda client: client.update_weights_from_tensor(  # noqa: E731
             tensors, flush_cache=False, weight_version=str(version))
     elif method == "distributed":
         if group is None:
             raise ValueError("weight_sync.method=distributed needs the open broadcast_group")
-        tensors = dict(trainer.named_tensors())
         names = list(tensors)
         dtypes, shapes = [tensors[n].dtype for n in names], [list(tensors[n].shape) for n in names]
         update = lambda client: client.update_weights_from_distributed(  # noqa: E731

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rollout_workers.engine.model import create_tiny_model, load_model
-from rollout_workers.engine.core import EngineCore, EngineError, Sequence
+from rollout_workers.engine.core import EngineCore, RequestRefused, Sequence
 
 WAIT_S = 30
 
@@ -148,7 +148,7 @@ def test_abort_returns_partial_output_and_duplicate_rid_is_refused(core):
     tracker = Tracker()
     long = tracker.seq("long", [5, 6], 1500, stream=True, temperature=0.0)
     core.submit([long])
-    with pytest.raises(EngineError):
+    with pytest.raises(RequestRefused):
         core.submit([tracker.seq("again", [5], 3, rid="long")])
     tracker.wait_until(lambda: len(long.output_ids) >= 3)
     assert core.call(core.abort, "long").result(WAIT_S) == 1

@@ -18,6 +18,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -44,6 +45,12 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _TOKEN_SUMS = (
     "clip_frac", "is_weight/mean", "is_weight/capped_frac", "kl/behav_current_k1", "kl/behav_current_k3", "kl/current_ref_k3",
 )
+
+
+class WeightsExport(NamedTuple):
+    version: int
+    path: str  # disk: the HF folder engines load; "" otherwise
+    tensors: dict[str, torch.Tensor]  # tensor, distributed: name -> whole tensor; {} for disk
 
 
 class StepResult(msgspec.Struct, kw_only=True):
@@ -284,6 +291,18 @@ class Trainer:
         for name, parameter in self.model.named_parameters():
             tensor = full_tensor(parameter.detach())
             yield name, tensor if dtype is None else tensor.to(dtype)
+
+    def export_weights(self, method: str, weights_dir: str | Path) -> WeightsExport | None:
+        """The weights the engines load next, in the form weight sync `method` sends: a folder
+        weights_dir/v{version} for disk, whole tensors otherwise. A collective under FSDP: every rank
+        calls it, rank 0 does the I/O and gets the export, the others None."""
+        if method not in ("disk", "tensor", "distributed"):
+            raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
+        if method == "disk":
+            path, tensors = str(self.save_weights_for_engine(Path(weights_dir) / f"v{self.version}")), {}
+        else:
+            path, tensors = "", dict(self.named_tensors())
+        return WeightsExport(version=self.version, path=path, tensors=tensors) if self.rank == 0 else None
 
     def state_dict_for_sync(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return dict(self.named_tensors(dtype))

@@ -30,8 +30,9 @@ PAUSE_MODES = ("abort", "retract", "in_place")
 MEMORY_TAGS = ("weights", "kv_cache")
 
 
-class EngineError(Exception):
-    """A request the engine refuses; the message is meant for the client."""
+class RequestRefused(Exception):
+    """A request the engine core refuses; the server answers it with a 4xx carrying this message
+    (the client's EngineError is what that answer becomes on the other side)."""
 
 
 @dataclass(eq=False)
@@ -189,12 +190,12 @@ class EngineCore:
         return future
 
     def submit(self, sequences: list[Sequence]) -> None:
-        """Queue sequences; raises EngineError if a rid is already live (nothing is queued then)."""
+        """Queue sequences; raises RequestRefused if a rid is already live (nothing is queued then)."""
         rids = collections.Counter(seq.rid for seq in sequences)
         with self._live_lock:
             taken = [rid for rid in rids if rid in self._live]
             if taken:
-                raise EngineError(f"request id {taken[0]!r} is already running")
+                raise RequestRefused(f"request id {taken[0]!r} is already running")
             self._live.update(rids)
         self.call(self._enqueue, sequences)
 
@@ -241,7 +242,7 @@ class EngineCore:
 
     def pause(self, mode: str) -> None:
         if mode not in PAUSE_MODES:
-            raise EngineError(f"unknown pause mode {mode!r}; expected one of {', '.join(PAUSE_MODES)}")
+            raise RequestRefused(f"unknown pause mode {mode!r}; expected one of {', '.join(PAUSE_MODES)}")
         if mode == "abort":
             self.abort(None, "aborted by pause_generation")
         elif mode == "retract":

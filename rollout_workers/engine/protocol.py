@@ -14,7 +14,10 @@ import msgspec
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class SamplingParams(msgspec.Struct, kw_only=True):
+class SamplingParamsBody(msgspec.Struct, kw_only=True):
+    """The server's reading of `sampling_params`: every field resolved to SGLang's default
+    (the client's SamplingParams leaves unset fields out instead)."""
+
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, msgspec.Meta(ge=-1)] = -1  # -1 or 0: no top-k filter
@@ -40,7 +43,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 class GenerateRequest(msgspec.Struct, kw_only=True):
     text: str | list[str] | None = None
     input_ids: list[Any] | None = None  # list[int] or list[list[int]]; checked by the server
-    sampling_params: SamplingParams | list[SamplingParams] = msgspec.field(default_factory=SamplingParams)
+    sampling_params: SamplingParamsBody | list[SamplingParamsBody] = msgspec.field(default_factory=SamplingParamsBody)
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: no input-token logprobs
     top_logprobs_num: NonNegative = 0

@@ -178,7 +178,7 @@ class EngineServer:
                 params_of[seq] = params
         try:
             self.core.submit(sequences)
-        except Exception as exc:  # EngineError: duplicate live rid
+        except Exception as exc:  # RequestRefused: duplicate live rid
             raise RequestError(str(exc)) from exc
         try:
             if req.stream:
@@ -263,7 +263,7 @@ class EngineServer:
             raise RequestError("rid list has duplicates")
         return list(rid)
 
-    def _sequences(self, prompt: list[int], params: P.SamplingParams, rid: str, req: P.GenerateRequest, on_update):
+    def _sequences(self, prompt: list[int], params: P.SamplingParamsBody, rid: str, req: P.GenerateRequest, on_update):
         from rollout_workers.engine.core import Sequence
 
         core = self.core
@@ -309,7 +309,7 @@ class EngineServer:
         tokenizer = self.core.tokenizer
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) if tokenizer is not None else None
 
-    def _output(self, seq, n: int, reason, req: P.GenerateRequest, params: P.SamplingParams) -> dict[str, Any]:
+    def _output(self, seq, n: int, reason, req: P.GenerateRequest, params: P.SamplingParamsBody) -> dict[str, Any]:
         ids = seq.output_ids[:n]
         text = self._decode(ids, params.skip_special_tokens)
         if text is not None and reason and reason["type"] == "stop" and isinstance(reason.get("matched"), str):
