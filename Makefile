@@ -8,7 +8,7 @@ LOCK := requirements.lock
 # Tests run on every core; a module's tests that share a module-scoped fixture stay on one worker.
 TEST_ARGS ?= -n auto --dist loadgroup --no-loadscope-reorder --forbid-skips
 
-.PHONY: demo test install lock clean
+.PHONY: demo test lint install lock clean
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	python3 -m venv $(VENV)
@@ -29,7 +29,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/async-rl run recipes/tiny.toml
 
-test: $(STAMP)
+# Lint, formatting and types first ([tool.ruff] and [tool.mypy] in pyproject.toml): a minute, and they fail loudly.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest $(TEST_ARGS)
 
 # Re-resolve the lock from pyproject.toml's ranges in a scratch venv (needs the package registry).

@@ -13,5 +13,6 @@ def check_device(name: str, device: str | None) -> None:
     """None means "the default" wherever a device is optional."""
     import re
 
-    check_field(device is None or bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", device)), name, device,
-                "auto, cpu, cuda or cuda:N")
+    check_field(
+        device is None or bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", device)), name, device, "auto, cpu, cuda or cuda:N"
+    )

@@ -18,7 +18,11 @@ SUBCOMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("buffer", "inspect"), "buffer.inspect", "print a buffer's counts by version and staleness"),
     (("run",), "async_rl.orchestrator", "run a recipe: engines, rollout workers, buffer and trainer"),
     (("sweep",), "staleness.experiments.sweep", "run a staleness/APRIL grid and write a report"),
-    (("trace", "merge"), "async_rl.trace", "merge a run's per-process trace files into RUN_DIR/trace.json (ui.perfetto.dev)"),
+    (
+        ("trace", "merge"),
+        "async_rl.trace",
+        "merge a run's per-process trace files into RUN_DIR/trace.json (ui.perfetto.dev)",
+    ),
 ]
 
 
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             parser = argparse.ArgumentParser(prog="async-rl " + " ".join(words), description=help_text)
             module.add_arguments(parser)
-            return int(module.main(parser.parse_args(argv[len(words):])) or 0)
+            return int(module.main(parser.parse_args(argv[len(words) :])) or 0)
     print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
     return 0 if argv and argv[0] in ("-h", "--help") else 2
 

@@ -48,7 +48,7 @@ class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     pass
 
 
-class ModelConfig(_Table):
+class ModelConfig(_Table, frozen=True):
     """[model] The policy every engine serves and the trainer optimises."""
 
     spec: str = "tiny:llama"
@@ -64,7 +64,7 @@ class ModelConfig(_Table):
         check_device("device", self.device)
 
 
-class EngineConfig(_Table):
+class EngineConfig(_Table, frozen=True):
     """[engine] Rollout engines: all speak SGLang's RL HTTP API."""
 
     kind: Literal["embedded", "sglang"] = "embedded"
@@ -93,7 +93,7 @@ class EngineConfig(_Table):
         check_field(self.start_timeout_s > 0, "start_timeout_s", self.start_timeout_s, "> 0")
 
 
-class RolloutConfig(_Table):
+class RolloutConfig(_Table, frozen=True):
     """[rollout] How each prompt becomes a scored group of responses.
 
     Two ways to generate, named explicitly: by default the worker drives every group itself, one
@@ -136,11 +136,15 @@ class RolloutConfig(_Table):
         _check_function_spec("sample_plan", self.sample_plan)
         _check_function_spec("generate", self.generate)
         _check_function_spec("reward", self.reward)
-        check_field(self.sample_plan is None or self.generate is None, "generate", self.generate,
-                    "unset when sample_plan is set: a custom generate function takes the whole group")
+        check_field(
+            self.sample_plan is None or self.generate is None,
+            "generate",
+            self.generate,
+            "unset when sample_plan is set: a custom generate function takes the whole group",
+        )
 
 
-class TaskConfig(_Table):
+class TaskConfig(_Table, frozen=True):
     """[task] Where prompts come from: exactly one of a generator or a dataset (rollout_workers/tasks.py)."""
 
     generator: str | None = None
@@ -163,7 +167,7 @@ class TaskConfig(_Table):
         _check_function_spec("generator", self.generator)
 
 
-class WeightSyncConfig(_Table):
+class WeightSyncConfig(_Table, frozen=True):
     """[weight_sync] How new weights reach the engines after each step (async_rl/weight_sync.py)."""
 
     method: Literal["disk", "tensor", "distributed"] = "disk"
@@ -177,7 +181,7 @@ class WeightSyncConfig(_Table):
     """Where disk snapshots go; "" = <run.output_dir>/weights."""
 
 
-class AprilConfig(_Table):
+class AprilConfig(_Table, frozen=True):
     """[april] Active partial rollouts (rollout_workers/april.py): rounds of ceil((1 + alpha) x the batch)
     groups; once a round's batch of complete groups is in, its unfinished long tail is retracted and
     recycled as partial rollouts (tokens, behaviour logprobs and per-token versions kept), resumed first
@@ -196,7 +200,7 @@ class AprilConfig(_Table):
         check_field(self.alpha >= 0, "alpha", self.alpha, ">= 0")
 
 
-class RunOptions(_Table):
+class RunOptions(_Table, frozen=True):
     """[run] The run as a whole."""
 
     output_dir: str = "runs/latest"
@@ -207,13 +211,21 @@ class RunOptions(_Table):
     """Steps between metric lines."""
     max_wall_s: float | None = None
     """Stop cleanly after this long; None = no limit."""
+    max_restarts: int = 3
+    """Unexpected exits an engine or the buffer service survives (each is started again, an engine
+    from the newest weights); one more ends the run with its log tail. Engines are not restarted
+    under weight_sync.method = "distributed" (the broadcast group cannot take a new member)."""
+    restart_backoff_s: float = 1.0
+    """Wait before a component's first restart; it doubles with each further one (at most 30 s)."""
 
     def __post_init__(self) -> None:
         check_field(self.log_interval >= 1, "log_interval", self.log_interval, ">= 1")
         check_field(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", self.max_wall_s, "> 0")
+        check_field(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
+        check_field(self.restart_backoff_s >= 0, "restart_backoff_s", self.restart_backoff_s, ">= 0")
 
 
-class RunConfig(_Table):
+class RunConfig(_Table, frozen=True):
     """The whole recipe; every table is optional and defaults to its Struct's defaults,
     except [task], which a run cannot guess."""
 
@@ -230,14 +242,20 @@ class RunConfig(_Table):
 
     def __post_init__(self) -> None:
         if self.weight_sync.method == "tensor" and self.engine.kind == "sglang":
-            raise ValueError("weight_sync.method = \"tensor\" cannot drive SGLang engines: SGLang decodes tensor updates "
-                             "with its pickle-based MultiprocessingSerializer (any other payload ends the server), and "
-                             "this project never pickles; use \"disk\" or \"distributed\"")
+            raise ValueError(
+                'weight_sync.method = "tensor" cannot drive SGLang engines: SGLang decodes tensor updates '
+                "with its pickle-based MultiprocessingSerializer (any other payload ends the server), and "
+                'this project never pickles; use "disk" or "distributed"'
+            )
         if self.run.sync and self.staleness.eta != 0:
-            raise ValueError(f"run.sync = true trains strictly on-policy: set staleness.eta = 0 (got {self.staleness.eta})")
+            raise ValueError(
+                f"run.sync = true trains strictly on-policy: set staleness.eta = 0 (got {self.staleness.eta})"
+            )
         if self.april.enabled and self.rollout.generate is not None:
-            raise ValueError(f"april.enabled retracts and resumes samples, which the worker-driven path does: unset "
-                             f"rollout.generate ({self.rollout.generate}) and use rollout.sample_plan")
+            raise ValueError(
+                f"april.enabled retracts and resumes samples, which the worker-driven path does: unset "
+                f"rollout.generate ({self.rollout.generate}) and use rollout.sample_plan"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -370,6 +388,7 @@ def _field_annotation(path: str) -> Any:
 def _describe(message: str) -> str:
     """msgspec's "Expected `int`, got `str` - at `$.trainer.lr`" -> "trainer.lr: expected `int`, got `str`"."""
     match = re.fullmatch(r"(?s)(.*?)(?: - at `\$\.?(.*)`)?", message)
+    assert match is not None  # the pattern matches every string
     text, path = match.group(1), match.group(2) or ""
     if missing := re.fullmatch(r"Object missing required field `(\w+)`", text):
         return f"missing required key {'.'.join(filter(None, (path, missing.group(1))))!r}"

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Any, Union
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -128,8 +129,7 @@ class Trajectory(Message, tag="trajectory"):
 
     @property
     def submission_key(self) -> str:
-        """What the buffer de-duplicates on: a partial is resubmitted once per attempt."""
-        return f"{self.sample_id}@{self.attempt}" if self.partial else self.sample_id
+        return submission_key(self.sample_id, self.attempt, self.partial)
 
     @property
     def oldest_version(self) -> int:
@@ -140,6 +140,11 @@ class Trajectory(Message, tag="trajectory"):
 
 
 _TRAJECTORY_ARRAYS = ("prompt_ids", "response_ids", "behavior_logprobs", "token_versions", "loss_mask")
+
+
+def submission_key(sample_id: str, attempt: int, partial: bool) -> str:
+    """What the buffer de-duplicates on: a partial is resubmitted once per attempt."""
+    return f"{sample_id}@{attempt}" if partial else sample_id
 
 
 def oldest_version(token_versions: TokenArray) -> int:
@@ -178,6 +183,18 @@ class BatchResponse(Message, tag="batch_response"):
     trajectories: list[Trajectory]
     dropped_stale: int = 0
     # group_id -> group size of the groups dropped as stale while this request waited (admission gives them back).
+    dropped_groups: dict[str, int] = msgspec.field(default_factory=dict)
+    error: str = ""
+    request_id: str = ""
+
+
+class RawBatchResponse(Message, tag="batch_response"):
+    """BatchResponse on the wire with each trajectory left encoded (`msgspec.Raw`): the buffer serves
+    its stored frames as they are, the client decodes each one on its own. Same fields, same order."""
+
+    trainer_version: int
+    trajectories: list[msgspec.Raw]
+    dropped_stale: int = 0
     dropped_groups: dict[str, int] = msgspec.field(default_factory=dict)
     error: str = ""
     request_id: str = ""
@@ -223,6 +240,14 @@ class PartialsResponse(Message, tag="partials"):
     request_id: str = ""
 
 
+class RawPartialsResponse(Message, tag="partials"):
+    """PartialsResponse with each trajectory left encoded, like RawBatchResponse."""
+
+    trajectories: list[msgspec.Raw]
+    dropped_stale: int = 0
+    request_id: str = ""
+
+
 class Rejected(Message, tag="rejected"):
     """A request the receiver could not act on, with the reason."""
 
@@ -240,10 +265,18 @@ class WeightsPublished(Message, tag="weights_published"):
     dropped_groups: dict[str, int] = msgspec.field(default_factory=dict)
 
 
-AnyMessage = Union[
-    Trajectory, TrajectoryAck, BatchRequest, BatchResponse, StatsRequest, BufferStats,
-    TakePartials, PartialsResponse, Rejected, WeightsPublished,
-]
+AnyMessage = (
+    Trajectory
+    | TrajectoryAck
+    | BatchRequest
+    | BatchResponse
+    | StatsRequest
+    | BufferStats
+    | TakePartials
+    | PartialsResponse
+    | Rejected
+    | WeightsPublished
+)
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_encode_array)
 
@@ -260,7 +293,7 @@ class MessageError(ValueError):
     """A frame that is not a valid message of this schema."""
 
 
-def encode(message: Message | list[Message]) -> bytes:
+def encode(message: Message | Sequence[Message]) -> bytes:
     return _encoder.encode(message)
 
 

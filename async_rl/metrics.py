@@ -86,7 +86,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """"reward 0.431  version 12  staleness 0.80  tok/s 1234" from whichever display keys are present."""
+    """ "reward 0.431  version 12  staleness 0.80  tok/s 1234" from whichever display keys are present."""
     parts = []
     for key, label in DISPLAY_KEYS.items():
         value = metrics.get(key)
@@ -114,8 +114,12 @@ class ProgressDisplay:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
-                TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[stats]}"), console=Console(file=self.stream),
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[stats]}"),
+                console=Console(file=self.stream),
             )
             self._task = self._progress.add_task("run", total=total_steps, stats="")
             self._progress.start()

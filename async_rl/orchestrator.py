@@ -13,16 +13,22 @@ import asyncio
 import contextlib
 import os
 import sys
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="recipe TOML path or bundled recipe name (e.g. tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set trainer.total_steps=50 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set trainer.total_steps=50 (repeatable)",
+    )
     parser.add_argument("--sync", action="store_true", help="strictly on-policy baseline: staleness.eta = 0")
 
 
@@ -37,8 +43,9 @@ def main(args: argparse.Namespace) -> int:
     return asyncio.run(run(config))
 
 
-def run_argv(recipe: str, output_dir: str | os.PathLike[str], overrides: Sequence[str] = (), *,
-             sync: bool = False) -> list[str]:
+def run_argv(
+    recipe: str, output_dir: str | os.PathLike[str], overrides: Sequence[str] = (), *, sync: bool = False
+) -> list[str]:
     """The command line of `async-rl run RECIPE` into `output_dir`, for tools that start runs as processes."""
     argv = [sys.executable, "-m", "async_rl.cli", "run", str(recipe), "--set", f"run.output_dir={str(output_dir)!r}"]
     for override in overrides:
@@ -49,8 +56,10 @@ def run_argv(recipe: str, output_dir: str | os.PathLike[str], overrides: Sequenc
 def check_supported(config: RunConfig) -> None:
     """What `async-rl run` refuses before starting anything (the sweep checks every point with it too)."""
     if config.trainer.groups_per_step % config.rollout.workers:
-        raise ConfigError(f"trainer.groups_per_step={config.trainer.groups_per_step} must be a multiple of "
-                          f"rollout.workers={config.rollout.workers}: each worker owns an equal share of every batch")
+        raise ConfigError(
+            f"trainer.groups_per_step={config.trainer.groups_per_step} must be a multiple of "
+            f"rollout.workers={config.rollout.workers}: each worker owns an equal share of every batch"
+        )
     # Fail before starting anything, not as a worker's traceback a minute later.
     for spec in (config.rollout.generate, config.rollout.sample_plan, config.rollout.reward, config.task.generator):
         if spec is not None:
@@ -69,12 +78,16 @@ def _check_broadcast_devices(config: RunConfig) -> None:
     engine = _device(config.engine.device or default)
     gpu = lambda device: device if ":" in device else f"{device}:0"  # noqa: E731
     if config.engine.count > 1 and engine.startswith("cuda"):
-        raise ConfigError(f"weight_sync.method = \"distributed\" over NCCL needs every engine on its own GPU, but all "
-                          f"{config.engine.count} engines use {engine}: set engine.count = 1 or use disk sync")
+        raise ConfigError(
+            f'weight_sync.method = "distributed" over NCCL needs every engine on its own GPU, but all '
+            f"{config.engine.count} engines use {engine}: set engine.count = 1 or use disk sync"
+        )
     if engine.startswith("cuda") and gpu(engine) == gpu(trainer):
-        raise ConfigError(f"weight_sync.method = \"distributed\" over NCCL needs the trainer and the engines on "
-                          f"different GPUs, both are on {gpu(trainer)}: set trainer.device / engine.device "
-                          f"(e.g. cuda:1 and cuda:0) or use disk sync")
+        raise ConfigError(
+            f'weight_sync.method = "distributed" over NCCL needs the trainer and the engines on '
+            f"different GPUs, both are on {gpu(trainer)}: set trainer.device / engine.device "
+            f"(e.g. cuda:1 and cuda:0) or use disk sync"
+        )
 
 
 def _device(configured: str) -> str:
@@ -83,6 +96,42 @@ def _device(configured: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _newest_weights(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
+    """The newest complete weights a (re)starting engine can load: the trainer's latest disk snapshot
+    (weight_sync.dir/vN) or its latest checkpoint, whichever is newer, else the base model at 0."""
+    newest = _resume_point(config, model_dir)
+    weights_dir = config.output_path(config.weight_sync.dir, "weights")
+    for folder in weights_dir.glob("v*") if weights_dir.is_dir() else ():
+        if folder.name[1:].isdigit() and int(folder.name[1:]) > newest[1]:
+            newest = folder, int(folder.name[1:])
+    return newest
+
+
+def _pinned_newest_weights(config: RunConfig, model_dir: Path, name: str) -> tuple[Path, int]:
+    """`_newest_weights`, hard-linked into RUN_DIR/restart/NAME first: the trainer prunes old snapshots
+    while a restarted engine may still be loading one."""
+    import shutil
+
+    for _ in range(3):
+        source, version = _newest_weights(config, model_dir)
+        if version == 0:
+            return source, version
+        pinned = Path(config.run.output_dir) / "restart" / name
+        staging = pinned.with_name(f".{name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            for file in source.iterdir():
+                if file.is_file():  # a checkpoint's optimizer state is a folder the engine does not read
+                    os.link(file, staging / file.name)
+        except FileNotFoundError:  # pruned meanwhile: a newer one exists now
+            continue
+        shutil.rmtree(pinned, ignore_errors=True)
+        staging.rename(pinned)
+        return pinned, version
+    return _resume_point(config, model_dir)
 
 
 def _resume_point(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
@@ -102,7 +151,7 @@ async def run(config: RunConfig) -> int:
     from rollout_workers.launcher import EngineSpec, engine_command, engine_env, free_port
 
     run_dir = Path(config.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
     config_path = run_dir / "config.json"
     config_path.write_bytes(config.to_json())
     try:
@@ -115,42 +164,113 @@ async def run(config: RunConfig) -> int:
     python = sys.executable
     env = {**_thread_env(config.engine.count), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     host = config.engine.host
-    engine_urls, engine_specs = [], []
-    for i in range(config.engine.count):
-        port = free_port(host)
-        spec = EngineSpec(kind=config.engine.kind, model=str(engine_weights), api_key=config.engine.api_key, host=host,
-                          device=device if config.engine.kind == "embedded" else config.engine.device,
-                          extra_args=_engine_args(config, start_version, seed=config.trainer.seed + i))
-        engine_specs.append(ProcessSpec(name=f"engine{i}", argv=engine_command(spec, port, python),
-                                        env={**env, **engine_env(spec)}))
-        engine_urls.append(f"http://{host}:{port}")
+    restarts = config.run.max_restarts
+    engine_restarts = 0 if config.weight_sync.method == "distributed" else restarts
+    backoff = config.run.restart_backoff_s
+
+    def engine_process(i: int, port: int, weights: Path, version: int) -> ProcessSpec:
+        spec = EngineSpec(
+            kind=config.engine.kind,
+            model=str(weights),
+            api_key=config.engine.api_key,
+            host=host,
+            device=device if config.engine.kind == "embedded" else config.engine.device,
+            extra_args=_engine_args(config, version, seed=config.trainer.seed + i),
+        )
+        return ProcessSpec(
+            name=f"engine{i}",
+            argv=engine_command(spec, port, python),
+            env={**env, **engine_env(spec)},
+            max_restarts=engine_restarts,
+            backoff_s=backoff,
+        )
+
+    def engine_restart(i: int, port: int) -> Callable[[], ProcessSpec]:
+        """A restarted engine starts from the newest weights on disk, at their version."""
+        return lambda: engine_process(i, port, *_pinned_newest_weights(config, model_dir, f"engine{i}"))
+
+    engine_ports = [free_port(host) for _ in range(config.engine.count)]
+    engine_urls = [f"http://{host}:{port}" for port in engine_ports]
     submit, serve, versions = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engines = ",".join(engine_urls)
     common = ["--config", str(config_path), "--model-dir", str(model_dir), "--engines", engines]
 
     print(f"run dir {run_dir}  model {model_dir}  engines {engines}  start version {start_version}", flush=True)
     if start_version >= config.trainer.total_steps:
-        print(f"{run_dir} already holds a checkpoint at version {start_version} >= trainer.total_steps: nothing to "
-              f"train (set run.output_dir to start afresh, or raise trainer.total_steps to continue)", flush=True)
+        print(
+            f"{run_dir} already holds a checkpoint at version {start_version} >= trainer.total_steps: nothing to "
+            f"train (set run.output_dir to start afresh, or raise trainer.total_steps to continue)",
+            flush=True,
+        )
         return 0
     async with _merged_trace(run_dir), Supervisor(run_dir / "logs") as supervisor:
         try:
             # Everything starts at once: the trainer and the workers wait for the engines themselves,
             # so their imports and model loading overlap the engines' start-up.
-            for spec in engine_specs:
-                await supervisor.start(spec)
-            await supervisor.start(ProcessSpec(name="buffer", env=env, argv=[
-                python, "-m", "async_rl.cli", "buffer", "serve", "--config", str(config_path),
-                "--bind-submit", submit, "--bind-serve", serve]))
-            await supervisor.start(ProcessSpec(name="trainer", finishes_run=True, env=env, argv=[
-                *_trainer_launcher(python, config.trainer.processes), *common, "--serve", serve, "--versions", versions]))
+            for i, port in enumerate(engine_ports):
+                await supervisor.start(engine_process(i, port, engine_weights, start_version), engine_restart(i, port))
+            await supervisor.start(
+                ProcessSpec(
+                    name="buffer",
+                    env=env,
+                    max_restarts=restarts,  # it recovers from its write-ahead log
+                    backoff_s=backoff,
+                    argv=[
+                        python,
+                        "-m",
+                        "async_rl.cli",
+                        "buffer",
+                        "serve",
+                        "--config",
+                        str(config_path),
+                        "--bind-submit",
+                        submit,
+                        "--bind-serve",
+                        serve,
+                    ],
+                )
+            )
+            await supervisor.start(
+                ProcessSpec(
+                    name="trainer",
+                    finishes_run=True,
+                    env=env,
+                    argv=[
+                        *_trainer_launcher(python, config.trainer.processes),
+                        *common,
+                        "--serve",
+                        serve,
+                        "--versions",
+                        versions,
+                    ],
+                )
+            )
             for w in range(config.rollout.workers):
-                await supervisor.start(ProcessSpec(name=f"worker{w}", env=env, argv=[
-                    python, "-m", "rollout_workers.worker", *common, "--submit", submit, "--versions", versions,
-                    "--serve", serve,
-                    "--start-version", str(start_version), "--worker-index", str(w)]))
-            await supervisor.guard(_wait_ready(engine_urls, config.engine.api_key, serve, run_dir / "logs",
-                                               config.engine.start_timeout_s))
+                await supervisor.start(
+                    ProcessSpec(
+                        name=f"worker{w}",
+                        env=env,
+                        argv=[
+                            python,
+                            "-m",
+                            "rollout_workers.worker",
+                            *common,
+                            "--submit",
+                            submit,
+                            "--versions",
+                            versions,
+                            "--serve",
+                            serve,
+                            "--start-version",
+                            str(start_version),
+                            "--worker-index",
+                            str(w),
+                        ],
+                    )
+                )
+            await supervisor.guard(
+                _wait_ready(engine_urls, config.engine.api_key, serve, run_dir / "logs", config.engine.start_timeout_s)
+            )
             with ProgressDisplay(config.trainer.total_steps) as display:
                 follower = MetricsFollower(run_dir / "metrics.jsonl", display)
                 following = asyncio.create_task(follower.follow())
@@ -189,8 +309,15 @@ def _trainer_launcher(python: str, processes: int) -> list[str]:
     """Several data-parallel ranks go through torchrun, which also stops them all if one fails."""
     if processes == 1:
         return [python, "-m", "async_rl.trainer_main"]
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "-m", "async_rl.trainer_main"]
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "async_rl.trainer_main",
+    ]
 
 
 def _thread_env(engine_count: int) -> dict[str, str]:
@@ -245,8 +372,10 @@ async def _wait_ready(engine_urls: list[str], api_key: str | None, serve: str, l
         waits.create_task(buffer_ready())
         waits.create_task(engines_ready())
     if silent:
-        tails = "".join(f"\n--- {name} ({log_dir / f'{name}.log'}):\n" + "\n".join(log_tail(log_dir / f"{name}.log"))
-                        for name in silent)
+        tails = "".join(
+            f"\n--- {name} ({log_dir / f'{name}.log'}):\n" + "\n".join(log_tail(log_dir / f"{name}.log"))
+            for name in silent
+        )
         raise TimeoutError(f"not ready within {timeout_s:g} s (engine.start_timeout_s): {', '.join(silent)}{tails}")
 
 
@@ -270,7 +399,7 @@ class MetricsFollower:
 
         data = _read(self.path)
         end = data.rfind(b"\n") + 1
-        for line in data[self.offset:end].splitlines():
+        for line in data[self.offset : end].splitlines():
             try:
                 record = msgspec.json.decode(line)
             except msgspec.DecodeError:

@@ -3,8 +3,10 @@
 Each child runs in its own process group (its own session), so stopping it also
 stops anything it spawned, and a terminal's Ctrl-C reaches only the supervisor,
 which then shuts children down in order: SIGTERM to the group, a grace period,
-SIGKILL. Every child writes to its own log file; when one dies unexpectedly, the
-run stops and the report names it with its exit code and the tail of its log.
+SIGKILL. Every child writes to its own log file. A child that dies unexpectedly is
+started again (same command, log appended) while its restart budget lasts, after a backoff
+that doubles per restart; once the budget is spent the run stops and the report names it
+with its exit code and the tail of its log.
 
     async with Supervisor(run_dir / "logs") as supervisor:
         await supervisor.start(ProcessSpec(name="buffer", argv=[...]))
@@ -21,9 +23,9 @@ import contextlib
 import os
 import signal
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -39,6 +41,8 @@ class ProcessSpec(msgspec.Struct, frozen=True, kw_only=True):
     # True for the component whose clean exit means the run is done (the trainer after its
     # last step); any other exit, of any child, is a failure.
     finishes_run: bool = False
+    max_restarts: int = 0  # unexpected exits survived by starting it again; one more ends the run
+    backoff_s: float = 1.0  # wait before the first restart; doubles with each one (at most 30 s)
 
 
 class ChildExit(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,12 +87,17 @@ class ChildFailed(RunEnded):
         self.child = outcome.child
 
 
+MAX_BACKOFF_S = 30.0
+
+
 class _Child:
     def __init__(self, spec: ProcessSpec, process: asyncio.subprocess.Process, log_path: Path):
         self.spec = spec
         self.process = process
         self.log_path = log_path
         self.stopping = False  # set when the supervisor itself asked it to stop
+        self.restarts = 0
+        self.respec: Callable[[], ProcessSpec] | None = None
 
 
 class Supervisor:
@@ -98,10 +107,17 @@ class Supervisor:
     signal skips the grace period and SIGKILLs everything at once.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, grace_s: float = 10.0, handle_signals: bool = True):
+    def __init__(
+        self,
+        log_dir: str | os.PathLike,
+        grace_s: float = 10.0,
+        handle_signals: bool = True,
+        on_restart: Callable[[str, ChildExit], Awaitable[None]] | None = None,
+    ):
         self.log_dir = Path(log_dir)
         self.grace_s = grace_s
         self.handle_signals = handle_signals
+        self.on_restart = on_restart  # awaited after a child was started again (it need not be healthy yet)
         self._children: dict[str, _Child] = {}
         self._watchers = asyncio.TaskGroup()
         self._ended: asyncio.Future[RunOutcome] | None = None
@@ -134,12 +150,19 @@ class Supervisor:
         return {name: child.process.pid for name, child in self._children.items()}
 
     @property
+    def restarts(self) -> dict[str, int]:
+        return {name: child.restarts for name, child in self._children.items()}
+
+    @property
     def returncodes(self) -> dict[str, int | None]:
         """None while running; negative: killed by that signal."""
         return {name: child.process.returncode for name, child in self._children.items()}
 
-    async def start(self, spec: ProcessSpec) -> int:
-        """Start one child (its output to `log_dir/NAME.log`) and watch it; returns its pid."""
+    async def start(self, spec: ProcessSpec, respec: Callable[[], ProcessSpec] | None = None) -> int:
+        """Start one child (its output to `log_dir/NAME.log`) and watch it; returns its pid.
+
+        `respec` gives the command of a restart where it must differ from the first start
+        (an engine restarts from the newest weights, not the ones the run began with)."""
         if self._ended is None:
             raise RuntimeError("use Supervisor inside `async with`")
         if spec.name in self._children:
@@ -147,15 +170,11 @@ class Supervisor:
         if self._ended.done():
             raise _ended_error(self._ended.result())
         log_path = self.log_dir / f"{spec.name}.log"
-        with log_path.open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, **spec.env}, cwd=spec.cwd, start_new_session=True,
-            )
-        child = _Child(spec, process, log_path)
+        child = _Child(spec, await _spawn(spec, log_path), log_path)
+        child.respec = respec
         self._children[spec.name] = child
         self._watchers.create_task(self._watch(child), name=f"watch-{spec.name}")
-        return process.pid
+        return child.process.pid
 
     async def wait(self, timeout_s: float | None = None) -> RunOutcome:
         """Until the run ends: the finishing child exits 0, a child fails, a signal arrives,
@@ -173,8 +192,9 @@ class Supervisor:
         assert self._ended is not None
         work = asyncio.ensure_future(awaitable)
         ended = asyncio.shield(self._ended)
+        either: set[asyncio.Future[Any]] = {work, ended}
         try:
-            await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ended.cancel()  # cancels only the shield's view; `_ended` itself stays intact
             if not work.done():
@@ -195,16 +215,44 @@ class Supervisor:
     # ---- internals ------------------------------------------------------------------------
 
     async def _watch(self, child: _Child) -> None:
-        returncode = await child.process.wait()
-        if child.stopping:
+        while True:
+            returncode = await child.process.wait()
+            if child.stopping:
+                return
+            if child.spec.finishes_run and returncode == 0:
+                self._end(RunOutcome(status="finished", message=f"{child.spec.name} finished"))
+                return
+            exit_ = ChildExit(
+                name=child.spec.name,
+                returncode=returncode,
+                log_path=str(child.log_path),
+                log_tail=log_tail(child.log_path),
+            )
+            if child.restarts >= child.spec.max_restarts:
+                budget = f" (after {child.restarts} restarts)" if child.restarts else ""
+                self._end(RunOutcome(status="failed", message=exit_.describe() + budget, child=exit_))
+                return
+            await self._restart(child, exit_)
+
+    async def _restart(self, child: _Child, exit_: ChildExit) -> None:
+        delay = min(child.spec.backoff_s * 2**child.restarts, MAX_BACKOFF_S)
+        child.restarts += 1
+        _signal_group(child.process.pid, signal.SIGKILL)  # what it spawned goes with it
+        print(
+            f"restarting {child.spec.name} in {delay:g} s ({child.restarts} of {child.spec.max_restarts}): "
+            f"{exit_.describe().splitlines()[0]}",
+            flush=True,
+        )
+        with child.log_path.open("ab") as log:
+            log.write(f"\n--- supervisor: exit {exit_.returncode}, restart {child.restarts} ---\n".encode())
+        await asyncio.sleep(delay)
+        if child.stopping or (self._ended is not None and self._ended.done()):
             return
-        finished = child.spec.finishes_run and returncode == 0
-        if finished:
-            self._end(RunOutcome(status="finished", message=f"{child.spec.name} finished"))
-        else:
-            exit_ = ChildExit(name=child.spec.name, returncode=returncode, log_path=str(child.log_path),
-                              log_tail=log_tail(child.log_path))
-            self._end(RunOutcome(status="failed", message=exit_.describe(), child=exit_))
+        if child.respec is not None:
+            child.spec = msgspec.structs.replace(child.respec(), max_restarts=child.spec.max_restarts)
+        child.process = await _spawn(child.spec, child.log_path)
+        if self.on_restart is not None:
+            await self.on_restart(child.spec.name, exit_)
 
     async def _stop(self, child: _Child) -> None:
         pgid = child.process.pid  # start_new_session: the child leads its own group
@@ -232,6 +280,19 @@ class Supervisor:
             self._ended.set_result(outcome)
 
 
+async def _spawn(spec: ProcessSpec, log_path: Path) -> asyncio.subprocess.Process:
+    with log_path.open("ab") as log:
+        return await asyncio.create_subprocess_exec(
+            *spec.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **spec.env},
+            cwd=spec.cwd,
+            start_new_session=True,
+        )
+
+
 def _ended_error(outcome: RunOutcome) -> RunEnded:
     return ChildFailed(outcome) if outcome.child is not None else RunEnded(outcome)
 
@@ -253,4 +314,3 @@ def log_tail(path: str | os.PathLike, lines: int = LOG_TAIL_LINES, max_bytes: in
         return [f"(cannot read log: {exc})"]
     text = data.decode("utf-8", errors="replace")
     return list(deque(text.splitlines(), maxlen=lines))
-

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-
 TRACE_DIR = "trace"  # RUN_DIR/trace/<process>.json, one file per process
 MERGED_NAME = "trace.json"
 
@@ -52,8 +51,15 @@ class Tracer:
             self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
             self._file.write("[\n")
             self._first = True
-            self._emit({"ph": "M", "name": "process_name", "pid": self.pid, "tid": 0,
-                        "args": {"name": process_name or f"pid-{self.pid}"}})
+            self._emit(
+                {
+                    "ph": "M",
+                    "name": "process_name",
+                    "pid": self.pid,
+                    "tid": 0,
+                    "args": {"name": process_name or f"pid-{self.pid}"},
+                }
+            )
 
     @property
     def enabled(self) -> bool:
@@ -65,14 +71,30 @@ class Tracer:
             return
         if end_s < start_s:
             raise ValueError(f"trace span {name!r} on {track!r} ends before it starts: {start_s} > {end_s}")
-        self._emit({"ph": "X", "name": name, "ts": _us(start_s), "dur": _us(end_s - start_s),
-                    "tid": self._tid(track), "args": args})
+        self._emit(
+            {
+                "ph": "X",
+                "name": name,
+                "ts": _us(start_s),
+                "dur": _us(end_s - start_s),
+                "tid": self._tid(track),
+                "args": args,
+            }
+        )
 
     def instant(self, name: str, track: str, at_s: float | None = None, **args: Any) -> None:
         if self._file is None:
             return
-        self._emit({"ph": "i", "s": "t", "name": name, "ts": _us(time.time() if at_s is None else at_s),
-                    "tid": self._tid(track), "args": args})
+        self._emit(
+            {
+                "ph": "i",
+                "s": "t",
+                "name": name,
+                "ts": _us(time.time() if at_s is None else at_s),
+                "tid": self._tid(track),
+                "args": args,
+            }
+        )
 
     @contextlib.contextmanager
     def span(self, name: str, track: str, **args: Any) -> Iterator[dict[str, Any]]:

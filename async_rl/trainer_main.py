@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-
 from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import BatchResponse, Trajectory, WeightsPublished, encode, make_decoder
 from async_rl.metrics import MetricsSink
@@ -37,7 +36,8 @@ def trainer_context(config: RunConfig, model_dir: Path):
     from async_rl.trainer.config import TrainerContext
 
     return TrainerContext(
-        model_path=str(model_dir), ckpt_dir=str(config.output_path(config.trainer.ckpt_dir, "checkpoints")),
+        model_path=str(model_dir),
+        ckpt_dir=str(config.output_path(config.trainer.ckpt_dir, "checkpoints")),
         device=config.trainer.device or config.model.device,
         compute_dtype="bfloat16" if config.model.dtype == "bfloat16" else "float32",
         max_staleness=config.staleness.eta,
@@ -57,7 +57,9 @@ async def get_batch(buffer: BufferClient, version: int, config: RunConfig) -> tu
     from staleness.metrics import stale_samples
 
     while True:
-        response = await buffer.get_batch(version, config.trainer.groups_per_step, config.staleness.eta, timeout=BATCH_WAIT_S)
+        response = await buffer.get_batch(
+            version, config.trainer.groups_per_step, config.staleness.eta, timeout=BATCH_WAIT_S
+        )
         dropped: Counter[str] = Counter(response.dropped_groups)  # the buffer's own stale drops
         if response.error or not response.trajectories:
             if dropped:  # announced at once: the workers need that budget back to fill a batch
@@ -68,8 +70,12 @@ async def get_batch(buffer: BufferClient, version: int, config: RunConfig) -> tu
         offenders = set(stale_samples(response.trajectories, version, config.staleness.eta))
         if offenders:
             bad_groups = {t.group_id for t in response.trajectories if t.sample_id in offenders}
-            log.warning("dropped %d group(s) outside staleness [0, %d] at version %d", len(bad_groups),
-                        config.staleness.eta, version)
+            log.warning(
+                "dropped %d group(s) outside staleness [0, %d] at version %d",
+                len(bad_groups),
+                config.staleness.eta,
+                version,
+            )
             dropped.update(t.group_id for t in response.trajectories if t.group_id in bad_groups)
             response.trajectories = [t for t in response.trajectories if t.group_id not in bad_groups]
             response.dropped_stale += len(offenders)
@@ -89,19 +95,39 @@ async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serv
 
 
 def share_batch(trainer, trajectories: list[Trajectory] | None) -> list[Trajectory]:
-    """Rank 0's batch on every rank (msgpack bytes over the trainer's process group, never pickle)."""
+    """Rank 0's batch (given there, None elsewhere) on every rank: msgpack bytes over the trainer's
+    process group, never pickle."""
     if trainer.world_size == 1:
+        assert trajectories is not None
         return trajectories
     from async_rl.trainer.distributed import broadcast_bytes
 
-    payload = broadcast_bytes(encode(trajectories) if trainer.rank == 0 else None, trainer.device)
+    payload = broadcast_bytes(encode(trajectories) if trajectories is not None else None, trainer.device)
     return _batch_decoder.decode(payload)
 
 
-def checkpoint_due(config: RunConfig, version: int) -> bool:
-    """Every rank must agree: a checkpoint is a collective under FSDP."""
-    interval = config.trainer.checkpoint_interval
-    return bool(interval and version % interval == 0) or version == config.trainer.total_steps
+class CheckpointClock:
+    """When to checkpoint: every trainer.checkpoint_interval steps, every checkpoint_interval_s seconds
+    since the last one, and at the last step. Every rank must agree (a checkpoint is a collective under
+    FSDP): with several ranks and a time interval, rank 0's clock decides and broadcasts its answer."""
+
+    def __init__(self, trainer, config: RunConfig):
+        self.trainer = trainer
+        self.config = config.trainer
+        self.last = time.monotonic()
+
+    def due(self, version: int) -> bool:
+        interval, interval_s = self.config.checkpoint_interval, self.config.checkpoint_interval_s
+        due = bool(interval and version % interval == 0) or version == self.config.total_steps
+        due = due or bool(interval_s and time.monotonic() - self.last >= interval_s)
+        if interval_s and self.trainer.world_size > 1:
+            from async_rl.trainer.distributed import broadcast_bytes
+
+            answer = (b"1" if due else b"0") if self.trainer.rank == 0 else None
+            due = broadcast_bytes(answer, self.trainer.device) == b"1"
+        if due:
+            self.last = time.monotonic()
+        return due
 
 
 def follow(trainer, config: RunConfig) -> None:
@@ -110,13 +136,14 @@ def follow(trainer, config: RunConfig) -> None:
     from async_rl.trainer.batch import BatchError
 
     weights_dir = config.output_path(config.weight_sync.dir, "weights")
+    clock = CheckpointClock(trainer, config)
     while trainer.version < config.trainer.total_steps:
         try:
             step = trainer.train_step(share_batch(trainer, None))
         except BatchError:
             continue  # rank 0 refused the same batch
         trainer.export_weights(config.weight_sync.method, weights_dir)  # rank 0 does the same in sync_weights
-        if checkpoint_due(config, step.version):
+        if clock.due(step.version):
             trainer.save_checkpoint()
 
 
@@ -141,6 +168,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     total = config.trainer.total_steps
     dropped: Counter[str] = Counter()
     dropped_batches = 0
+    clock = CheckpointClock(trainer, config)
     try:
         async with contextlib.AsyncExitStack() as stack:
             await wait_until_healthy(clients, config.engine.start_timeout_s)
@@ -167,30 +195,49 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                             span["dropped"] = str(exc)
                             dropped_batches += 1
                             dropped.update(t.group_id for t in batch.trajectories)
-                            log.error("dropped a batch of %d at version %d (%d dropped so far): %s",
-                                      len(batch.trajectories), trainer.version, dropped_batches, exc)
+                            log.error(
+                                "dropped a batch of %d at version %d (%d dropped so far): %s",
+                                len(batch.trajectories),
+                                trainer.version,
+                                dropped_batches,
+                                exc,
+                            )
                 if step is None:
-                    await publisher.publish(WeightsPublished(version=trainer.version, method=method,
-                                                             dropped_groups=dict(dropped)))
+                    await publisher.publish(
+                        WeightsPublished(version=trainer.version, method=method, dropped_groups=dict(dropped))
+                    )
                     continue
-                sync = await sync_weights(trainer, clients, method, config.weight_sync.pause_mode, weights_dir, group,
-                                          tracer)
-                await publisher.publish(WeightsPublished(version=step.version, method=method, path=sync.path,
-                                                         sync_seconds=sync.seconds, dropped_groups=dict(dropped)))
+                sync = await sync_weights(
+                    trainer, clients, method, config.weight_sync.pause_mode, weights_dir, group, tracer
+                )
+                await publisher.publish(
+                    WeightsPublished(
+                        version=step.version,
+                        method=method,
+                        path=sync.path,
+                        sync_seconds=sync.seconds,
+                        dropped_groups=dict(dropped),
+                    )
+                )
                 dropped.clear()
                 now = time.perf_counter()
                 metrics = dict(step.metrics)
                 metrics.update({f"staleness/hist/{k}": v for k, v in step.staleness_histogram.items()})
                 metrics.update(sync.metrics())
-                metrics.update({"buffer/dropped_stale": batch.dropped_stale, "trainer/dropped_batches": dropped_batches,
-                                "throughput/samples_per_s": len(batch.trajectories) / (now - last),
-                                "throughput/tokens_per_s": metrics.get("tokens_per_s", 0.0)})
+                metrics.update(
+                    {
+                        "buffer/dropped_stale": batch.dropped_stale,
+                        "trainer/dropped_batches": dropped_batches,
+                        "throughput/samples_per_s": len(batch.trajectories) / (now - last),
+                        "throughput/tokens_per_s": metrics.get("tokens_per_s", 0.0),
+                    }
+                )
                 last = now
                 if step.skipped:
                     log.warning("step %d skipped its update: %s", step.version, step.skip_reason)
                 if step.version % config.run.log_interval == 0 or step.version == total:
                     sink.log(step.version, metrics)
-                if checkpoint_due(config, step.version):
+                if await asyncio.to_thread(clock.due, step.version):
                     with tracer.span("checkpoint", TRACK, step=step.version):
                         await asyncio.to_thread(trainer.save_checkpoint)
     finally:

@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import msgspec
 import zmq
@@ -29,11 +30,28 @@ import zmq.asyncio
 
 from async_rl import zmq_auth
 from async_rl.messages import (
-    BatchRequest, BatchResponse, BufferStats, Message, MessageError, PartialsResponse, Rejected, StatsRequest,
-    TakePartials, Trajectory, TrajectoryAck, WeightsPublished, decode, encode, make_decoder,
+    BatchRequest,
+    BatchResponse,
+    BufferStats,
+    Message,
+    MessageError,
+    RawBatchResponse,
+    RawPartialsResponse,
+    Rejected,
+    StatsRequest,
+    TakePartials,
+    Trajectory,
+    TrajectoryAck,
+    WeightsPublished,
+    decode,
+    encode,
+    make_decoder,
 )
 
 log = logging.getLogger(__name__)
+
+_Request = BatchRequest | StatsRequest | TakePartials
+_Reply = TypeVar("_Reply", bound=Message)
 
 DEFAULT_SUBMIT = "tcp://127.0.0.1:5601"
 DEFAULT_SERVE = "tcp://127.0.0.1:5602"
@@ -59,9 +77,17 @@ class _Unacked:
 class TrajectorySender:
     """`async with TrajectorySender(endpoint) as sender: await sender.send(t); await sender.flush()`."""
 
-    def __init__(self, endpoint: str = DEFAULT_SUBMIT, *, max_in_flight: int = 256, ack_timeout_s: float = 2.0,
-                 retry_after_s: float = 0.2, hwm: int = 1000, curve: zmq_auth.CurveClient | None = None,
-                 on_ack: Callable[[TrajectoryAck], None] | None = None):
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_SUBMIT,
+        *,
+        max_in_flight: int = 256,
+        ack_timeout_s: float = 2.0,
+        retry_after_s: float = 0.2,
+        hwm: int = 1000,
+        curve: zmq_auth.CurveClient | None = None,
+        on_ack: Callable[[TrajectoryAck], None] | None = None,
+    ):
         self.endpoint = endpoint
         self.on_ack = on_ack
         self.ack_timeout_s = ack_timeout_s
@@ -162,8 +188,14 @@ class BufferRefused(RuntimeError):
 class BufferClient:
     """Trainer/controller side of the serve socket. One request at a time per client."""
 
-    def __init__(self, endpoint: str = DEFAULT_SERVE, *, resend_after_s: float = 1.0, reply_grace_s: float = 2.0,
-                 curve: zmq_auth.CurveClient | None = None):
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_SERVE,
+        *,
+        resend_after_s: float = 1.0,
+        reply_grace_s: float = 2.0,
+        curve: zmq_auth.CurveClient | None = None,
+    ):
         self.resend_after_s = resend_after_s
         self.reply_grace_s = reply_grace_s
         self.undecodable_trajectories = 0
@@ -180,27 +212,46 @@ class BufferClient:
     async def __aexit__(self, *exc_info) -> None:
         self.close()
 
-    async def get_batch(self, trainer_version: int, num_groups: int, max_staleness: int, timeout: float = 30.0,
-                        include_stale: bool = False) -> BatchResponse:
+    async def get_batch(
+        self,
+        trainer_version: int,
+        num_groups: int,
+        max_staleness: int,
+        timeout: float = 30.0,
+        include_stale: bool = False,
+    ) -> BatchResponse:
         """`num_groups` complete groups with staleness <= max_staleness, or an empty batch with `error`
         (at timeout, or at once after dropping stale groups: their ids are in `dropped_groups`)."""
-        request = BatchRequest(trainer_version=trainer_version, num_groups=num_groups, max_staleness=max_staleness,
-                               timeout_s=timeout, include_stale=include_stale, request_id=uuid.uuid4().hex)
-        raw = await self._request(request, _RawBatchResponse, timeout + self.reply_grace_s)
-        return BatchResponse(trainer_version=raw.trainer_version, trajectories=self._decode_each(raw.trajectories),
-                             dropped_stale=raw.dropped_stale, dropped_groups=raw.dropped_groups, error=raw.error,
-                             request_id=raw.request_id)
+        request = BatchRequest(
+            trainer_version=trainer_version,
+            num_groups=num_groups,
+            max_staleness=max_staleness,
+            timeout_s=timeout,
+            include_stale=include_stale,
+            request_id=uuid.uuid4().hex,
+        )
+        raw = await self._request(request, RawBatchResponse, timeout + self.reply_grace_s)
+        return BatchResponse(
+            trainer_version=raw.trainer_version,
+            trajectories=self._decode_each(raw.trajectories),
+            dropped_stale=raw.dropped_stale,
+            dropped_groups=raw.dropped_groups,
+            error=raw.error,
+            request_id=raw.request_id,
+        )
 
     async def stats(self, trainer_version: int | None = None, timeout: float = 5.0) -> BufferStats:
         request = StatsRequest(trainer_version=trainer_version, request_id=uuid.uuid4().hex)
         return await self._request(request, BufferStats, timeout)
 
-    async def take_partials(self, max_n: int, min_version: int, timeout: float = 5.0,
-                            group_prefix: str = "") -> list[Trajectory]:
+    async def take_partials(
+        self, max_n: int, min_version: int, timeout: float = 5.0, group_prefix: str = ""
+    ) -> list[Trajectory]:
         """Remove and return partial rollouts fresh enough to resume (older ones are dropped by the buffer)."""
-        request = TakePartials(max_n=max_n, min_version=min_version, group_prefix=group_prefix,
-                               request_id=uuid.uuid4().hex)
-        raw = await self._request(request, _RawPartialsResponse, timeout)
+        request = TakePartials(
+            max_n=max_n, min_version=min_version, group_prefix=group_prefix, request_id=uuid.uuid4().hex
+        )
+        raw = await self._request(request, RawPartialsResponse, timeout)
         return self._decode_each(raw.trajectories)
 
     def _decode_each(self, frames: list[msgspec.Raw]) -> list[Trajectory]:
@@ -214,7 +265,7 @@ class BufferClient:
                 log.error("dropped an undecodable trajectory from the buffer: %s", exc)
         return trajectories
 
-    async def _request(self, request: Message, reply_type: type, timeout: float):
+    async def _request(self, request: _Request, reply_type: type[_Reply], timeout: float) -> _Reply:
         frame = encode(request)
         decoder = make_decoder(reply_type | Rejected)
         async with self._lock, asyncio.timeout(timeout):
@@ -241,22 +292,20 @@ class BufferClient:
             return None
 
 
-class _RawBatchResponse(BatchResponse, tag="batch_response"):
-    trajectories: list[msgspec.Raw]
-
-
-class _RawPartialsResponse(PartialsResponse, tag="partials"):
-    trajectories: list[msgspec.Raw]
-
-
 _trajectory_decoder = make_decoder(Trajectory)
 
 
 class VersionPublisher:
     """Trainer side: binds PUB; repeats the latest notice every `repeat_s` for late subscribers."""
 
-    def __init__(self, endpoint: str = DEFAULT_VERSIONS, *, repeat_s: float = 1.0,
-                 curve: zmq_auth.CurveServer | None = None, allow_insecure_bind: bool = False):
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_VERSIONS,
+        *,
+        repeat_s: float = 1.0,
+        curve: zmq_auth.CurveServer | None = None,
+        allow_insecure_bind: bool = False,
+    ):
         zmq_auth.check_bind(endpoint, curve is not None, allow_insecure_bind)
         self.repeat_s = repeat_s
         self._socket = zmq.asyncio.Context.instance().socket(zmq.PUB)
@@ -264,7 +313,7 @@ class VersionPublisher:
         if curve:
             zmq_auth.secure_server(self._socket, curve)
         self._socket.bind(endpoint)
-        self.endpoint = self._socket.last_endpoint.decode()
+        self.endpoint = cast(bytes, self._socket.last_endpoint).decode()
         self._latest: bytes | None = None
         self._repeater: asyncio.Task | None = None
 
@@ -307,8 +356,11 @@ class VersionSubscriber:
             if not isinstance(notice, WeightsPublished):
                 continue
             latest = self.latest
-            if latest is None or notice.version > latest.version or (
-                    notice.version == latest.version and notice.dropped_groups != latest.dropped_groups):
+            if (
+                latest is None
+                or notice.version > latest.version
+                or (notice.version == latest.version and notice.dropped_groups != latest.dropped_groups)
+            ):
                 self.latest = notice
                 return notice
 

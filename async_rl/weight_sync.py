@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from async_rl.trace import Tracer
-from rollout_workers.client import EngineClient, EngineError
+from rollout_workers.client import EngineClient, EngineConnectionError, EngineError, EngineTimeoutError, PauseMode
 
 if TYPE_CHECKING:
     from async_rl.dist_group import WeightUpdateGroup
@@ -51,10 +51,19 @@ async def broadcast_group(clients: list[EngineClient], device) -> AsyncIterator[
     port, world_size = free_port(MASTER_ADDRESS), 1 + len(clients)
     async with asyncio.TaskGroup() as joins:
         for rank, client in enumerate(clients, start=1):
-            joins.create_task(client.init_weights_update_group(
-                MASTER_ADDRESS, port, rank_offset=rank, world_size=world_size, group_name=GROUP_NAME, backend=backend))
-        group = await asyncio.to_thread(init_weight_update_group, MASTER_ADDRESS, port, 0, world_size, backend,
-                                        GROUP_NAME, GROUP_TIMEOUT_S)
+            joins.create_task(
+                client.init_weights_update_group(
+                    MASTER_ADDRESS,
+                    port,
+                    rank_offset=rank,
+                    world_size=world_size,
+                    group_name=GROUP_NAME,
+                    backend=backend,
+                )
+            )
+        group = await asyncio.to_thread(
+            init_weight_update_group, MASTER_ADDRESS, port, 0, world_size, backend, GROUP_NAME, GROUP_TIMEOUT_S
+        )
     log.info("weight broadcast group %s: %d engine(s) over %s on port %d", GROUP_NAME, len(clients), backend, port)
     try:
         yield group
@@ -74,14 +83,27 @@ class SyncResult:
     pause_s: float
     update_s: float
     continue_s: float
+    missed: tuple[int, ...] = ()  # engines that could not be reached: they still serve an older version
 
     def metrics(self) -> dict[str, float]:
-        return {"weight_sync/seconds": self.seconds, "weight_sync/pause_s": self.pause_s,
-                "weight_sync/update_s": self.update_s, "weight_sync/continue_s": self.continue_s}
+        return {
+            "weight_sync/engines_missed": float(len(self.missed)),
+            "weight_sync/seconds": self.seconds,
+            "weight_sync/pause_s": self.pause_s,
+            "weight_sync/update_s": self.update_s,
+            "weight_sync/continue_s": self.continue_s,
+        }
 
 
-async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_mode: str, weights_dir: Path,
-                       group: WeightUpdateGroup | None = None, tracer: Tracer | None = None) -> SyncResult:
+async def sync_weights(
+    trainer,
+    clients: list[EngineClient],
+    method: str,
+    pause_mode: PauseMode,
+    weights_dir: Path,
+    group: WeightUpdateGroup | None = None,
+    tracer: Tracer | None = None,
+) -> SyncResult:
     """Pause (pause_mode) -> update -> continue on every engine at once.
 
     `group` is the open broadcast_group, required by method distributed. Updates never ask the engine
@@ -89,6 +111,11 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
     (retract, in_place) it cannot, so the server exits. Retracted and in-place requests therefore go
     on from KV computed by the old weights (what those modes mean); in abort mode nothing is left
     running, and the cache is flushed by a separate /flush_cache, which at worst answers 400.
+
+    An engine that cannot be reached (dead, or restarting under the supervisor) misses this
+    version instead of failing the sync (disk and tensor; a broadcast needs every rank): the
+    workers route to it again only once it serves the trainer's version, and the next sync
+    updates it.
     """
     tracer = tracer or Tracer(None)
     started_wall, started = time.time(), time.perf_counter()
@@ -99,17 +126,20 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
     path, tensors = export.path, export.tensors
     if method == "disk":
         update = lambda client: client.update_weights_from_disk(  # noqa: E731
-            path, flush_cache=False, weight_version=str(version))
+            path, flush_cache=False, weight_version=str(version)
+        )
     elif method == "tensor":
         update = lambda client: client.update_weights_from_tensor(  # noqa: E731
-            tensors, flush_cache=False, weight_version=str(version))
+            tensors, flush_cache=False, weight_version=str(version)
+        )
     elif method == "distributed":
         if group is None:
             raise ValueError("weight_sync.method=distributed needs the open broadcast_group")
         names = list(tensors)
         dtypes, shapes = [tensors[n].dtype for n in names], [list(tensors[n].shape) for n in names]
         update = lambda client: client.update_weights_from_distributed(  # noqa: E731
-            names, dtypes, shapes, group_name=GROUP_NAME, flush_cache=False, weight_version=str(version))
+            names, dtypes, shapes, group_name=GROUP_NAME, flush_cache=False, weight_version=str(version)
+        )
         send = lambda: _broadcast_all(group, [tensors[n] for n in names])  # noqa: E731
     else:
         raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
@@ -129,19 +159,44 @@ async def sync_weights(trainer, clients: list[EngineClient], method: str, pause_
             with _phase(tracer, "continue", track, seconds, version=version):
                 await client.continue_generation()
 
+    missed: list[int] = []
+
+    async def reachable(index: int, client: EngineClient) -> None:
+        try:
+            await one(index, client)
+        except (EngineConnectionError, EngineTimeoutError) as exc:
+            if method == "distributed":
+                raise
+            log.warning("engine %d (%s) missed version %d: %s", index, client.url, version, exc)
+            missed.append(index)
+
     async with asyncio.TaskGroup() as tasks:
         for index, client in enumerate(clients):
-            tasks.create_task(one(index, client))
+            tasks.create_task(reachable(index, client))
         if send is not None:  # the engines receive, in `names` order, while their update calls are in flight
             tasks.create_task(asyncio.to_thread(send))
     if method == "disk":
         _prune_snapshots(weights_dir, version)
     elapsed = time.perf_counter() - started
-    tracer.complete("weight sync", SYNC_TRACK, started_wall, started_wall + elapsed, version=version, method=method,
-                    pause_mode=pause_mode, engines=len(clients))
+    tracer.complete(
+        "weight sync",
+        SYNC_TRACK,
+        started_wall,
+        started_wall + elapsed,
+        version=version,
+        method=method,
+        pause_mode=pause_mode,
+        engines=len(clients),
+    )
     slowest = {name: max((p[name] for p in phases), default=0.0) for name in PHASES}
-    return SyncResult(seconds=elapsed, path=path, pause_s=slowest["pause"], update_s=slowest["update"],
-                      continue_s=slowest["continue"])
+    return SyncResult(
+        seconds=elapsed,
+        path=path,
+        pause_s=slowest["pause"],
+        update_s=slowest["update"],
+        continue_s=slowest["continue"],
+        missed=tuple(sorted(missed)),
+    )
 
 
 async def _flush_prefix_cache(client: EngineClient) -> None:

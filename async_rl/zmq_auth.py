@@ -40,14 +40,21 @@ def generate_keys(directory: Path, name: str) -> Path:
 
 
 def load_server(secret_file: Path, authorized_clients: Path | None = None) -> CurveServer:
-    public, secret = zmq.auth.load_certificate(secret_file)
+    public, secret = _load_secret_certificate(secret_file)
     return CurveServer(public=public, secret=secret, authorized_clients=authorized_clients)
 
 
 def load_client(secret_file: Path, server_public_file: Path) -> CurveClient:
-    public, secret = zmq.auth.load_certificate(secret_file)
+    public, secret = _load_secret_certificate(secret_file)
     server_public, _ = zmq.auth.load_certificate(server_public_file)
     return CurveClient(public=public, secret=secret, server_public=server_public)
+
+
+def _load_secret_certificate(secret_file: Path) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(secret_file)
+    if secret is None:
+        raise ValueError(f"{secret_file} holds no secret key (pass the NAME.key_secret file)")
+    return public, secret
 
 
 def check_bind(endpoint: str, secured: bool, allow_insecure: bool = False) -> None:

@@ -52,19 +52,27 @@ def measure(run_dir: Path, group_size: int) -> Side:
     completed = (end["rollout/groups_completed"] - start["rollout/groups_completed"]) / (end["time"] - start["time"])
     last = lines[-1]
     busy = [line["rollout/engine_busy_fraction"] for line in lines if start["time"] < line["time"] <= end["time"]]
-    return Side(trained_groups_s=trained_rate, completed_groups_s=completed,
-                tokens_generated=last["rollout/tokens_generated"], tokens_recycled=last["rollout/tokens_recycled"],
-                tokens_wasted=last["rollout/tokens_wasted"], partials_dropped=last["rollout/partials_dropped_stale"],
-                busy=sum(busy) / max(len(busy), 1), staleness_max=max(r["staleness/max"] for r in trained),
-                buffer_dropped=sum(r.get("buffer/dropped_stale", 0) for r in trained))
+    return Side(
+        trained_groups_s=trained_rate,
+        completed_groups_s=completed,
+        tokens_generated=last["rollout/tokens_generated"],
+        tokens_recycled=last["rollout/tokens_recycled"],
+        tokens_wasted=last["rollout/tokens_wasted"],
+        partials_dropped=last["rollout/partials_dropped_stale"],
+        busy=sum(busy) / max(len(busy), 1),
+        staleness_max=max(r["staleness/max"] for r in trained),
+        buffer_dropped=sum(r.get("buffer/dropped_stale", 0) for r in trained),
+    )
 
 
 def run(recipe: str, output: Path, overrides: list[str]) -> None:
     command = run_argv(recipe, output, overrides)
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n"
-                           f"{completed.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n"
+            f"{completed.stderr[-3000:]}"
+        )
 
 
 def main() -> None:
@@ -81,9 +89,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    common = [f"rollout.max_new_tokens={args.max_new_tokens}", f"trainer.total_steps={args.steps}",
-              f"staleness.eta={args.eta}", f"model.device={args.device!r}", f"engine.count={args.engines}",
-              f"april.alpha={args.alpha}", f"april.pause_mode={args.pause_mode!r}", "run.max_wall_s=600"]
+    common = [
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"trainer.total_steps={args.steps}",
+        f"staleness.eta={args.eta}",
+        f"model.device={args.device!r}",
+        f"engine.count={args.engines}",
+        f"april.alpha={args.alpha}",
+        f"april.pause_mode={args.pause_mode!r}",
+        "run.max_wall_s=600",
+    ]
     if args.model:
         common.append(f"model.spec={args.model!r}")
     common += args.overrides
@@ -96,17 +111,22 @@ def main() -> None:
                 run(args.recipe, run_dir, [*common, f"april.enabled={enabled}"])
                 sides[label].append(measure(run_dir, group_size=_group_size(run_dir)))
                 side = sides[label][-1]
-                print(f"{label:6s} trained {side.trained_groups_s:7.2f} groups/s  completed "
-                      f"{side.completed_groups_s:7.2f} groups/s  busy {side.busy:.2f}  tokens generated "
-                      f"{side.tokens_generated} recycled {side.tokens_recycled} wasted {side.tokens_wasted} "
-                      f"(partials dropped {side.partials_dropped}, buffer dropped {side.buffer_dropped} samples)  "
-                      f"staleness max {side.staleness_max}", flush=True)
+                print(
+                    f"{label:6s} trained {side.trained_groups_s:7.2f} groups/s  completed "
+                    f"{side.completed_groups_s:7.2f} groups/s  busy {side.busy:.2f}  tokens generated "
+                    f"{side.tokens_generated} recycled {side.tokens_recycled} wasted {side.tokens_wasted} "
+                    f"(partials dropped {side.partials_dropped}, buffer dropped {side.buffer_dropped} samples)  "
+                    f"staleness max {side.staleness_max}",
+                    flush=True,
+                )
     april, plain = (sum(s.trained_groups_s for s in sides[k]) / args.repeats for k in ("april", "async"))
     april_done, plain_done = (sum(s.completed_groups_s for s in sides[k]) for k in ("april", "async"))
-    print(f"RESULT april recipe={args.recipe} device={args.device} model={args.model or 'recipe'} steps={args.steps} "
-          f"max_new_tokens={args.max_new_tokens} eta={args.eta} alpha={args.alpha} pause_mode={args.pause_mode} "
-          f"repeats={args.repeats} april_groups_s={april:.2f} async_groups_s={plain:.2f} ratio={april / plain:.2f} "
-          f"completed_ratio={april_done / plain_done:.2f}")
+    print(
+        f"RESULT april recipe={args.recipe} device={args.device} model={args.model or 'recipe'} steps={args.steps} "
+        f"max_new_tokens={args.max_new_tokens} eta={args.eta} alpha={args.alpha} pause_mode={args.pause_mode} "
+        f"repeats={args.repeats} april_groups_s={april:.2f} async_groups_s={plain:.2f} ratio={april / plain:.2f} "
+        f"completed_ratio={april_done / plain_done:.2f}"
+    )
 
 
 def _group_size(run_dir: Path) -> int:

@@ -41,7 +41,9 @@ def run(recipe: str, output: Path, overrides: list[str], sync: bool) -> tuple[fl
     command = run_argv(recipe, output, overrides, sync=sync)
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+        )
     metrics = output / "metrics.jsonl"
     return trained_samples_per_s(metrics, skip_steps=2), mean_pause_s(metrics)
 
@@ -52,25 +54,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eta", type=int, default=2)
-    parser.add_argument("--pause-modes", default="retract", help="comma list: one asynchronous run per weight-sync pause mode")
+    parser.add_argument(
+        "--pause-modes", default="retract", help="comma list: one asynchronous run per weight-sync pause mode"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders (traces, logs) here")
     args = parser.parse_args()
     common = [
-        "rollout.sample_plan='recipes.long_tail:forced_lengths'", f"rollout.max_new_tokens={args.max_new_tokens}",
-        f"trainer.total_steps={args.steps}", *args.overrides,
+        "rollout.sample_plan='recipes.long_tail:forced_lengths'",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"trainer.total_steps={args.steps}",
+        *args.overrides,
     ]
     with tempfile.TemporaryDirectory(prefix="e2e-bench-") as scratch:
         root = args.keep or Path(scratch)
         sync_rate, sync_pause = run(args.recipe, root / "sync", [*common, "staleness.eta=0"], sync=True)
         print(f"sync:                     {sync_rate:8.1f} trained samples/s   mean sync pause {sync_pause:.3f} s")
         for mode in args.pause_modes.split(","):
-            rate, pause = run(args.recipe, root / f"async-{mode}",
-                              [*common, f"staleness.eta={args.eta}", f"weight_sync.pause_mode={mode}"], sync=False)
+            rate, pause = run(
+                args.recipe,
+                root / f"async-{mode}",
+                [*common, f"staleness.eta={args.eta}", f"weight_sync.pause_mode={mode}"],
+                sync=False,
+            )
             print(f"async (eta={args.eta}, {mode:>8}): {rate:8.1f} trained samples/s   mean sync pause {pause:.3f} s")
-            print(f"RESULT e2e_async_vs_sync recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
-                  f"eta={args.eta} pause_mode={mode} async_samples_s={rate:.1f} sync_samples_s={sync_rate:.1f} "
-                  f"ratio={rate / sync_rate:.2f} async_pause_s={pause:.3f}", flush=True)
+            print(
+                f"RESULT e2e_async_vs_sync recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
+                f"eta={args.eta} pause_mode={mode} async_samples_s={rate:.1f} sync_samples_s={sync_rate:.1f} "
+                f"ratio={rate / sync_rate:.2f} async_pause_s={pause:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,7 @@ async def engine_run(
             started = time.perf_counter()
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(client.generate(p, sampling_params=params, return_logprob=False))
-                    for p in prompts
+                    group.create_task(client.generate(p, sampling_params=params, return_logprob=False)) for p in prompts
                 ]
             elapsed = time.perf_counter() - started
             outputs = [task.result().output_ids for task in tasks]
@@ -102,7 +101,7 @@ def hf_sequential_run(
             do_sample=False,
             pad_token_id=model.config.pad_token_id or 0,
         )
-        return output[0, len(prompt):].tolist()
+        return output[0, len(prompt) :].tolist()
 
     with torch.inference_mode():
         generate(prompts[0], 4)  # warm-up
@@ -122,15 +121,21 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="tiny", help=MODEL_CHOICES)
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
-    parser.add_argument("--sides", default="embedded,hf", help="comma list of embedded, sglang, hf; ratios are "
-                        "the first over each other")
+    parser.add_argument(
+        "--sides",
+        default="embedded,hf",
+        help="comma list of embedded, sglang, hf; ratios are the first over each other",
+    )
     parser.add_argument("--sglang-args", default="", help="extra flags for the SGLang server, one string")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for every side; default 1 on CPU (steady on a shared machine), "
-                        "torch's default on CUDA")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for every side; default 1 on CPU (steady on a shared machine), torch's default on CUDA",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="report the best of this many timed runs per side")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     args = parser.parse_args()
@@ -157,39 +162,57 @@ def main() -> int:
     rates, outputs, pauses = {}, {}, {}
     for side in sides:
         if side == "hf":
-            rates[side], outputs[side] = hf_sequential_run(folder, prompts, args.max_new_tokens, args.device, dtype,
-                                                           args.repeats)
+            rates[side], outputs[side] = hf_sequential_run(
+                folder, prompts, args.max_new_tokens, args.device, dtype, args.repeats
+            )
             continue
         if side == "embedded":
             spec = EngineSpec(model=str(folder), device=args.device, extra_args=["--dtype", dtype])
         else:
-            spec = EngineSpec(kind="sglang", model=str(folder),
-                              extra_args=["--dtype", dtype, "--weight-version", "0", *shlex.split(args.sglang_args)])
+            spec = EngineSpec(
+                kind="sglang",
+                model=str(folder),
+                extra_args=["--dtype", dtype, "--weight-version", "0", *shlex.split(args.sglang_args)],
+            )
         engine = EngineProcess(spec, env=engine_env)
         engine.start()
         try:  # stopped before the next side starts, so two sides never share the machine
             engine.wait_healthy(args.startup_timeout)
             rates[side], outputs[side], pauses[side] = asyncio.run(
-                engine_run(engine.url, prompts, args.max_new_tokens, args.repeats))
+                engine_run(engine.url, prompts, args.max_new_tokens, args.repeats)
+            )
         finally:
             engine.stop()
 
     first = sides[0]
     model_name = args.model if args.model in ("tiny", "tiny:qwen2", "qwen2-0.5b") else Path(args.model).name
     for side in sides:
-        print(f"{side:>9}: {rates[side]:10.1f} tok/s" + (f"   pause(abort): SGLang's {pauses[side]['pause_generation']:.3f} s, "
-                                                          f"EngineClient.pause {pauses[side]['client.pause']:.3f} s"
-                                                          if side in pauses else ""))
-    result = [f"RESULT engine_throughput device={args.device} model={model_name} dtype={dtype} "
-              f"threads={threads or 'default'} concurrency={args.concurrency} prompt_len={args.prompt_len} "
-              f"max_new_tokens={args.max_new_tokens}"]
+        print(
+            f"{side:>9}: {rates[side]:10.1f} tok/s"
+            + (
+                f"   pause(abort): SGLang's {pauses[side]['pause_generation']:.3f} s, "
+                f"EngineClient.pause {pauses[side]['client.pause']:.3f} s"
+                if side in pauses
+                else ""
+            )
+        )
+    result = [
+        f"RESULT engine_throughput device={args.device} model={model_name} dtype={dtype} "
+        f"threads={threads or 'default'} concurrency={args.concurrency} prompt_len={args.prompt_len} "
+        f"max_new_tokens={args.max_new_tokens}"
+    ]
     result += [f"{side}_tok_s={rates[side]:.1f}" for side in sides]
     for other in sides[1:]:
         # Sanity, not speed: the same greedy tokens (batched numerics may flip a near-tie, more so in bf16).
         agreement = sum(a == b for a, b in zip(outputs[first], outputs[other])) / len(prompts)
-        result += [f"ratio_{first}_over_{other}={rates[first] / rates[other]:.2f}", f"greedy_agreement_{other}={agreement:.2f}"]
-    result += [f"{side}_pause_abort_s={p['pause_generation']:.3f} {side}_client_pause_abort_s={p['client.pause']:.3f}"
-               for side, p in pauses.items()]
+        result += [
+            f"ratio_{first}_over_{other}={rates[first] / rates[other]:.2f}",
+            f"greedy_agreement_{other}={agreement:.2f}",
+        ]
+    result += [
+        f"{side}_pause_abort_s={p['pause_generation']:.3f} {side}_client_pause_abort_s={p['client.pause']:.3f}"
+        for side, p in pauses.items()
+    ]
     print(" ".join(result))
     return 0
 

@@ -41,8 +41,19 @@ from pathlib import Path
 
 import msgspec
 
-from staleness.experiments.sim_calibrate import (ENGINE_COUNTERS_FILE, ENGINE_PROBE_FILE, EngineCosts, EngineSnapshot, MeasuredRun,
-                                     PredictionError, calibrate, error_table, prediction_error, read_run)
+from async_rl.orchestrator import run_argv
+from staleness.experiments.sim_calibrate import (
+    ENGINE_COUNTERS_FILE,
+    ENGINE_PROBE_FILE,
+    EngineCosts,
+    EngineSnapshot,
+    MeasuredRun,
+    PredictionError,
+    calibrate,
+    error_table,
+    prediction_error,
+    read_run,
+)
 
 SKIP_STEPS = 2  # the rate starts at the 3rd step, as in benchmarks/e2e_async_vs_sync.py
 PROBE_CONCURRENCY = (1, 8, 32, 128)
@@ -59,9 +70,14 @@ class Mode(msgspec.Struct, frozen=True):
 
 
 def modes(etas: list[int], april_eta: int, alpha: float) -> list[Mode]:
-    return [Mode("sync", ["staleness.eta=0"], sync=True),
-            *(Mode(f"async eta={eta}", [f"staleness.eta={eta}"]) for eta in etas),
-            Mode(f"april eta={april_eta} a={alpha}", [f"staleness.eta={april_eta}", "april.enabled=true", f"april.alpha={alpha}"])]
+    return [
+        Mode("sync", ["staleness.eta=0"], sync=True),
+        *(Mode(f"async eta={eta}", [f"staleness.eta={eta}"]) for eta in etas),
+        Mode(
+            f"april eta={april_eta} a={alpha}",
+            [f"staleness.eta={april_eta}", "april.enabled=true", f"april.alpha={alpha}"],
+        ),
+    ]
 
 
 async def _burst(client, prompt: list[int], samples: int, length: int, per_request: int) -> float:
@@ -72,7 +88,9 @@ async def _burst(client, prompt: list[int], samples: int, length: int, per_reque
     started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for size in sizes:
-            group.create_task(client.generate_batch([prompt] * size, sampling_params=[params] * size, return_logprob=True))
+            group.create_task(
+                client.generate_batch([prompt] * size, sampling_params=[params] * size, return_logprob=True)
+            )
     return time.perf_counter() - started
 
 
@@ -85,9 +103,12 @@ async def probe_engine(url: str, prompt_tokens: int, per_request: int) -> Engine
     async with EngineClient(url) as client:
         await _burst(client, prompt, 4, 4, per_request)  # warm-up
         for c in PROBE_CONCURRENCY:
-            timed = {length: statistics.median([await _burst(client, prompt, c, length, per_request)
-                                                for _ in range(PROBE_REPEATS)])
-                     for length in (1, *PROBE_LENGTHS)}
+            timed = {
+                length: statistics.median(
+                    [await _burst(client, prompt, c, length, per_request) for _ in range(PROBE_REPEATS)]
+                )
+                for length in (1, *PROBE_LENGTHS)
+            }
             short, long = PROBE_LENGTHS
             decode.append((c, max(timed[long] - timed[short], 0.0) / (long - short)))
             requests.append((c, timed[1]))
@@ -106,10 +127,16 @@ def poll_engines(urls: list[str], stop: threading.Event, interval_s: float) -> l
                     state = json.loads(reply.read())["internal_states"][0]
             except (OSError, ValueError, KeyError, IndexError):
                 continue
-            snapshots.append(EngineSnapshot(
-                time=(sent + time.time()) / 2, decode_forwards=state["decode_forwards"],
-                generated_tokens=state["generated_tokens"], finished_requests=state["finished_requests"],
-                running=state["running"], waiting=state["waiting"]))
+            snapshots.append(
+                EngineSnapshot(
+                    time=(sent + time.time()) / 2,
+                    decode_forwards=state["decode_forwards"],
+                    generated_tokens=state["generated_tokens"],
+                    finished_requests=state["finished_requests"],
+                    running=state["running"],
+                    waiting=state["waiting"],
+                )
+            )
     return series
 
 
@@ -127,7 +154,9 @@ def real_run(recipe: str, output: Path, overrides: list[str], sync: bool) -> str
             found = re.search(r"engines (\S+)", line)
             if found and poller is None:
                 urls = found.group(1).split(",")
-                poller = threading.Thread(target=lambda: polled.append(poll_engines(urls, stop, POLL_INTERVAL_S)))
+                poller = threading.Thread(
+                    target=lambda urls=urls: polled.append(poll_engines(urls, stop, POLL_INTERVAL_S))
+                )
                 poller.start()
         process.wait()
         stop.set()
@@ -138,7 +167,9 @@ def real_run(recipe: str, output: Path, overrides: list[str], sync: bool) -> str
     if process.returncode == 2 and "error:" in stderr:
         return stderr.strip().splitlines()[-1]
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{''.join(stdout)[-3000:]}\n{stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({process.returncode}):\n{''.join(stdout)[-3000:]}\n{stderr[-3000:]}"
+        )
     if polled:
         (output / ENGINE_COUNTERS_FILE).write_bytes(msgspec.json.encode(polled[0]))
     return None
@@ -154,21 +185,33 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3, help="every mode this many times, interleaved")
     parser.add_argument("--fit-on", default="sync,async eta=2", help="labels of the modes the costs are fitted on")
-    parser.add_argument("--dropped-budget", choices=("kept", "returned"), default="kept",
-                        help="whether the system hands a dropped stale group's admission budget back to the worker "
-                             "(at 83d5dcc it does not for groups the buffer drops: BatchResponse carries only a count)")
-    parser.add_argument("--probe-request-size", type=int,
-                        help="sequences per /generate request in the probe, as the worker sends them (default: "
-                             "rollout.group_size: one request per group, as for a resumable generate function like "
-                             "recipes.long_tail's; the worker at 83d5dcc sent one request per sample: use 1)")
+    parser.add_argument(
+        "--dropped-budget",
+        choices=("kept", "returned"),
+        default="kept",
+        help="whether the system hands a dropped stale group's admission budget back to the worker "
+        "(at 83d5dcc it does not for groups the buffer drops: BatchResponse carries only a count)",
+    )
+    parser.add_argument(
+        "--probe-request-size",
+        type=int,
+        help="sequences per /generate request in the probe, as the worker sends them (default: "
+        "rollout.group_size: one request per group, as for a resumable generate function like "
+        "recipes.long_tail's; the worker at 83d5dcc sent one request per sample: use 1)",
+    )
     parser.add_argument("--out", type=Path, help="keep the run folders and measurements here (default: a temp dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     from async_rl.config import load_config
     from rollout_workers.launcher import EngineProcess, EngineSpec
 
-    common = ["rollout.sample_plan='recipes.long_tail:forced_lengths'", f"rollout.max_new_tokens={args.max_new_tokens}",
-              f"trainer.total_steps={args.steps}", "run.max_wall_s=240", *args.overrides]
+    common = [
+        "rollout.sample_plan='recipes.long_tail:forced_lengths'",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"trainer.total_steps={args.steps}",
+        "run.max_wall_s=240",
+        *args.overrides,
+    ]
     todo = modes([int(e) for e in args.etas.split(",")], args.april_eta, args.alpha)
     fit_modes = set(args.fit_on.split(","))
     config = load_config(args.recipe, common)
@@ -190,8 +233,9 @@ def main() -> None:
             for mode in todo:
                 if mode.label in refused:
                     continue
-                costs = asyncio.run(probe_engine(probe.url, PROBE_PROMPT_TOKENS,
-                                                 args.probe_request_size or config.rollout.group_size))
+                costs = asyncio.run(
+                    probe_engine(probe.url, PROBE_PROMPT_TOKENS, args.probe_request_size or config.rollout.group_size)
+                )
                 folder = scratch / f"{mode.label.replace(' ', '_')}-r{round_}"
                 refusal = real_run(args.recipe, folder, [*common, *mode.overrides], mode.sync)
                 if refusal:
@@ -199,33 +243,57 @@ def main() -> None:
                     print(f"skipped {mode.label}: {refusal}", flush=True)
                     continue
                 (folder / ENGINE_PROBE_FILE).write_bytes(msgspec.json.encode(costs))
-                run = read_run(folder, skip_steps=SKIP_STEPS, label=f"{mode.label} #{round_}",
-                               drops_free_admission=args.dropped_budget == "returned")
+                run = read_run(
+                    folder,
+                    skip_steps=SKIP_STEPS,
+                    label=f"{mode.label} #{round_}",
+                    drops_free_admission=args.dropped_budget == "returned",
+                )
                 runs.append(run)
-                print(f"[{time.monotonic() - started:5.0f} s] {run.label}: {run.measured_samples_per_s:.1f} samples/s, "
-                      f"train step {statistics.median(s for _, s in run.train_steps):.3f} s (median)", flush=True)
+                print(
+                    f"[{time.monotonic() - started:5.0f} s] {run.label}: {run.measured_samples_per_s:.1f} samples/s, "
+                    f"train step {statistics.median(s for _, s in run.train_steps):.3f} s (median)",
+                    flush=True,
+                )
     (scratch / "measured_runs.json").write_bytes(msgspec.json.format(msgspec.json.encode(runs)))
 
     fitted_on = {r.label for r in runs if r.label.rsplit(" #", 1)[0] in fit_modes}
-    print(f"\nCosts fitted on {', '.join(sorted(fitted_on))}; every run predicted. Dropped groups' admission "
-          f"budget {'returned' if args.dropped_budget == 'returned' else 'kept (not returned)'}.")
-    report("each run predicted from its own measured costs (the model's structure, without load drift)",
-           [[r] for r in runs], {r.label for r in runs}, show_params=False)
+    print(
+        f"\nCosts fitted on {', '.join(sorted(fitted_on))}; every run predicted. Dropped groups' admission "
+        f"budget {'returned' if args.dropped_budget == 'returned' else 'kept (not returned)'}."
+    )
+    report(
+        "each run predicted from its own measured costs (the model's structure, without load drift)",
+        [[r] for r in runs],
+        {r.label for r in runs},
+        show_params=False,
+    )
     pooled = report("in-run costs, one fit over all rounds", [runs], fitted_on)
     rounds = [[r for r in runs if r.label.endswith(f"#{round_}")] for round_ in range(1, args.rounds + 1)]
-    per_round = report("in-run costs, one fit per round (runs measured minutes apart see different loads)",
-                       [group for group in rounds if group], fitted_on)
-    report("engine decode costs from the isolated probe instead of the run's counters, one fit over all rounds",
-           [[msgspec.structs.replace(r, engine_counters=[]) for r in runs]], fitted_on)
-    summary = " ".join(f"{name}_max_error={100 * max(r.relative_error for r in rows):.1f}% "
-                       f"{name}_mean_error={100 * statistics.mean(r.relative_error for r in rows):.1f}%"
-                       for name, rows in (("pooled", pooled), ("per_round", per_round)))
-    print(f"RESULT sim_calibration recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
-          f"runs={len(runs)} {summary} folder={scratch}")
+    per_round = report(
+        "in-run costs, one fit per round (runs measured minutes apart see different loads)",
+        [group for group in rounds if group],
+        fitted_on,
+    )
+    report(
+        "engine decode costs from the isolated probe instead of the run's counters, one fit over all rounds",
+        [[msgspec.structs.replace(r, engine_counters=[]) for r in runs]],
+        fitted_on,
+    )
+    summary = " ".join(
+        f"{name}_max_error={100 * max(r.relative_error for r in rows):.1f}% "
+        f"{name}_mean_error={100 * statistics.mean(r.relative_error for r in rows):.1f}%"
+        for name, rows in (("pooled", pooled), ("per_round", per_round))
+    )
+    print(
+        f"RESULT sim_calibration recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
+        f"runs={len(runs)} {summary} folder={scratch}"
+    )
 
 
-def report(title: str, groups: list[list[MeasuredRun]], fitted_on: set[str],
-           show_params: bool = True) -> list[PredictionError]:
+def report(
+    title: str, groups: list[list[MeasuredRun]], fitted_on: set[str], show_params: bool = True
+) -> list[PredictionError]:
     """Fit each group's costs on its runs in `fitted_on`, predict all its runs, print one table."""
     rows = []
     print(f"\n### {title}\n")

@@ -1,6 +1,6 @@
 """One line per `async-rl run` folder: steps, reward at the start and the end, staleness, sync cost.
 
-    python benchmarks/summarize_runs.py RUN_DIR [RUN_DIR ...]
+python benchmarks/summarize_runs.py RUN_DIR [RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ def summary(run_dir: Path) -> str:
     sync = statistics.mean(r.get("weight_sync/seconds", 0.0) for r in records)
     pause = statistics.mean(r.get("weight_sync/pause_s", 0.0) for r in records)
     span = records[-1]["time"] - records[0]["time"]
-    return (f"RUN {run_dir.name}: steps={records[-1]['step']} reward_first{window}={first:.3f} "
-            f"reward_last{window}={last:.3f} staleness_max={max(r['staleness/max'] for r in records):g} "
-            f"sync_s={sync:.3f} pause_s={pause:.3f} s_per_step={span / max(len(records) - 1, 1):.3f}")
+    return (
+        f"RUN {run_dir.name}: steps={records[-1]['step']} reward_first{window}={first:.3f} "
+        f"reward_last{window}={last:.3f} staleness_max={max(r['staleness/max'] for r in records):g} "
+        f"sync_s={sync:.3f} pause_s={pause:.3f} s_per_step={span / max(len(records) - 1, 1):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -42,11 +42,15 @@ TOKENS = 1024
 def make_trajectory(index: int, group_size: int = 8) -> Trajectory:
     rng = random.Random(index)
     return Trajectory(
-        sample_id=f"sample-{index:08d}", group_id=f"group-{index // group_size:08d}", group_size=group_size,
+        sample_id=f"sample-{index:08d}",
+        group_id=f"group-{index // group_size:08d}",
+        group_size=group_size,
         prompt_ids=[rng.randrange(50_000) for _ in range(128)],
         response_ids=[rng.randrange(50_000) for _ in range(TOKENS)],
-        behavior_logprobs=[-rng.random() * 5 for _ in range(TOKENS)], token_versions=[7] * TOKENS,
-        reward=1.0, finish_reason="stop",
+        behavior_logprobs=[-rng.random() * 5 for _ in range(TOKENS)],
+        token_versions=[7] * TOKENS,
+        reward=1.0,
+        finish_reason="stop",
     )
 
 
@@ -82,7 +86,9 @@ async def stream(mode: str, count: int) -> tuple[float, float]:
     receiver = context.socket(zmq.ROUTER)
     receiver.rcvhwm = 1000
     port = receiver.bind_to_random_port("tcp://127.0.0.1")
-    process = multiprocessing.get_context("spawn").Process(target=_sender, args=(f"tcp://127.0.0.1:{port}", mode, count))
+    process = multiprocessing.get_context("spawn").Process(
+        target=_sender, args=(f"tcp://127.0.0.1:{port}", mode, count)
+    )
     process.start()
     _, frame = await receiver.recv_multipart()
     handle(frame)
@@ -111,10 +117,27 @@ async def buffer_rates(count: int, fsync: str) -> tuple[float, float]:
     submit, serve = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     trajectories = [make_trajectory(i) for i in range(count)]
     with tempfile.TemporaryDirectory() as directory:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "async_rl.cli", "buffer", "serve", "--dir", directory, "--set", f"fsync={fsync}",
-             "--bind-submit", submit, "--bind-serve", serve], cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True)
+        process = subprocess.Popen(  # noqa: ASYNC220 - started once, outside what is timed
+            [
+                sys.executable,
+                "-m",
+                "async_rl.cli",
+                "buffer",
+                "serve",
+                "--dir",
+                directory,
+                "--set",
+                f"fsync={fsync}",
+                "--bind-submit",
+                submit,
+                "--bind-serve",
+                serve,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             assert "buffer ready" in process.stdout.readline()
             async with TrajectorySender(submit, max_in_flight=512) as sender, BufferClient(serve) as client:
@@ -137,7 +160,9 @@ async def buffer_rates(count: int, fsync: str) -> tuple[float, float]:
 async def run(args: argparse.Namespace) -> None:
     size = len(encode(make_trajectory(0)))
     print(f"1k-token trajectory: {size} bytes msgpack, {len(pickle.dumps(make_trajectory(0)))} bytes pickle")
-    rates = {mode: await stream(mode, args.messages) for mode in ("raw", "msgspec", "msgspec + buffer checks", "pickle")}
+    rates = {
+        mode: await stream(mode, args.messages) for mode in ("raw", "msgspec", "msgspec + buffer checks", "pickle")
+    }
     raw_rate, raw_mb = rates["raw"]
     print(f"\n{'stream':<26}{'traj/s':>10}{'MB/s':>9}{'vs raw':>9}{'vs pickle':>11}")
     for mode, (rate, mb) in rates.items():
@@ -146,8 +171,10 @@ async def run(args: argparse.Namespace) -> None:
     print(f"{'fsync':<10}{'put traj/s':>12}{'x need':>9}{'get traj/s':>12}{'x need':>9}")
     for fsync in ("batch", "always"):
         put_rate, get_rate = await buffer_rates(args.buffer_messages, fsync)
-        print(f"{fsync:<10}{put_rate:>12.0f}{put_rate / args.trainer_need:>9.0f}"
-              f"{get_rate:>12.0f}{get_rate / args.trainer_need:>9.0f}")
+        print(
+            f"{fsync:<10}{put_rate:>12.0f}{put_rate / args.trainer_need:>9.0f}"
+            f"{get_rate:>12.0f}{get_rate / args.trainer_need:>9.0f}"
+        )
 
 
 def main() -> None:

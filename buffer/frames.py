@@ -16,7 +16,13 @@ import msgspec
 import numpy as np
 
 from async_rl.messages import (
-    SCHEMA_VERSION, LogprobArray, MessageError, TokenArray, Trajectory, make_decoder, oldest_version,
+    SCHEMA_VERSION,
+    LogprobArray,
+    MessageError,
+    TokenArray,
+    make_decoder,
+    oldest_version,
+    submission_key,
 )
 
 
@@ -35,7 +41,7 @@ class TrajectoryHeader(msgspec.Struct, tag_field="kind", tag="trajectory", kw_on
 
     @property
     def submission_key(self) -> str:
-        return Trajectory.submission_key.fget(self)  # one definition of the key
+        return submission_key(self.sample_id, self.attempt, self.partial)  # one definition of the key
 
     @property
     def oldest_version(self) -> int:
@@ -49,7 +55,7 @@ _FIXEXT_SIZES = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
 _EXT_LENGTHS = {0xC7: ">B", 0xC8: ">H", 0xC9: ">I"}
 
 
-def _blob(raw: msgspec.Raw, kind: type) -> memoryview:
+def _blob(raw: msgspec.Raw, kind: type[TokenArray | LogprobArray]) -> memoryview:
     """The payload of a per-token array's msgpack ext, checked to be of `kind`."""
     view = memoryview(raw)
     tag = view[0]
@@ -62,7 +68,7 @@ def _blob(raw: msgspec.Raw, kind: type) -> memoryview:
         raise MessageError(f"expected a {kind.__name__} blob")
     if struct.unpack_from(">b", view, start)[0] != kind.ext_code or size % 4 or len(view) != start + 1 + size:
         raise MessageError(f"expected a {kind.__name__} blob")
-    return view[start + 1:]
+    return view[start + 1 :]
 
 
 def read_header(frame: bytes) -> TrajectoryHeader:
@@ -70,7 +76,11 @@ def read_header(frame: bytes) -> TrajectoryHeader:
     try:
         header = _header_decoder.decode(frame)
         tokens = len(header.token_versions)
-        lengths = (len(_blob(header.response_ids, TokenArray)) // 4, len(header.behavior_logprobs), tokens)
+        lengths: tuple[int, ...] = (
+            len(_blob(header.response_ids, TokenArray)) // 4,
+            len(header.behavior_logprobs),
+            tokens,
+        )
         if memoryview(header.loss_mask) != _NIL:
             lengths += (len(_blob(header.loss_mask, TokenArray)) // 4,)
         _blob(header.prompt_ids, TokenArray)

@@ -37,8 +37,10 @@ def main(args: argparse.Namespace) -> int:
         return 0
     torn = path.stat().st_size - intact
     print(f"{path}: {len(records)} records, {intact} bytes" + (f" (+{torn} torn bytes ignored)" if torn else ""))
-    print(f"stored {stats.stored} ({stats.complete_groups} complete groups, {stats.incomplete_groups} incomplete), "
-          f"partials {stats.partials}, served {stats.served}, dropped stale {stats.dropped_stale}")
+    print(
+        f"stored {stats.stored} ({stats.complete_groups} complete groups, {stats.incomplete_groups} incomplete), "
+        f"partials {stats.partials}, served {stats.served}, dropped stale {stats.dropped_stale}"
+    )
     print(f"by oldest token version (staleness at trainer version {stats.trainer_version}):")
     for version, count in stats.stored_by_version.items():
         print(f"  version {version:>6}  staleness {stats.trainer_version - version:>4}  {count:>8}")

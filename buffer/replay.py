@@ -117,7 +117,8 @@ class ReplayBuffer:
                 sample_ids=[sid for gid in stale for sid in self.groups[gid].members], group_ids=sorted(stale)
             )
         servable = [
-            (gid, group) for gid, group in self.groups.items()
+            (gid, group)
+            for gid, group in self.groups.items()
             if group.complete and (gid not in stale or (include_stale and self.stale_policy == "keep"))
         ]
         if len(servable) >= num_groups:
@@ -131,8 +132,12 @@ class ReplayBuffer:
             plan.frames = [entry.frame for entry in entries]
         return plan
 
-    def plan_partials(self, max_n: int, min_version: int, group_prefix: str = "") -> tuple[PartialsTaken, list[msgspec.Raw]]:
-        taken, dropped, frames = [], [], []
+    def plan_partials(
+        self, max_n: int, min_version: int, group_prefix: str = ""
+    ) -> tuple[PartialsTaken, list[msgspec.Raw]]:
+        taken: list[str] = []
+        dropped: list[str] = []
+        frames: list[msgspec.Raw] = []
         for key, entry in self.partials.items():
             if not entry.header.group_id.startswith(group_prefix):
                 continue
@@ -205,9 +210,7 @@ class ReplayBuffer:
     # ---- reading --------------------------------------------------------
     def stats(self, trainer_version: int | None = None) -> BufferStats:
         version = self.trainer_version if trainer_version is None else trainer_version
-        by_version = Counter(
-            entry.oldest_version for group in self.groups.values() for entry in group.members.values()
-        )
+        by_version = Counter(entry.oldest_version for group in self.groups.values() for entry in group.members.values())
         complete = sum(group.complete for group in self.groups.values())
         return BufferStats(
             trainer_version=version,
@@ -218,13 +221,19 @@ class ReplayBuffer:
             capacity=self.capacity,
             stored_by_version=dict(sorted(by_version.items())),
             stored_by_staleness=dict(sorted(Counter({version - v: n for v, n in by_version.items()}).items())),
-            **self.counts,
+            served=self.counts["served"],
+            dropped_stale=self.counts["dropped_stale"],
+            duplicates=self.counts["duplicates"],
+            rejected=self.counts["rejected"],
         )
 
     def live_records(self) -> Iterator[WalRecord]:
         """The smallest log that rebuilds this state (for compaction)."""
-        yield Served(trainer_version=self.trainer_version, sample_ids=sorted(self.served_ids),
-                     group_ids=sorted(self.served_groups))
+        yield Served(
+            trainer_version=self.trainer_version,
+            sample_ids=sorted(self.served_ids),
+            group_ids=sorted(self.served_groups),
+        )
         yield Dropped(sample_ids=sorted(self.dropped_ids), group_ids=sorted(self.dropped_groups))
         yield PartialsTaken(keys=sorted(self.taken_partials))
         complete_last = sorted(self.groups.values(), key=lambda group: (group.complete, group.completed_seq))

@@ -24,17 +24,28 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from async_rl import zmq_auth
-from async_rl.transport import DEFAULT_SERVE, DEFAULT_SUBMIT
 from async_rl.messages import (
-    BatchRequest, BatchResponse, Message, MessageError, PartialsResponse, Rejected, StatsRequest, TakePartials,
-    TrajectoryAck, decode, encode,
+    BatchRequest,
+    BatchResponse,
+    Message,
+    MessageError,
+    RawBatchResponse,
+    RawPartialsResponse,
+    Rejected,
+    StatsRequest,
+    TakePartials,
+    TrajectoryAck,
+    decode,
+    encode,
 )
+from async_rl.transport import DEFAULT_SERVE, DEFAULT_SUBMIT
 from buffer.config import BufferConfig
 from buffer.frames import read_header
 from buffer.replay import ReplayBuffer
@@ -115,7 +126,7 @@ class BufferService:
         if self.curve:
             zmq_auth.secure_server(socket, self.curve)
         socket.bind(endpoint)
-        self.endpoints[name] = socket.last_endpoint.decode()
+        self.endpoints[name] = cast(bytes, socket.last_endpoint).decode()
         return socket
 
     # ---- submission -----------------------------------------------------
@@ -176,7 +187,7 @@ class BufferService:
         while True:
             deadlines = [pending.deadline for pending in self._pending.values()]
             wait_ms = max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1) if deadlines else None
-            if await serve.poll(wait_ms, zmq.POLLIN):
+            if await serve.poll(wait_ms):  # flags default to POLLIN
                 identity, *frames = await serve.recv_multipart()
                 try:
                     await self._handle_request(serve, identity, frames)
@@ -216,8 +227,9 @@ class BufferService:
                 self.wal.append(taken)
                 self._commit()
                 self.buffer.apply(taken)
-                reply = PartialsResponse(trajectories=frames_out, dropped_stale=len(taken.dropped_keys),
-                                         request_id=request_id)
+                reply = RawPartialsResponse(
+                    trajectories=frames_out, dropped_stale=len(taken.dropped_keys), request_id=request_id
+                )
                 await self._reply(serve, identity, request_id, reply)
             case _:
                 reason = f"{type(request).__name__} is not a request this service answers"
@@ -228,8 +240,10 @@ class BufferService:
         for request_id, pending in list(self._pending.items()):
             request = pending.request
             plan = self.buffer.plan_batch(
-                request.trainer_version, request.num_groups,
-                min(request.max_staleness, self.max_staleness), request.include_stale,
+                request.trainer_version,
+                request.num_groups,
+                min(request.max_staleness, self.max_staleness),
+                request.include_stale,
             )
             if plan.dropped is not None:
                 pending.dropped_stale += len(plan.dropped.sample_ids)
@@ -241,20 +255,29 @@ class BufferService:
                 self._commit()
                 for record in records:
                     self.buffer.apply(record)
+            reply: Message
             if plan.served is not None:
                 # The frames are encoded Trajectories: msgspec.Raw embeds them without re-encoding.
-                reply = BatchResponse(trainer_version=request.trainer_version, trajectories=plan.frames,
-                                      dropped_stale=pending.dropped_stale, dropped_groups=pending.dropped_groups,
-                                      request_id=request_id)
+                reply = RawBatchResponse(
+                    trainer_version=request.trainer_version,
+                    trajectories=plan.frames,
+                    dropped_stale=pending.dropped_stale,
+                    dropped_groups=pending.dropped_groups,
+                    request_id=request_id,
+                )
             elif pending.dropped_groups or time.monotonic() >= pending.deadline:
                 # Drops are answered at once: the workers counted those groups as accepted and wait
                 # for that budget back before they generate what would fill this batch.
                 ready = self.buffer.stats(request.trainer_version).complete_groups
                 why = f"dropped {len(pending.dropped_groups)} stale groups" if pending.dropped_groups else "timeout"
-                reply = BatchResponse(trainer_version=request.trainer_version, trajectories=[],
-                                      dropped_stale=pending.dropped_stale, dropped_groups=pending.dropped_groups,
-                                      error=f"{why}: {ready} of {request.num_groups} groups ready",
-                                      request_id=request_id)
+                reply = BatchResponse(
+                    trainer_version=request.trainer_version,
+                    trajectories=[],
+                    dropped_stale=pending.dropped_stale,
+                    dropped_groups=pending.dropped_groups,
+                    error=f"{why}: {ready} of {request.num_groups} groups ready",
+                    request_id=request_id,
+                )
             else:
                 continue
             del self._pending[request_id]
@@ -271,10 +294,18 @@ class BufferService:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="a run's config.json: its [buffer], its staleness.eta and its folder")
+    source.add_argument(
+        "--config", type=Path, help="a run's config.json: its [buffer], its staleness.eta and its folder"
+    )
     source.add_argument("--dir", type=Path, help="standalone: the write-ahead log's folder, [buffer] defaults")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="standalone: a [buffer] setting, e.g. --set fsync=batch (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="standalone: a [buffer] setting, e.g. --set fsync=batch (repeatable)",
+    )
     parser.add_argument("--max-staleness", type=int, default=4, help="standalone: the staleness ceiling")
     parser.add_argument("--bind-submit", default=DEFAULT_SUBMIT, help="ROUTER endpoint for trajectories")
     parser.add_argument("--bind-serve", default=DEFAULT_SERVE, help="ROUTER endpoint for batch/stats requests")
@@ -298,12 +329,19 @@ def service_from_args(args: argparse.Namespace) -> BufferService:
             raise ConfigError(f"--set: {exc}") from None
         directory, max_staleness = args.dir, args.max_staleness
     curve = zmq_auth.load_server(args.curve_secret, args.curve_clients) if args.curve_secret else None
-    return BufferService(config, directory=directory, submit=args.bind_submit, serve=args.bind_serve,
-                         max_staleness=max_staleness, curve=curve)
+    return BufferService(
+        config,
+        directory=directory,
+        submit=args.bind_submit,
+        serve=args.bind_serve,
+        max_staleness=max_staleness,
+        curve=curve,
+    )
 
 
 async def _serve_until_signalled(service: BufferService) -> None:
     task = asyncio.current_task()
+    assert task is not None  # called from a coroutine
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)

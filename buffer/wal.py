@@ -20,7 +20,7 @@ import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import msgspec
 
@@ -57,7 +57,7 @@ class PartialsTaken(msgspec.Struct, tag="partials_taken"):
     dropped_keys: list[str] = msgspec.field(default_factory=list)
 
 
-WalRecord = Union[Put, Served, Dropped, PartialsTaken]
+WalRecord = Put | Served | Dropped | PartialsTaken
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(WalRecord)
 
@@ -71,7 +71,7 @@ def read_records(path: Path) -> tuple[list[WalRecord], int]:
     offset = 0
     while offset + _HEADER.size <= len(data):
         length, checksum = _HEADER.unpack_from(data, offset)
-        payload = data[offset + _HEADER.size: offset + _HEADER.size + length]
+        payload = data[offset + _HEADER.size : offset + _HEADER.size + length]
         if len(payload) < length or zlib.crc32(payload) != checksum:
             break
         try:

@@ -14,7 +14,6 @@ import math
 import random
 from typing import Any
 
-
 # Median length as a fraction of the cap, and the log-normal shape: ~5% of samples hit the cap.
 MEDIAN_FRACTION = 0.125
 SIGMA = 1.25
@@ -29,7 +28,9 @@ def draw_length(rng: random.Random, cap: int) -> int:
 def forced_lengths(sampling_params: dict[str, Any], group_size: int) -> list[dict[str, Any]]:
     """One params dict per sample, each with its own forced length."""
     cap = int(sampling_params.get("max_new_tokens", 128))
-    return [{**sampling_params, "max_new_tokens": draw_length(_rng, cap), "ignore_eos": True} for _ in range(group_size)]
+    return [
+        {**sampling_params, "max_new_tokens": draw_length(_rng, cap), "ignore_eos": True} for _ in range(group_size)
+    ]
 
 
 def answer_first(prompt: str, response: str, metadata: dict[str, Any]) -> float:

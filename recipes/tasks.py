@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 from rollout_workers.tasks import TaskSample
 
-
 # ---- the tiny task: learnable from random init in ~100 GRPO steps on CPU ----------------------
 
 DIGIT_KINDS = ("succ", "copy", "parity")
@@ -40,7 +39,9 @@ ARITHMETIC_TEMPLATE = "What is {a}{op}{b}? Answer with just the number."
 _OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def arithmetic(seed: int = 0, ops: str = "+", digits: int = 1, template: str = ARITHMETIC_TEMPLATE) -> Iterator[TaskSample]:
+def arithmetic(
+    seed: int = 0, ops: str = "+", digits: int = 1, template: str = ARITHMETIC_TEMPLATE
+) -> Iterator[TaskSample]:
     """`a op b` with `digits`-digit operands (1: 0..9, 2: 10..99) and an op drawn from `ops`."""
     unknown = set(ops) - set(_OPERATIONS)
     if not ops or unknown:

@@ -45,24 +45,32 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
-async def calculator(client: EngineClient, prompt_ids: list[int], sampling_params: dict[str, Any],
-                     group_size: int) -> list[Sample]:
+async def calculator(
+    client: EngineClient, prompt_ids: list[int], sampling_params: dict[str, Any], group_size: int
+) -> list[Sample]:
     info = await client.get_model_info()
     tokenizer = _tokenizer(info.tokenizer_path or info.model_path)
     tool_text = f" [calc: {calculate(tokenizer.decode(list(prompt_ids)))}] "
     tool_ids = tokenizer(tool_text, add_special_tokens=False).input_ids
     async with asyncio.TaskGroup() as group:
-        conversations = [group.create_task(_conversation(client, list(prompt_ids), tool_ids, sampling_params))
-                         for _ in range(group_size)]
+        conversations = [
+            group.create_task(_conversation(client, list(prompt_ids), tool_ids, sampling_params))
+            for _ in range(group_size)
+        ]
     return [conversation.result() for conversation in conversations]
 
 
-async def _conversation(client: EngineClient, prompt_ids: list[int], tool_ids: list[int],
-                        sampling_params: dict[str, Any]) -> Sample:
+async def _conversation(
+    client: EngineClient, prompt_ids: list[int], tool_ids: list[int], sampling_params: dict[str, Any]
+) -> Sample:
     budget = int(sampling_params.get("max_new_tokens", 64))
     first = await _turn(client, prompt_ids, sampling_params, min(THINK_TOKENS, budget))
-    ids, logprobs, versions, mask = list(first.output_ids), list(first.output_logprobs), first.token_versions(), \
-        [1] * len(first.output_ids)
+    ids, logprobs, versions, mask = (
+        list(first.output_ids),
+        list(first.output_logprobs),
+        first.token_versions(),
+        [1] * len(first.output_ids),
+    )
     text, finish = first.text, first.finish_type
     remaining = budget - len(ids)
     if remaining > 0 and finish == "length":
@@ -77,14 +85,22 @@ async def _conversation(client: EngineClient, prompt_ids: list[int], tool_ids: l
         versions += second.token_versions()
         mask += [1] * len(second.output_ids)
         text, finish = text + second.text, second.finish_type  # the reward reads the model's own words
-    return Sample(response_ids=ids, behavior_logprobs=logprobs, token_versions=versions, loss_mask=mask,
-                  text=text, finish_reason=finish or "length")
+    return Sample(
+        response_ids=ids,
+        behavior_logprobs=logprobs,
+        token_versions=versions,
+        loss_mask=mask,
+        text=text,
+        finish_reason=finish or "length",
+    )
 
 
-async def _turn(client: EngineClient, input_ids: list[int], sampling_params: dict[str, Any],
-                max_new_tokens: int) -> GenerateResult:
-    result = await client.generate(input_ids, sampling_params={**sampling_params, "max_new_tokens": max_new_tokens},
-                                   return_logprob=True)
+async def _turn(
+    client: EngineClient, input_ids: list[int], sampling_params: dict[str, Any], max_new_tokens: int
+) -> GenerateResult:
+    result = await client.generate(
+        input_ids, sampling_params={**sampling_params, "max_new_tokens": max_new_tokens}, return_logprob=True
+    )
     if result.aborted:
         raise GenerationAborted("engine aborted a turn")
     return result

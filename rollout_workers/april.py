@@ -104,8 +104,9 @@ class GroupHost(Protocol):
 class AprilController:
     """Owns the rounds; its host worker starts groups, admits new ones and reports completions."""
 
-    def __init__(self, plan: AprilPlan, pool, pause_mode: PauseMode, tracer: Tracer, *, host: GroupHost,
-                 group_size: int):
+    def __init__(
+        self, plan: AprilPlan, pool, pause_mode: PauseMode, tracer: Tracer, *, host: GroupHost, group_size: int
+    ):
         self.plan = plan
         self.pool = pool
         self.pause_mode = pause_mode
@@ -183,8 +184,14 @@ class AprilController:
         r = plan.round_next
         carried = await self.resume_parked(r)
         count = plan.new_groups(self.accepted_groups, len(carried))
-        log.info("round %d: %d resumed + %d new groups (v=%d, accepted %d groups)", r, len(carried), count,
-                 self.host.admission.version, self.accepted_groups)
+        log.info(
+            "round %d: %d resumed + %d new groups (v=%d, accepted %d groups)",
+            r,
+            len(carried),
+            count,
+            self.host.admission.version,
+            self.accepted_groups,
+        )
         self.tracer.instant(f"round {r}", TRACK, resumed=len(carried), new=count, version=self.host.admission.version)
         plan.round_next += 1
         for _ in range(count):
@@ -239,8 +246,14 @@ class AprilController:
             if group.live is not None:
                 engine, rids = group.live
                 live[engine].extend(rids)
-        with self.tracer.span("retract", TRACK, groups=len(tail), mode=self.pause_mode,
-                              tokens=sum(g.tokens for g in tail), engines=len(live)):
+        with self.tracer.span(
+            "retract",
+            TRACK,
+            groups=len(tail),
+            mode=self.pause_mode,
+            tokens=sum(g.tokens for g in tail),
+            engines=len(live),
+        ):
             async with asyncio.TaskGroup() as tasks:
                 for engine, rids in live.items():
                     tasks.create_task(self._stop_on_engine(self.pool.clients[engine], rids))

@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import aiohttp
 import msgspec
@@ -281,16 +281,18 @@ def _check_sampling_params(params: SamplingParams | Mapping[str, Any] | None) ->
     if params is None:
         return
     try:
-        msgspec.convert(msgspec.to_builtins(params) if isinstance(params, SamplingParams) else dict(params), SamplingParams)
+        msgspec.convert(
+            msgspec.to_builtins(params) if isinstance(params, SamplingParams) else dict(params), SamplingParams
+        )
     except (msgspec.ValidationError, TypeError) as exc:
         raise InvalidRequest(f"sampling_params: {exc}") from None
 
 
-def _dtype_name(dtype: "torch.dtype | str") -> str:
+def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def serialize_named_tensors(named_tensors: Mapping[str, "torch.Tensor"]) -> str:
+def serialize_named_tensors(named_tensors: Mapping[str, torch.Tensor]) -> str:
     """base64(safetensors) — the agreed pickle-free replacement for SGLang's pickled tensors."""
     from safetensors.torch import save
 
@@ -370,9 +372,7 @@ class EngineClient:
         return self._session
 
     # ------------------------------------------------------------- transport
-    async def _request(
-        self, method: str, endpoint: str, payload: Any = None, *, timeout_s: float | None
-    ) -> bytes:
+    async def _request(self, method: str, endpoint: str, payload: Any = None, *, timeout_s: float | None) -> bytes:
         """Send once; return the body of a 2xx answer, raise a typed error otherwise."""
         session = self._ensure_session()
         data = None if payload is None else _to_json(payload)
@@ -404,7 +404,9 @@ class EngineClient:
 
     async def _post(self, endpoint: str, payload: Any = None, timeout_s: float | None = None) -> bytes:
         return await self._request(
-            "POST", endpoint, {} if payload is None else payload,
+            "POST",
+            endpoint,
+            {} if payload is None else payload,
             timeout_s=self.timeout_s if timeout_s is None else timeout_s,
         )
 
@@ -417,10 +419,20 @@ class EngineClient:
         return reply.message
 
     def _check_token_ids(self, input_ids: Sequence[int] | Sequence[Sequence[int]]) -> None:
-        rows = input_ids if len(input_ids) and not isinstance(input_ids[0], int) else [input_ids]
+        rows: Sequence[Sequence[int]]
+        if len(input_ids) and not isinstance(input_ids[0], int):
+            rows = cast(Sequence[Sequence[int]], input_ids)  # a batch of rows
+        else:
+            rows = [cast(Sequence[int], input_ids)]
         for index, row in enumerate(rows):
-            bad = next((t for t in row if type(t) is not int or t < 0 or
-                        (self.vocab_size is not None and t >= self.vocab_size)), None)
+            bad = next(
+                (
+                    t
+                    for t in row
+                    if type(t) is not int or t < 0 or (self.vocab_size is not None and t >= self.vocab_size)
+                ),
+                None,
+            )
             if bad is not None:
                 vocabulary = f"[0, {self.vocab_size})" if self.vocab_size is not None else "the vocabulary"
                 raise InvalidRequest(f"input {index} has token id {bad!r} outside {vocabulary}")
@@ -544,7 +556,7 @@ class EngineClient:
                     line = raw_line.strip()
                     if not line.startswith(b"data:"):
                         continue  # blank separators, SSE comments, keep-alives
-                    data = line[len(b"data:"):].strip()
+                    data = line[len(b"data:") :].strip()
                     if data == b"[DONE]":
                         return
                     yield accumulator.add(self._result(_decode_stream_chunk(data), floor))
@@ -588,8 +600,9 @@ class EngineClient:
         await self._post("/flush_cache", None, timeout_s)
 
     # ------------------------------------------------------------- weights
-    async def _update(self, endpoint: str, payload: dict[str, Any], weight_version: str | int | None,
-                      timeout_s: float | None) -> str:
+    async def _update(
+        self, endpoint: str, payload: dict[str, Any], weight_version: str | int | None, timeout_s: float | None
+    ) -> str:
         if weight_version is not None:
             payload["weight_version"] = str(weight_version)
         message = await self._post_expect_success(endpoint, payload, timeout_s)
@@ -607,15 +620,18 @@ class EngineClient:
         timeout_s: float | None = None,
     ) -> str:
         """`flush_cache=False` is required while requests are paused in place (SGLang asserts the flush)."""
-        payload: dict[str, Any] = {"model_path": model_path, "abort_all_requests": abort_all_requests,
-                                   "flush_cache": flush_cache}
+        payload: dict[str, Any] = {
+            "model_path": model_path,
+            "abort_all_requests": abort_all_requests,
+            "flush_cache": flush_cache,
+        }
         if load_format is not None:
             payload["load_format"] = load_format
         return await self._update("/update_weights_from_disk", payload, weight_version, timeout_s)
 
     async def update_weights_from_tensor(
         self,
-        named_tensors: Mapping[str, "torch.Tensor"],
+        named_tensors: Mapping[str, torch.Tensor],
         *,
         flush_cache: bool = True,
         weight_version: str | int | None = None,
@@ -657,7 +673,7 @@ class EngineClient:
     async def update_weights_from_distributed(
         self,
         names: Sequence[str],
-        dtypes: Sequence["torch.dtype | str"],
+        dtypes: Sequence[torch.dtype | str],
         shapes: Sequence[Sequence[int]],
         *,
         group_name: str = "weight_update_group",
@@ -670,8 +686,10 @@ class EngineClient:
         if not len(names) == len(dtypes) == len(shapes):
             raise ValueError("names, dtypes and shapes must have the same length")
         if group_name not in self._groups:
-            raise InvalidRequest(f"no weight-update group {group_name!r} was opened through this client "
-                                 "(init_weights_update_group first)")
+            raise InvalidRequest(
+                f"no weight-update group {group_name!r} was opened through this client "
+                "(init_weights_update_group first)"
+            )
         payload: dict[str, Any] = {
             "names": list(names),
             "dtypes": [_dtype_name(dtype) for dtype in dtypes],
@@ -685,9 +703,7 @@ class EngineClient:
         self, group_name: str = "weight_update_group", *, timeout_s: float | None = None
     ) -> str:
         self._groups.discard(group_name)
-        return await self._post_expect_success(
-            "/destroy_weights_update_group", {"group_name": group_name}, timeout_s
-        )
+        return await self._post_expect_success("/destroy_weights_update_group", {"group_name": group_name}, timeout_s)
 
     # -------------------------------------------------------------- memory
     async def release_memory_occupation(

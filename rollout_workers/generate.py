@@ -65,13 +65,17 @@ def load_tokenizer(folder: str | Path) -> Any:
 def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
     """Token ids without the tokenizer's own BOS/EOS: the engine sees exactly what the trainer trains on."""
     if chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def continuation(prompt_ids: list[int], sample: Sample | None, params: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+def continuation(
+    prompt_ids: list[int], sample: Sample | None, params: dict[str, Any]
+) -> tuple[list[int], dict[str, Any]]:
     """Input ids and sampling params that generate the rest of `sample`: prompt + partial response in,
     `max_new_tokens` lowered by what the partial already holds (so the whole response keeps its budget)."""
     if sample is None or not sample.response_ids:
@@ -87,12 +91,20 @@ def extend(sample: Sample | None, result: GenerateResult) -> Sample:
     """The sample with one more segment appended: ids, behavior logprobs and per-token versions concatenated."""
     finish = result.finish_type or "length"
     if sample is None:
-        return Sample(response_ids=list(result.output_ids), behavior_logprobs=list(result.output_logprobs),
-                      token_versions=result.token_versions(), text=result.text, finish_reason=finish)
-    return Sample(response_ids=list(sample.response_ids) + list(result.output_ids),
-                  behavior_logprobs=list(sample.behavior_logprobs) + list(result.output_logprobs),
-                  token_versions=list(sample.token_versions) + result.token_versions(),
-                  text=sample.text + result.text, finish_reason=finish)
+        return Sample(
+            response_ids=list(result.output_ids),
+            behavior_logprobs=list(result.output_logprobs),
+            token_versions=result.token_versions(),
+            text=result.text,
+            finish_reason=finish,
+        )
+    return Sample(
+        response_ids=list(sample.response_ids) + list(result.output_ids),
+        behavior_logprobs=list(sample.behavior_logprobs) + list(result.output_logprobs),
+        token_versions=list(sample.token_versions) + result.token_versions(),
+        text=sample.text + result.text,
+        finish_reason=finish,
+    )
 
 
 def same_params(sampling_params: dict[str, Any], group_size: int) -> list[dict[str, Any]]:
@@ -100,8 +112,9 @@ def same_params(sampling_params: dict[str, Any], group_size: int) -> list[dict[s
 
 
 class GenerateFunction(Protocol):
-    async def __call__(self, client: EngineClient, prompt_ids: list[int], sampling_params: dict[str, Any],
-                       group_size: int) -> list[Sample]: ...
+    async def __call__(
+        self, client: EngineClient, prompt_ids: list[int], sampling_params: dict[str, Any], group_size: int
+    ) -> list[Sample]: ...
 
 
 @dataclass(frozen=True)

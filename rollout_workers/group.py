@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from async_rl.messages import Timings, Trajectory
-from rollout_workers.tasks import TaskSample
-from rollout_workers.client import EngineClientError, EngineProtocolError
+from async_rl.messages import LogprobArray, Timings, TokenArray, Trajectory
+from rollout_workers.client import EngineClientError, EngineConnectionError, EngineProtocolError
 from rollout_workers.generate import Sample, continuation, extend, remaining_budget
 from rollout_workers.reward import RewardResult
 from rollout_workers.rollout_metrics import RolloutMetrics
+from rollout_workers.tasks import TaskSample
 
 log = logging.getLogger("rollout_worker")
 MAX_BACKOFF_S = 5.0
@@ -75,8 +75,13 @@ class GroupRollout:
         return sum(len(s.response_ids) for s in self.samples if s is not None)
 
     def metadata(self, index: int) -> dict[str, Any]:
-        return {"task": self.task.metadata.get("task", ""), "prompt": self.task.prompt,
-                "task_metadata": self.task.metadata, "sampling": self.params[index], "round": self.round}
+        return {
+            "task": self.task.metadata.get("task", ""),
+            "prompt": self.task.prompt,
+            "task_metadata": self.task.metadata,
+            "sampling": self.params[index],
+            "round": self.round,
+        }
 
     def partial_trajectories(self) -> list[Trajectory]:
         """Every member with tokens, finished or not, so the group can be rebuilt whole from the pool.
@@ -86,33 +91,63 @@ class GroupRollout:
         missing = {str(i): self.params[i] for i, s in enumerate(self.samples) if s is None or not s.response_ids}
         return [
             Trajectory(
-                sample_id=f"{self.group_id}-{i}", group_id=self.group_id, group_size=self.size,
-                prompt_ids=self.prompt_ids, response_ids=sample.response_ids,
-                behavior_logprobs=sample.behavior_logprobs, token_versions=sample.token_versions,
-                finish_reason=sample.finish_reason, engine_id=self.engine_url, attempt=self.attempt, partial=True,
+                sample_id=f"{self.group_id}-{i}",
+                group_id=self.group_id,
+                group_size=self.size,
+                prompt_ids=TokenArray(self.prompt_ids),
+                response_ids=TokenArray(sample.response_ids),
+                behavior_logprobs=LogprobArray(sample.behavior_logprobs),
+                token_versions=TokenArray(sample.token_versions),
+                finish_reason=sample.finish_reason,
+                engine_id=self.engine_url,
+                attempt=self.attempt,
+                partial=True,
                 timings=Timings(submitted=self.submitted),
-                metadata={**self.metadata(i), "text": sample.text, "resumed": self.resumed, "missing": missing})
-            for i, sample in enumerate(self.samples) if sample is not None and sample.response_ids
+                metadata={**self.metadata(i), "text": sample.text, "resumed": self.resumed, "missing": missing},
+            )
+            for i, sample in enumerate(self.samples)
+            if sample is not None and sample.response_ids
         ]
+
+    def finished_samples(self) -> list[Sample]:
+        """The samples of a complete group (every one has been generated)."""
+        samples = [s for s in self.samples if s is not None]
+        assert len(samples) == len(self.samples), f"group {self.group_id} has samples not yet generated"
+        return samples
 
     def response_texts(self, tokenizer: Any) -> list[str]:
         """What the reward reads: a resumed sample's text is decoded whole (segment texts may split a character)."""
-        return [tokenizer.decode(s.response_ids, skip_special_tokens=True) if self.resumed else s.text
-                for s in self.samples]
+        return [
+            tokenizer.decode(s.response_ids, skip_special_tokens=True) if self.resumed else s.text
+            for s in self.finished_samples()
+        ]
 
-    def finished_trajectories(self, rewards: list[RewardResult], *, finished: float, reward_done: float) -> list[Trajectory]:
+    def finished_trajectories(
+        self, rewards: list[RewardResult], *, finished: float, reward_done: float
+    ) -> list[Trajectory]:
         """The one place a finished group becomes trajectories for the buffer (both rollout paths)."""
         return [
             Trajectory(
-                sample_id=f"{self.group_id}-{i}", group_id=self.group_id, group_size=self.size,
-                prompt_ids=self.prompt_ids, response_ids=sample.response_ids,
-                behavior_logprobs=sample.behavior_logprobs, token_versions=sample.token_versions,
-                reward=reward.reward, finish_reason=sample.finish_reason, loss_mask=sample.loss_mask,
-                engine_id=self.engine_url, attempt=self.attempt,
+                sample_id=f"{self.group_id}-{i}",
+                group_id=self.group_id,
+                group_size=self.size,
+                prompt_ids=TokenArray(self.prompt_ids),
+                response_ids=TokenArray(sample.response_ids),
+                behavior_logprobs=LogprobArray(sample.behavior_logprobs),
+                token_versions=TokenArray(sample.token_versions),
+                reward=reward.reward,
+                finish_reason=sample.finish_reason,
+                loss_mask=None if sample.loss_mask is None else TokenArray(sample.loss_mask),
+                engine_id=self.engine_url,
+                attempt=self.attempt,
                 timings=Timings(submitted=self.submitted, finished=finished, reward_done=reward_done),
-                metadata={"task": self.task.metadata.get("task", ""), "round": self.round,
-                          **({"reward_error": reward.error} if reward.error else {})})
-            for i, (sample, reward) in enumerate(zip(self.samples, rewards, strict=True))
+                metadata={
+                    "task": self.task.metadata.get("task", ""),
+                    "round": self.round,
+                    **({"reward_error": reward.error} if reward.error else {}),
+                },
+            )
+            for i, (sample, reward) in enumerate(zip(self.finished_samples(), rewards, strict=True))
         ]
 
     @classmethod
@@ -126,17 +161,29 @@ class GroupRollout:
             params[int(index)] = sampling
         for t in members:
             i = int(t.sample_id.rsplit("-", 1)[1])
-            samples[i] = Sample(response_ids=list(t.response_ids), behavior_logprobs=list(t.behavior_logprobs),
-                                token_versions=list(t.token_versions), text=t.metadata.get("text", ""),
-                                finish_reason=t.finish_reason)
+            samples[i] = Sample(
+                response_ids=list(t.response_ids),
+                behavior_logprobs=list(t.behavior_logprobs),
+                token_versions=list(t.token_versions),
+                text=t.metadata.get("text", ""),
+                finish_reason=t.finish_reason,
+            )
             params[i] = t.metadata["sampling"]
-        if any(p is None for p in params):
-            absent = [i for i, p in enumerate(params) if p is None]
+        absent = [i for i, p in enumerate(params) if p is None]
+        if absent:
             raise ValueError(f"partial group {first.group_id} lacks members {absent}")
-        return cls(group_id=first.group_id, task=TaskSample(prompt=meta["prompt"], metadata=meta["task_metadata"]),
-                   prompt_ids=list(first.prompt_ids), params=params, samples=samples, round=round_,
-                   attempt=first.attempt + 1, submitted=first.timings.submitted, engine_url=first.engine_id,
-                   resumed=bool(meta.get("resumed")))
+        return cls(
+            group_id=first.group_id,
+            task=TaskSample(prompt=meta["prompt"], metadata=meta["task_metadata"]),
+            prompt_ids=list(first.prompt_ids),
+            params=[p for p in params if p is not None],  # all of them (none is absent)
+            samples=samples,
+            round=round_,
+            attempt=first.attempt + 1,
+            submitted=first.timings.submitted,
+            engine_url=first.engine_id,
+            resumed=bool(meta.get("resumed")),
+        )
 
 
 async def drive(group: GroupRollout, pool, metrics: RolloutMetrics) -> None:
@@ -150,8 +197,10 @@ async def drive(group: GroupRollout, pool, metrics: RolloutMetrics) -> None:
     for failures in itertools.count():
         while True:
             for i in group.unfinished:
-                if remaining_budget(group.samples[i], group.params[i]) <= 0:  # interrupted on its very last token
-                    group.samples[i].finish_reason = "length"
+                sample = group.samples[i]
+                if remaining_budget(sample, group.params[i]) <= 0:  # interrupted on its very last token
+                    assert sample is not None  # params ask for >= 1 token: only a started sample can run out
+                    sample.finish_reason = "length"
             pending = group.unfinished
             if not pending or group.stopped:
                 return
@@ -166,15 +215,20 @@ async def drive(group: GroupRollout, pool, metrics: RolloutMetrics) -> None:
             metrics.request_started(engine)
             tokens = 0
             try:
-                results = await client.generate_batch([ids for ids, _ in requests],
-                                                      sampling_params=[params for _, params in requests],
-                                                      rid=rids, return_logprob=True)
+                results = await client.generate_batch(
+                    [ids for ids, _ in requests],
+                    sampling_params=[params for _, params in requests],
+                    rid=rids,
+                    return_logprob=True,
+                )
                 if len(results) != len(pending):
                     raise EngineProtocolError(f"{len(results)} results for {len(pending)} inputs")
                 tokens = sum(len(r.output_ids) for r in results)
                 extended = [extend(group.samples[i], result) for i, result in zip(pending, results)]
             except EngineClientError as exc:
                 log.warning("group %s on engine %d failed (%d failures): %s", group.group_id, engine, failures + 1, exc)
+                if isinstance(exc, EngineConnectionError):
+                    pool.mark_down(engine, exc)
                 avoid = engine
                 break
             finally:
@@ -182,12 +236,12 @@ async def drive(group: GroupRollout, pool, metrics: RolloutMetrics) -> None:
                 pool.load[engine] -= 1
                 metrics.request_finished(engine, tokens)
             group.engine_url = client.url
-            for i, result, sample in zip(pending, results, extended):
-                group.samples[i] = sample
+            for i, result, extended_sample in zip(pending, results, extended):
+                group.samples[i] = extended_sample
                 if result.aborted:  # kept, not thrown away: these tokens are recycled
                     group.resumed = True
-                    metrics.counts["tokens_recycled"] += len(group.samples[i].response_ids)
-        await asyncio.sleep(min(0.1 * 2 ** failures, MAX_BACKOFF_S))
+                    metrics.counts["tokens_recycled"] += len(extended_sample.response_ids)
+        await asyncio.sleep(min(0.1 * 2**failures, MAX_BACKOFF_S))
 
 
 async def stop_group(group: GroupRollout, pool) -> None:

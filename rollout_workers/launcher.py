@@ -49,13 +49,33 @@ def free_port(host: str = "127.0.0.1") -> int:
 def engine_command(spec: EngineSpec, port: int, python: str = sys.executable) -> list[str]:
     """The argv that starts `spec` listening on `port`."""
     if spec.kind == "sglang":
-        argv = [python, "-m", "sglang.launch_server", "--model-path", spec.model,
-                "--host", spec.host, "--port", str(port)]
+        argv = [
+            python,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            spec.model,
+            "--host",
+            spec.host,
+            "--port",
+            str(port),
+        ]
         if spec.device is not None and spec.device.startswith("cuda:"):
             argv += ["--base-gpu-id", spec.device.removeprefix("cuda:")]
     else:
-        argv = [python, "-m", "async_rl.cli", "engine", "serve", "--model", spec.model,
-                "--host", spec.host, "--port", str(port)]
+        argv = [
+            python,
+            "-m",
+            "async_rl.cli",
+            "engine",
+            "serve",
+            "--model",
+            spec.model,
+            "--host",
+            spec.host,
+            "--port",
+            str(port),
+        ]
         if spec.device is not None:
             argv += ["--device", spec.device]
     if spec.api_key:
@@ -189,19 +209,20 @@ class EngineProcess:
         if process is None:
             return None
         if process.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self._signal_group(process, signal.SIGTERM)
             try:
                 process.wait(timeout=self.stop_grace_s)
             except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
+                self._signal_group(process, signal.SIGKILL)
                 process.wait()
         # Children the engine spawned (SGLang's scheduler/detokenizer) may outlive it.
-        self._signal_group(signal.SIGKILL)
+        self._signal_group(process, signal.SIGKILL)
         return process.returncode
 
-    def _signal_group(self, sig: signal.Signals) -> None:
+    @staticmethod
+    def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         try:
-            os.killpg(self._process.pid, sig)
+            os.killpg(process.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 

@@ -14,7 +14,7 @@ import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -51,10 +51,12 @@ class Reward:
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
+                # _is_async tells which of RewardFunction's two shapes this is; _invalid_reward checks the value.
                 if self._is_async:
-                    value = await self.function(prompt, response, metadata)
+                    value = await cast(Awaitable[float], self.function(prompt, response, metadata))
                 else:
-                    value = await asyncio.to_thread(self.function, prompt, response, metadata)
+                    sync_function = cast(Callable[[str, str, dict[str, Any]], float], self.function)
+                    value = await asyncio.to_thread(sync_function, prompt, response, metadata)
             error = _invalid_reward(value)
         except TimeoutError:
             value, error = 0.0, f"timed out after {self.timeout_s:g} s"

@@ -24,8 +24,14 @@ from pathlib import Path
 
 from async_rl.trace import Tracer
 
-COUNTERS = ("tokens_generated", "tokens_recycled", "tokens_wasted", "partials_dropped_stale", "groups_completed",
-            "samples_completed")
+COUNTERS = (
+    "tokens_generated",
+    "tokens_recycled",
+    "tokens_wasted",
+    "partials_dropped_stale",
+    "groups_completed",
+    "samples_completed",
+)
 METRICS_NAME = "rollout_metrics.jsonl"
 
 
@@ -88,8 +94,14 @@ class RolloutMetrics:
         self.counts["tokens_generated"] += tokens
         if activity.in_flight == 0:
             activity.busy.set(False, now)
-            self.tracer.complete("generate", f"engine-{engine}", activity.period_start, now,
-                                 requests=activity.period_requests, tokens=activity.period_tokens)
+            self.tracer.complete(
+                "generate",
+                f"engine-{engine}",
+                activity.period_start,
+                now,
+                requests=activity.period_requests,
+                tokens=activity.period_tokens,
+            )
 
     def group_started(self) -> None:
         self.groups_in_flight += 1

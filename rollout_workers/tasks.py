@@ -56,7 +56,9 @@ def read_dataset(path: str | Path, prompt_field: str = "prompt", answer_field: s
             log.warning("%s row %d skipped: %s", path, number, problem)
             continue
         extra = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
-        samples.append(TaskSample(prompt=row[prompt_field], metadata={**extra, "answer": str(row[answer_field]), "row": number}))
+        samples.append(
+            TaskSample(prompt=row[prompt_field], metadata={**extra, "answer": str(row[answer_field]), "row": number})
+        )
     return DatasetRows(samples, skipped)
 
 
@@ -100,8 +102,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise RuntimeError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield number, row
+    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
 
 
 def _row_problem(row: Any, prompt_field: str, answer_field: str) -> str | None:

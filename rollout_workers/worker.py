@@ -33,47 +33,88 @@ from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import Trajectory
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, TrajectorySender, VersionSubscriber
-from rollout_workers.reward import Reward
-from rollout_workers.tasks import TaskSample, task_samples
 from rollout_workers.april import AprilController, AprilPlan
-from rollout_workers.client import EngineClient, EngineClientError, wait_until_healthy
+from rollout_workers.client import EngineClient, EngineClientError, EngineConnectionError, wait_until_healthy
 from rollout_workers.engine.model import vocab_size_of
-from rollout_workers.generate import GenerationAborted, RolloutPlugins, encode_prompt, load_tokenizer
+from rollout_workers.generate import GenerationAborted, RolloutPlugins, Sample, encode_prompt, load_tokenizer
 from rollout_workers.group import MAX_BACKOFF_S, GroupRollout, drive, stop_group
+from rollout_workers.reward import Reward
 from rollout_workers.rollout_metrics import RolloutMetrics
+from rollout_workers.tasks import TaskSample, task_samples
 from staleness.admission import AdmissionController
 
 log = logging.getLogger("rollout_worker")
 
 
 class EnginePool:
-    """Least-loaded choice over the engines; ties go round-robin."""
+    """Least-loaded choice over the engines that are up; ties go round-robin.
+
+    An engine a request could not reach is down: no request goes to it until it answers /health
+    again and serves the trainer's current version (a restarted engine starts from older weights
+    and gets the current ones at the next sync), so its tokens never come from a policy the
+    trainer has moved past while it was away.
+    """
+
+    REPROBE_S = 0.5
 
     def __init__(self, urls: list[str], api_key: str | None = None, vocab_size: int | None = None):
         self.clients = [EngineClient(url, api_key=api_key, vocab_size=vocab_size) for url in urls]
         self.load = [0] * len(urls)
+        self.down: set[int] = set()
+        self.version = 0  # the trainer's newest announced version
         self._turn = itertools.count()
+        self._probes: dict[int, asyncio.Task] = {}
 
     def pick(self, avoid: int | None = None) -> int:
         start = next(self._turn)
         order = [(start + i) % len(self.clients) for i in range(len(self.clients))]
-        if avoid is not None and len(order) > 1:
-            order.remove(avoid)
-        return min(order, key=lambda i: self.load[i])
+        up = [i for i in order if i not in self.down] or order  # all down: fail fast, retry with backoff
+        if avoid is not None and len(up) > 1 and avoid in up:
+            up.remove(avoid)
+        return min(up, key=lambda i: self.load[i])
 
     def note_version(self, version: int) -> None:
-        """Every engine serves `version` or newer (the trainer announces a version once all are updated)."""
-        for client in self.clients:
-            client.note_version(version)
+        """Every engine that is up serves `version` or newer (the trainer announces a version once they are updated)."""
+        self.version = max(self.version, version)
+        for i, client in enumerate(self.clients):
+            if i not in self.down:
+                client.note_version(version)
+
+    def mark_down(self, engine: int, reason: object) -> None:
+        if engine in self.down:
+            return
+        log.warning("engine %d (%s) is down: %s; routing around it", engine, self.clients[engine].url, reason)
+        self.down.add(engine)
+        self._probes[engine] = asyncio.create_task(self._await_up(engine), name=f"probe-engine-{engine}")
+
+    async def _await_up(self, engine: int) -> None:
+        client = self.clients[engine]
+        while True:
+            await asyncio.sleep(self.REPROBE_S)
+            if not await client.is_healthy():
+                continue
+            try:
+                serving = int(await client.get_weight_version())
+            except (EngineClientError, ValueError):
+                continue
+            if serving >= self.version:
+                break
+        log.info("engine %d (%s) is back at version %d", engine, client.url, serving)
+        client.note_version(serving)
+        self.down.discard(engine)
+        del self._probes[engine]
 
     async def close(self) -> None:
+        for probe in self._probes.values():
+            probe.cancel()
         for client in self.clients:
             await client.close()
 
 
 class RolloutWorker:
-    def __init__(self, config: RunConfig, model_dir: Path, engine_urls: list[str], start_version: int,
-                 worker_index: int = 0):
+    def __init__(
+        self, config: RunConfig, model_dir: Path, engine_urls: list[str], start_version: int, worker_index: int = 0
+    ):
         self.config = config
         self.index = worker_index
         self.tokenizer = load_tokenizer(model_dir)
@@ -89,25 +130,34 @@ class RolloutWorker:
         extra = math.ceil(config.april.alpha) if self.april else 0
         staleness = msgspec.structs.replace(config.staleness, eta=config.staleness.eta + extra)
         # Everything before the start version was trained on; in-buffer leftovers are re-generated.
-        self.admission = AdmissionController.from_counts(staleness, self.share * group_size, version=start_version,
-                                                         accepted=start_version * self.share * group_size)
+        self.admission = AdmissionController.from_counts(
+            staleness, self.share * group_size, version=start_version, accepted=start_version * self.share * group_size
+        )
         # Workers draw different prompts: each offsets the task seed by its index.
-        self.samples: Iterator[TaskSample] = task_samples(msgspec.structs.replace(config.task, seed=config.task.seed + worker_index))
+        self.samples: Iterator[TaskSample] = task_samples(
+            msgspec.structs.replace(config.task, seed=config.task.seed + worker_index)
+        )
         self.group_ids = (f"w{worker_index}-v{start_version}-g{i}" for i in itertools.count())
-        self.counts = Counter()
+        self.counts: Counter[str] = Counter()
         rollout = config.rollout
-        self.sampling_params = {"max_new_tokens": rollout.max_new_tokens, "temperature": rollout.temperature,
-                                "top_p": rollout.top_p}
+        self.sampling_params = {
+            "max_new_tokens": rollout.max_new_tokens,
+            "temperature": rollout.temperature,
+            "top_p": rollout.top_p,
+        }
         run_dir = Path(config.run.output_dir)
-        self.tracer = Tracer(run_dir / TRACE_DIR / f"worker{worker_index}-v{start_version}.json",
-                             process_name=f"rollout worker {worker_index}")
+        self.tracer = Tracer(
+            run_dir / TRACE_DIR / f"worker{worker_index}-v{start_version}.json",
+            process_name=f"rollout worker {worker_index}",
+        )
         self.metrics = RolloutMetrics(run_dir, worker_index, len(engine_urls), self.share, self.tracer)
         self.active: dict[str, GroupRollout] = {}
         self.credited: set[str] = set()  # dropped group ids already given back (notices repeat)
         self.controller: AprilController | None = None
-        self.sender: TrajectorySender | None = None
-        self.buffer: BufferClient | None = None
-        self._tasks: asyncio.TaskGroup | None = None
+        # Set by run(), for as long as it runs:
+        self.sender: TrajectorySender
+        self.buffer: BufferClient  # with APRIL only
+        self._tasks: asyncio.TaskGroup
 
     @property
     def concurrency(self) -> int:
@@ -142,8 +192,14 @@ class RolloutWorker:
 
     def _april_controller(self) -> AprilController:
         april, eta = self.config.april, self.config.staleness.eta
-        return AprilController(AprilPlan(share=self.share, alpha=april.alpha, eta=eta), self.pool, april.pause_mode,
-                               self.tracer, host=self, group_size=self.config.rollout.group_size)
+        return AprilController(
+            AprilPlan(share=self.share, alpha=april.alpha, eta=eta),
+            self.pool,
+            april.pause_mode,
+            self.tracer,
+            host=self,
+            group_size=self.config.rollout.group_size,
+        )
 
     # ---- what the APRIL controller asks of its worker (april.GroupHost) ------
     def start_group(self, group: GroupRollout) -> None:
@@ -163,8 +219,13 @@ class RolloutWorker:
                 if self.controller is not None:
                     self.controller.wake()
                 if notice.version % 10 == 0:
-                    log.info("version %d: %s %s %s", notice.version, dict(self.counts), dict(self.metrics.counts),
-                             self.admission.snapshot())
+                    log.info(
+                        "version %d: %s %s %s",
+                        notice.version,
+                        dict(self.counts),
+                        dict(self.metrics.counts),
+                        self.admission.snapshot(),
+                    )
 
     def _credit_dropped(self, dropped_groups: dict[str, int]) -> None:
         """Samples of this worker's groups the trainer dropped will never be trained: give the budget back."""
@@ -207,9 +268,16 @@ class RolloutWorker:
             return None
         group_size = self.config.rollout.group_size
         prompt_ids = encode_prompt(self.tokenizer, task.prompt, self.config.rollout.chat_template)
-        return GroupRollout(group_id=next(self.group_ids), task=task, prompt_ids=prompt_ids,
-                            params=self.plugins.plan(self.sampling_params, group_size),
-                            samples=[None] * group_size, round=round_)
+        plan = self.plugins.plan
+        assert plan is not None, "resumable groups come from a sample plan"
+        return GroupRollout(
+            group_id=next(self.group_ids),
+            task=task,
+            prompt_ids=prompt_ids,
+            params=plan(self.sampling_params, group_size),
+            samples=[None] * group_size,
+            round=round_,
+        )
 
     async def _run_group(self, group: GroupRollout) -> None:
         self.metrics.group_started()
@@ -240,8 +308,12 @@ class RolloutWorker:
     async def _submit(self, group: GroupRollout) -> None:
         """Score a finished group and send its trajectories; admission counts it as accepted."""
         finished = time.time()
-        rewards = await asyncio.gather(*(self.reward(group.task.prompt, text, group.task.metadata)
-                                         for text in group.response_texts(self.tokenizer)))
+        rewards = await asyncio.gather(
+            *(
+                self.reward(group.task.prompt, text, group.task.metadata)
+                for text in group.response_texts(self.tokenizer)
+            )
+        )
         for trajectory in group.finished_trajectories(rewards, finished=finished, reward_done=time.time()):
             await self.sender.send(trajectory)
         self.admission.on_finished(group.size)
@@ -278,6 +350,8 @@ class RolloutWorker:
         """One call of the custom generate function, retried on another engine with backoff until it succeeds."""
         rollout = self.config.rollout
         prompt_ids = encode_prompt(self.tokenizer, task.prompt, rollout.chat_template)
+        generate = self.plugins.generate
+        assert generate is not None, "whole groups come from a custom generate function"
         avoid, attempt = None, 0
         while True:
             attempt += 1
@@ -285,27 +359,38 @@ class RolloutWorker:
             self.pool.load[engine] += 1
             self.metrics.request_started(engine)
             submitted = time.time()
-            samples = []
+            samples: list[Sample] = []
             try:
-                samples = await self.plugins.generate(self.pool.clients[engine], prompt_ids, self.sampling_params,
-                                                      rollout.group_size)
+                samples = await generate(
+                    self.pool.clients[engine], prompt_ids, self.sampling_params, rollout.group_size
+                )
             except (EngineClientError, GenerationAborted, RuntimeError) as exc:
                 self.counts["engine_errors"] += 1
                 log.warning("group %s attempt %d on engine %d failed: %s", group_id, attempt, engine, exc)
+                if isinstance(exc, EngineConnectionError):
+                    self.pool.mark_down(engine, exc)
                 avoid = engine
                 await asyncio.sleep(min(0.1 * 2 ** (attempt - 1), MAX_BACKOFF_S))
                 continue
             finally:
                 self.pool.load[engine] -= 1
                 self.metrics.request_finished(engine, sum(len(s.response_ids) for s in samples))
-            return GroupRollout(group_id=group_id, task=task, prompt_ids=prompt_ids,
-                                params=[dict(self.sampling_params) for _ in samples], samples=list(samples),
-                                attempt=attempt, submitted=submitted, engine_url=self.pool.clients[engine].url)
+            return GroupRollout(
+                group_id=group_id,
+                task=task,
+                prompt_ids=prompt_ids,
+                params=[dict(self.sampling_params) for _ in samples],
+                samples=list(samples),
+                attempt=attempt,
+                submitted=submitted,
+                engine_url=self.pool.clients[engine].url,
+            )
 
 
 async def _run_until_signalled(worker: RolloutWorker, args: argparse.Namespace) -> None:
     """SIGTERM/SIGINT cancel the run, so the worker still writes its final metrics line and closes its trace."""
     task = asyncio.current_task()
+    assert task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)

@@ -23,8 +23,9 @@ class AdmissionController:
     """Counts samples (not groups): admitting a GRPO group of G is `admit(G)`; `batch_size` is the
     samples one trainer step consumes (groups_per_step x group_size, or a worker's share of it)."""
 
-    def __init__(self, config: StalenessConfig, batch_size: int, *, version: int = 0, accepted: int = 0,
-                 in_flight: int = 0):
+    def __init__(
+        self, config: StalenessConfig, batch_size: int, *, version: int = 0, accepted: int = 0, in_flight: int = 0
+    ):
         if version < 0 or accepted < 0 or in_flight < 0:
             raise ValueError(f"counts must be >= 0: version={version} accepted={accepted} in_flight={in_flight}")
         if batch_size < 1:
@@ -37,7 +38,9 @@ class AdmissionController:
         self._changed = asyncio.Event()
 
     @classmethod
-    def from_counts(cls, config: StalenessConfig, batch_size: int, *, version: int, accepted: int) -> AdmissionController:
+    def from_counts(
+        cls, config: StalenessConfig, batch_size: int, *, version: int, accepted: int
+    ) -> AdmissionController:
         """Rebuild after a restart from the trainer's version and the buffer's accepted count.
 
         Requests in flight at the crash are gone with their engines, so none are counted.

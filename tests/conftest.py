@@ -7,6 +7,8 @@
   slow tests are handed out first, so the long ones do not all end up last on one worker.
 - Each test process computes on one thread: xdist runs one test per core, and the runs the tests
   start split the cores between their own processes.
+- Fixtures every module may use: `free_port`, `start_engine` (real engine processes for a module)
+  and `buffer_service` (a real buffer process); builders without fixtures are in tests/helpers.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before anything imports torch
+
+import itertools  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -27,11 +33,16 @@ def _cuda_available() -> bool:
 
 
 def pytest_addoption(parser):
-    parser.addoption("--forbid-skips", action="store_true",
-                     help="fail unless tests ran and every skipped test is gpu-marked (CI)")
+    parser.addoption(
+        "--forbid-skips", action="store_true", help="fail unless tests ran and every skipped test is gpu-marked (CI)"
+    )
     group = parser.getgroup("engine contract", "which engine tests/test_engine_api.py drives")
-    group.addoption("--engine", choices=("embedded", "sglang"), default="embedded",
-                    help="engine kind under test (sglang: a real server, `python -m sglang.launch_server`)")
+    group.addoption(
+        "--engine",
+        choices=("embedded", "sglang"),
+        default="embedded",
+        help="engine kind under test (sglang: a real server, `python -m sglang.launch_server`)",
+    )
     group.addoption("--engine-model", default="tiny:llama", help="model spec or folder the engine serves")
     group.addoption("--engine-args", default="", help="extra server flags, one shell-quoted string")
 
@@ -90,3 +101,50 @@ class SkipAudit:
 def pytest_configure(config):
     if config.getoption("--forbid-skips") and not hasattr(config, "workerinput"):  # the xdist controller or a plain run
         config.pluginmanager.register(SkipAudit(), "skip-audit")
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function returning a free TCP port on loopback."""
+    from rollout_workers.launcher import free_port as pick
+
+    return pick
+
+
+@pytest.fixture(scope="module")
+def start_engine(tmp_path_factory) -> Iterator[Callable[..., object]]:
+    """Start real engine processes for a module: start_engine(model=..., extra_args=..., **spec fields)
+    returns the healthy EngineProcess; every one started is stopped when the module's tests are done."""
+    from rollout_workers.launcher import EngineProcess, EngineSpec
+
+    logs, numbers = tmp_path_factory.mktemp("engines"), itertools.count()
+    with ExitStack() as stack:
+
+        def start(model: str = "tiny:llama", *, env: dict[str, str] | None = None, **spec) -> EngineProcess:
+            spec.setdefault("device", "cpu")
+            process = EngineProcess(
+                EngineSpec(model=model, **spec),
+                log_path=logs / f"engine{next(numbers)}.log",
+                env={"OMP_NUM_THREADS": "1", **(env or {})},
+            )
+            return stack.enter_context(process)
+
+        yield start
+
+
+@pytest.fixture
+def buffer_service(tmp_path) -> Iterator[Callable[..., tuple[str, str]]]:
+    """buffer_service(*serve_args) starts `async-rl buffer serve` on tmp_path/buffer and returns its
+    (submit, serve) endpoints; stopped when the test ends."""
+    from tests.helpers import buffer_endpoints, buffer_process
+
+    with ExitStack() as stack:
+
+        def start(*extra: str) -> tuple[str, str]:
+            directory = tmp_path / "buffer"
+            directory.mkdir(exist_ok=True)
+            submit, serve = buffer_endpoints()
+            stack.enter_context(buffer_process(directory, submit, serve, *extra))
+            return submit, serve
+
+        yield start

@@ -15,11 +15,10 @@ from async_rl.metrics import read_metrics
 from async_rl.trace import Tracer, read_events
 from buffer.service import WAL_NAME
 from buffer.wal import Put, Served, read_records
-from rollout_workers.tasks import TaskSample
 from rollout_workers.april import AprilController, AprilPlan
 from rollout_workers.group import GroupRollout, drive
-from rollout_workers.launcher import EngineProcess, EngineSpec
 from rollout_workers.rollout_metrics import COUNTERS, RolloutMetrics
+from rollout_workers.tasks import TaskSample
 from rollout_workers.worker import EnginePool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,25 +27,18 @@ PARAMS = {"max_new_tokens": LENGTH, "ignore_eos": True, "temperature": 1.0}
 
 
 @pytest.fixture(scope="module")
-def engine_urls(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("engines")
-    engines = [EngineProcess(EngineSpec(model="tiny:llama", device="cpu",
-                                        extra_args=["--weight-version", "0", "--seed", str(i)]),
-                             log_path=logs / f"engine{i}.log", env={"OMP_NUM_THREADS": "1"}) for i in range(2)]
-    try:
-        for engine in engines:
-            engine.start()
-        for engine in engines:
-            engine.wait_healthy(120)
-        yield [engine.url for engine in engines]
-    finally:
-        for engine in engines:
-            engine.stop()
+def engine_urls(start_engine):
+    return [start_engine(extra_args=["--weight-version", "0", "--seed", str(i)]).url for i in range(2)]
 
 
 def new_group(group_id: str, size: int = 2) -> GroupRollout:
-    return GroupRollout(group_id=group_id, task=TaskSample(prompt="3+1=", metadata={"answer": "4", "task": "t"}),
-                        prompt_ids=[5, 6, 7, 8], params=[dict(PARAMS) for _ in range(size)], samples=[None] * size)
+    return GroupRollout(
+        group_id=group_id,
+        task=TaskSample(prompt="3+1=", metadata={"answer": "4", "task": "t"}),
+        prompt_ids=[5, 6, 7, 8],
+        params=[dict(PARAMS) for _ in range(size)],
+        samples=[None] * size,
+    )
 
 
 async def run_group(group: GroupRollout, pool: EnginePool, metrics: RolloutMetrics) -> None:
@@ -75,8 +67,10 @@ async def set_weights(client, version: int, scale: float) -> None:
     for shard in resolve_model_spec("tiny:llama").glob("*.safetensors"):
         tensors.update(load_file(shard))
     generator = torch.Generator().manual_seed(version)
-    changed = {name: t + scale * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t
-               for name, t in tensors.items()}
+    changed = {
+        name: t + scale * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t
+        for name, t in tensors.items()
+    }
     await client.update_weights_from_tensor(changed, weight_version=version)
 
 
@@ -89,8 +83,9 @@ async def test_a_retracted_request_resumes_on_another_engine(engine_urls, tmp_pa
         await set_weights(engine_b.clients[0], 1, 0.05)
         group = new_group(f"w0-{mode}-g0")
         # Retraction needs no host: it only pauses engines and stops requests.
-        controller = AprilController(AprilPlan(share=1, alpha=0.0, eta=1), engine_a, mode, Tracer(None),
-                                     host=None, group_size=2)
+        controller = AprilController(
+            AprilPlan(share=1, alpha=0.0, eta=1), engine_a, mode, Tracer(None), host=None, group_size=2
+        )
         async with asyncio.timeout(60):
             running = asyncio.create_task(run_group(group, engine_a, metrics))
             await wait_generating(engine_a.clients[0])
@@ -147,8 +142,17 @@ async def test_an_abort_nobody_asked_for_loses_no_tokens(engine_urls, tmp_path):
 
 
 def run(run_dir: Path, recipe: str, *overrides: str, timeout_s: float = 150) -> str:
-    argv = [sys.executable, "-m", "async_rl.cli", "run", recipe, "--set", f"run.output_dir={run_dir}",
-            "--set", "run.max_wall_s=120"]
+    argv = [
+        sys.executable,
+        "-m",
+        "async_rl.cli",
+        "run",
+        recipe,
+        "--set",
+        f"run.output_dir={run_dir}",
+        "--set",
+        "run.max_wall_s=120",
+    ]
     for override in overrides:
         argv += ["--set", override]
     completed = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -177,8 +181,15 @@ def long_tail_runs(tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for label, enabled in (("on", "true"), ("off", "false")):
         runs[label] = tmp_path_factory.mktemp(f"april-{label}")
-        run(runs[label], "recipes/april_tiny.toml", "trainer.total_steps=10", f"staleness.eta={ETA}",
-            "rollout.max_new_tokens=48", "april.alpha=0.5", f"april.enabled={enabled}")
+        run(
+            runs[label],
+            "recipes/april_tiny.toml",
+            "trainer.total_steps=10",
+            f"staleness.eta={ETA}",
+            "rollout.max_new_tokens=48",
+            "april.alpha=0.5",
+            f"april.enabled={enabled}",
+        )
     return runs
 
 
@@ -215,8 +226,16 @@ def test_april_at_eta_0_recycles_every_round_tail_without_stalling(tmp_path):
     from async_rl.trainer_main import BATCH_WAIT_S
 
     steps = 6
-    run(tmp_path, "recipes/april_tiny.toml", f"trainer.total_steps={steps}", "staleness.eta=0",
-        "rollout.max_new_tokens=96", "rollout.group_size=8", "april.alpha=0.5", "april.enabled=true")
+    run(
+        tmp_path,
+        "recipes/april_tiny.toml",
+        f"trainer.total_steps={steps}",
+        "staleness.eta=0",
+        "rollout.max_new_tokens=96",
+        "rollout.group_size=8",
+        "april.alpha=0.5",
+        "april.enabled=true",
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert max(r["staleness/max"] for r in records) == 0
@@ -226,8 +245,11 @@ def test_april_at_eta_0_recycles_every_round_tail_without_stalling(tmp_path):
     assert resumed or last["rollout/partials_dropped_stale"] > 0
     worker = read_events(tmp_path / "trace" / "worker0-v0.json")
     assert sum(e.get("name") == "retract" for e in worker) >= steps // 2
-    waits = [e["dur"] / 1e6 for e in read_events(tmp_path / "trace" / "trainer-v0.json")
-             if e.get("name") == "batch wait" and "dur" in e]
+    waits = [
+        e["dur"] / 1e6
+        for e in read_events(tmp_path / "trace" / "trainer-v0.json")
+        if e.get("name") == "batch wait" and "dur" in e
+    ]
     assert waits and max(waits) < BATCH_WAIT_S, waits
 
 
@@ -250,10 +272,13 @@ def mean_reward(run_dir: Path, last: int | None = None) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, steps, floor, tolerance", [
-    ("recipes/tiny.toml", 100, 0.5, 0.15),  # one-token answers: learns fast
-    ("recipes/april_tiny.toml", 60, 0.03, 0.06),  # forced long tails: learns slowly (noisy), retracts often
-])
+@pytest.mark.parametrize(
+    "recipe, steps, floor, tolerance",
+    [
+        ("recipes/tiny.toml", 100, 0.5, 0.15),  # one-token answers: learns fast
+        ("recipes/april_tiny.toml", 60, 0.03, 0.06),  # forced long tails: learns slowly (noisy), retracts often
+    ],
+)
 def test_april_on_and_off_learn_alike(tmp_path, recipe, steps, floor, tolerance):
     for label, enabled in (("on", "true"), ("off", "false")):
         run(tmp_path / label, recipe, f"trainer.total_steps={steps}", f"april.enabled={enabled}")

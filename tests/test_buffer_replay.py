@@ -1,43 +1,11 @@
 """The replay buffer's decisions, driven through the same records the service logs."""
 
-import msgspec
 import pytest
 
 from async_rl.messages import MessageError, Trajectory, encode
 from buffer.frames import read_header
 from buffer.replay import ReplayBuffer
-from buffer.wal import Put
-
-
-def make_trajectory(sample: str, group: str, version: int = 0, group_size: int = 2, partial: bool = False,
-                    attempt: int = 1, tokens: int = 4) -> Trajectory:
-    return Trajectory(
-        sample_id=sample, group_id=group, group_size=group_size, prompt_ids=[1, 2], response_ids=list(range(tokens)),
-        behavior_logprobs=[-0.5] * tokens, token_versions=[version] + [version + 1] * (tokens - 1),
-        partial=partial, attempt=attempt,
-    )
-
-
-def put(buffer: ReplayBuffer, trajectory: Trajectory):
-    """What the service does per submission; returns the refusal ack or None when stored."""
-    header = read_header(encode(trajectory))
-    refusal = buffer.admit(header)
-    if refusal is None:
-        buffer.apply(Put(frame=msgspec.Raw(encode(trajectory))), header)
-    return refusal
-
-
-def take(buffer: ReplayBuffer, trainer_version: int, num_groups: int, max_staleness: int, include_stale=False):
-    plan = buffer.plan_batch(trainer_version, num_groups, max_staleness, include_stale)
-    for record in (plan.dropped, plan.served):
-        if record is not None:
-            buffer.apply(record)
-    return plan
-
-
-def fill_group(buffer, group, version, size=2):
-    for i in range(size):
-        assert put(buffer, make_trajectory(f"{group}-{i}", group, version, group_size=size)) is None
+from tests.helpers import fill_group, make_trajectory, put, take
 
 
 def test_staleness_bound_is_exact_at_the_boundary():
@@ -118,12 +86,15 @@ def test_each_worker_takes_back_only_its_own_partials():
     assert taken.keys == ["a@1"] and taken.dropped_keys == ["old@1"]
 
 
-@pytest.mark.parametrize("bad, reason", [
-    (dict(token_versions=[0]), "differ in length"),
-    (dict(behavior_logprobs=[float("nan")] * 4), "NaN"),
-    (dict(group_size=0), "group_size"),
-    (dict(sample_id=""), "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (dict(token_versions=[0]), "differ in length"),
+        (dict(behavior_logprobs=[float("nan")] * 4), "NaN"),
+        (dict(group_size=0), "group_size"),
+        (dict(sample_id=""), "empty"),
+    ],
+)
 def test_invalid_trajectories_are_refused_with_a_reason(bad, reason):
     fields = {name: getattr(make_trajectory("s", "g"), name) for name in Trajectory.__struct_fields__}
     with pytest.raises(MessageError, match=reason):

@@ -6,7 +6,7 @@ from async_rl import cli
 from async_rl.messages import encode
 from buffer.replay import ReplayBuffer
 from buffer.wal import Dropped, Put, Served, WriteAheadLog, read_records
-from tests.test_buffer_replay import fill_group, make_trajectory, take
+from tests.helpers import fill_group, make_trajectory, take
 
 
 def _log_three(path):

@@ -27,7 +27,9 @@ def test_a_skip_that_is_not_a_gpu_test_fails_the_session(suite, workers):
 
 
 def test_gpu_skips_are_allowed(suite):
-    suite.makepyfile("import pytest\ndef test_ok(): pass\n@pytest.mark.gpu\ndef test_cuda(): pytest.skip('needs a CUDA device')\n")
+    suite.makepyfile(
+        "import pytest\ndef test_ok(): pass\n@pytest.mark.gpu\ndef test_cuda(): pytest.skip('needs a CUDA device')\n"
+    )
     assert suite.runpytest_subprocess("--forbid-skips").ret == pytest.ExitCode.OK
 
 

@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from async_rl.config import RECIPES_DIR, ConfigError, RunConfig, apply_override, import_function, load_config, parse_config
+from async_rl.config import (
+    RECIPES_DIR,
+    ConfigError,
+    RunConfig,
+    apply_override,
+    import_function,
+    load_config,
+    parse_config,
+)
 
 TASK = {"task": {"generator": "recipes.tasks:digit_task"}}
 
@@ -32,7 +40,11 @@ def test_bundled_recipes_load_and_their_functions_import(recipe):
 
 def test_defaults_and_derived_values(tmp_path):
     config = parse_config(dict(TASK))
-    assert config.staleness.eta == 1 and config.engine.kind == "embedded" and config.trainer.loss.correction == "decoupled_ppo"
+    assert (
+        config.staleness.eta == 1
+        and config.engine.kind == "embedded"
+        and config.trainer.loss.correction == "decoupled_ppo"
+    )
     assert config.batch_size == config.trainer.groups_per_step * config.rollout.group_size
     assert config.output_path("", "buffer").as_posix() == "runs/latest/buffer"
     assert config.output_path("/x/wal", "buffer").as_posix() == "/x/wal"
@@ -42,30 +54,53 @@ def test_defaults_and_derived_values(tmp_path):
 def test_overrides_parse_toml_literals_and_fall_back_to_strings(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[task]\ngenerator = "recipes.tasks:digit_task"\n[trainer]\nlr = 1e-3\n')
-    config = load_config(recipe, overrides=[
-        "trainer.lr=3e-4", "staleness.eta=2", "run.sync=false", "engine.extra_args=['--x', '1']",
-        "task.kwargs.kind=copy", "run.output_dir=/tmp/some run", "trainer.loss.is_cap=2",
-    ])
+    config = load_config(
+        recipe,
+        overrides=[
+            "trainer.lr=3e-4",
+            "staleness.eta=2",
+            "run.sync=false",
+            "engine.extra_args=['--x', '1']",
+            "task.kwargs.kind=copy",
+            "run.output_dir=/tmp/some run",
+            "trainer.loss.is_cap=2",
+        ],
+    )
     assert config.trainer.lr == 3e-4 and config.staleness.eta == 2 and config.engine.extra_args == ["--x", "1"]
     assert config.task.kwargs == {"kind": "copy"} and config.run.output_dir == "/tmp/some run"
     assert config.trainer.loss.is_cap == 2.0
 
 
-@pytest.mark.parametrize("table, overrides, expected", [
-    ({**TASK, "trainr": {}}, (), "unknown table 'trainr'; allowed: task, model, engine"),
-    (dict(TASK), ("trainer.lrr=1",), "unknown key 'trainer.lrr' in [trainer]; allowed: lr, lr_schedule"),
-    (dict(TASK), ("trainer.loss.clipp=1",), "unknown key 'trainer.loss.clipp' in [trainer.loss]; allowed: correction"),
-    (dict(TASK), ("trainer.lr=fast",), "trainer.lr: expected `float`, got `str`"),
-    (dict(TASK), ("staleness.eta=-1",), "staleness.eta=-1 must be >= 0"),
-    (dict(TASK), ("trainer.loss.clip_eps=0",), "trainer.loss.clip_eps=0.0 must be > 0"),
-    (dict(TASK), ("weight_sync.method=carrier_pigeon",), "weight_sync.method: invalid enum value 'carrier_pigeon' (expected one of disk, tensor, distributed)"),
-    (dict(TASK), ("rollout.reward=no_colon",), 'rollout.reward=\'no_colon\' must be of the form "package.module:function"'),
-    (dict(TASK), ("task.dataset=data.jsonl",), "task: set exactly one of generator or dataset"),
-    (dict(TASK), ("run.sync=true",), "run.sync = true trains strictly on-policy: set staleness.eta = 0 (got 1)"),
-    (dict(TASK), ("trainer.device=gpu1",), "trainer.device='gpu1' must be auto, cpu, cuda or cuda:N"),
-    ({}, (), "missing required key 'task'"),
-    ({"task": 3}, (), "task: expected `object`, got `int`"),
-])
+@pytest.mark.parametrize(
+    "table, overrides, expected",
+    [
+        ({**TASK, "trainr": {}}, (), "unknown table 'trainr'; allowed: task, model, engine"),
+        (dict(TASK), ("trainer.lrr=1",), "unknown key 'trainer.lrr' in [trainer]; allowed: lr, lr_schedule"),
+        (
+            dict(TASK),
+            ("trainer.loss.clipp=1",),
+            "unknown key 'trainer.loss.clipp' in [trainer.loss]; allowed: correction",
+        ),
+        (dict(TASK), ("trainer.lr=fast",), "trainer.lr: expected `float`, got `str`"),
+        (dict(TASK), ("staleness.eta=-1",), "staleness.eta=-1 must be >= 0"),
+        (dict(TASK), ("trainer.loss.clip_eps=0",), "trainer.loss.clip_eps=0.0 must be > 0"),
+        (
+            dict(TASK),
+            ("weight_sync.method=carrier_pigeon",),
+            "weight_sync.method: invalid enum value 'carrier_pigeon' (expected one of disk, tensor, distributed)",
+        ),
+        (
+            dict(TASK),
+            ("rollout.reward=no_colon",),
+            "rollout.reward='no_colon' must be of the form \"package.module:function\"",
+        ),
+        (dict(TASK), ("task.dataset=data.jsonl",), "task: set exactly one of generator or dataset"),
+        (dict(TASK), ("run.sync=true",), "run.sync = true trains strictly on-policy: set staleness.eta = 0 (got 1)"),
+        (dict(TASK), ("trainer.device=gpu1",), "trainer.device='gpu1' must be auto, cpu, cuda or cuda:N"),
+        ({}, (), "missing required key 'task'"),
+        ({"task": 3}, (), "task: expected `object`, got `int`"),
+    ],
+)
 def test_bad_configs_name_the_key(table, overrides, expected):
     message = config_error(table, *overrides)
     assert message.startswith("recipe.toml: ") and expected in message
@@ -107,13 +142,16 @@ def test_tensor_sync_is_refused_for_sglang_engines():
     assert "MultiprocessingSerializer" in message and "disk" in message
 
 
-@pytest.mark.parametrize("overrides, refused", [
-    (["trainer.device=cuda:0", "engine.device=cuda:0"], "different GPUs"),
-    (["trainer.device=cuda", "engine.kind=sglang"], "different GPUs"),  # SGLang's default GPU is 0
-    (["trainer.device=cuda:1", "engine.device=cuda:0", "engine.count=2"], "its own GPU"),
-    (["trainer.device=cuda:1", "engine.device=cuda:0"], None),
-    (["trainer.device=cpu", "engine.device=cpu", "engine.count=2"], None),  # gloo places anything
-])
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["trainer.device=cuda:0", "engine.device=cuda:0"], "different GPUs"),
+        (["trainer.device=cuda", "engine.kind=sglang"], "different GPUs"),  # SGLang's default GPU is 0
+        (["trainer.device=cuda:1", "engine.device=cuda:0", "engine.count=2"], "its own GPU"),
+        (["trainer.device=cuda:1", "engine.device=cuda:0"], None),
+        (["trainer.device=cpu", "engine.device=cpu", "engine.count=2"], None),  # gloo places anything
+    ],
+)
 def test_an_nccl_broadcast_needs_one_gpu_per_process(overrides, refused):
     from async_rl.orchestrator import check_supported
 

@@ -23,8 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_run(run_dir: Path, *args: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "async_rl.cli", "run", "recipes/tiny.toml", "--set", f"run.output_dir={run_dir}",
-            "--set", "run.max_wall_s=120", *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "async_rl.cli",
+        "run",
+        "recipes/tiny.toml",
+        "--set",
+        f"run.output_dir={run_dir}",
+        "--set",
+        "run.max_wall_s=120",
+        *args,
+    ]
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -34,7 +44,9 @@ def finish(process: subprocess.Popen, timeout_s: float = 150) -> tuple[int, str]
 
 
 def staleness_values(records: list[dict]) -> set[int]:
-    return {int(key.rsplit("/", 1)[1]) for r in records for key, n in r.items() if key.startswith("staleness/hist/") and n}
+    return {
+        int(key.rsplit("/", 1)[1]) for r in records for key, n in r.items() if key.startswith("staleness/hist/") and n
+    }
 
 
 def test_tiny_recipe_learns_within_the_staleness_bound(tmp_path):
@@ -85,7 +97,9 @@ def test_sync_mode_equals_a_synchronous_replay_of_its_batches(tmp_path):
     base = {}
     for shard in resolve_model_spec(config.model.spec).glob("*.safetensors"):
         base.update(load_file(shard))
-    assert any(not torch.allclose(base[name], tensor, atol=1e-4) for name, tensor in replayed.items()), "nothing trained"
+    assert any(not torch.allclose(base[name], tensor, atol=1e-4) for name, tensor in replayed.items()), (
+        "nothing trained"
+    )
     assert replayed.keys() <= saved.keys()
     for name, tensor in replayed.items():
         torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
@@ -114,7 +128,7 @@ def test_an_interrupted_run_resumes_its_version_count(tmp_path):
     assert code == 0, output
     assert f"start version {saved}" in output, output
     records = read_metrics(metrics)
-    resumed = records[next(i for i in range(1, len(records)) if records[i]["step"] <= records[i - 1]["step"]):]
+    resumed = records[next(i for i in range(1, len(records)) if records[i]["step"] <= records[i - 1]["step"]) :]
     assert resumed[0]["step"] == saved + 1 and resumed[-1]["step"] == saved + 10
     # The engine restarted at the checkpoint's version: nothing the resumed trainer used breaks the bound.
     assert max(r["staleness/max"] for r in resumed) <= 1
@@ -124,7 +138,9 @@ def test_an_interrupted_run_resumes_its_version_count(tmp_path):
 
 
 def test_distributed_weight_sync_broadcasts_every_version(tmp_path):
-    code, output = finish(start_run(tmp_path, "--set", "trainer.total_steps=8", "--set", "weight_sync.method=distributed"))
+    code, output = finish(
+        start_run(tmp_path, "--set", "trainer.total_steps=8", "--set", "weight_sync.method=distributed")
+    )
     assert code == 0, output
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -137,8 +153,19 @@ def test_distributed_weight_sync_broadcasts_every_version(tmp_path):
 
 def test_two_trainer_ranks_train_together_under_torchrun(tmp_path):
     """trainer.processes = 2: FSDP2 over gloo on CPU; rank 0 leads, rank 1 follows every collective."""
-    code, output = finish(start_run(tmp_path, "--set", "trainer.total_steps=4", "--set", "trainer.processes=2",
-                                    "--set", "trainer.checkpoint_interval=2", "--set", "weight_sync.method=tensor"))
+    code, output = finish(
+        start_run(
+            tmp_path,
+            "--set",
+            "trainer.total_steps=4",
+            "--set",
+            "trainer.processes=2",
+            "--set",
+            "trainer.checkpoint_interval=2",
+            "--set",
+            "weight_sync.method=tensor",
+        )
+    )
     assert code == 0, output
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -147,4 +174,6 @@ def test_two_trainer_ranks_train_together_under_torchrun(tmp_path):
 
     latest = checkpoint.latest_checkpoint(tmp_path / "checkpoints")
     assert latest is not None and {p.name for p in (latest / checkpoint.STATE_DIR).glob("rng_rank*.pt")} == {
-        "rng_rank0.pt", "rng_rank1.pt"}
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    }

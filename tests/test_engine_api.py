@@ -51,8 +51,13 @@ class EngineUnderTest:
         self.kind = config.getoption("--engine")
         model = resolve_model_spec(spec_changes.pop("model", config.getoption("--engine-model")))
         extra = ["--weight-version", "0", *shlex.split(config.getoption("--engine-args"))]
-        self.spec = EngineSpec(kind=self.kind, model=str(model), device="cpu" if self.kind == "embedded" else None,
-                               extra_args=extra, **spec_changes)
+        self.spec = EngineSpec(
+            kind=self.kind,
+            model=str(model),
+            device="cpu" if self.kind == "embedded" else None,
+            extra_args=extra,
+            **spec_changes,
+        )
         self.log_dir = log_dir
         self.process: EngineProcess | None = None
         self.starts = 0
@@ -193,8 +198,10 @@ async def test_generate_batched_ids_text_and_n(client):
     assert len(samples) == 3 and all(len(s.output_ids) == 4 for s in samples)
 
 
-@pytest.mark.embedded_only("greedy outputs depend on the batch (kernels differ by batch size) unless the server "
-                           "runs with --enable-deterministic-inference")
+@pytest.mark.embedded_only(
+    "greedy outputs depend on the batch (kernels differ by batch size) unless the server "
+    "runs with --enable-deterministic-inference"
+)
 async def test_batching_changes_no_greedy_output(client):
     prompts = [[5, 6], [7, 8, 9], [10]]
     together = await client.generate_batch(prompts, sampling_params=SHORT)
@@ -278,15 +285,20 @@ async def test_abort_all(client):
 
 
 # ------------------------------------------------- pause, update, continue
-TENSOR_UPDATES = "tensor updates take SGLang's pickled MultiprocessingSerializer payload, which this project never sends"
+TENSOR_UPDATES = (
+    "tensor updates take SGLang's pickled MultiprocessingSerializer payload, which this project never sends"
+)
 
 
-@pytest.mark.parametrize("mode, via", [
-    ("retract", "disk"),
-    ("in_place", "disk"),
-    pytest.param("retract", "tensor", marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
-    pytest.param("in_place", "tensor", marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
-])
+@pytest.mark.parametrize(
+    "mode, via",
+    [
+        ("retract", "disk"),
+        ("in_place", "disk"),
+        pytest.param("retract", "tensor", marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
+        pytest.param("in_place", "tensor", marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
+    ],
+)
 async def test_paused_request_resumes_under_new_weights(engine, client, other_weights, mode, via):
     old = await current_version(client)
     new = old + 1
@@ -337,9 +349,15 @@ async def test_versions_across_two_updates_are_exact_or_older_and_the_bound_sees
     assert all(old <= v <= truth for v, truth in zip(versions, newest_possible)), (versions, boundaries)
     if engine.exact_versions:
         assert set(versions) == {old, old + 1, old + 2}
-    trajectory = Trajectory(sample_id="s", group_id="g", group_size=1, prompt_ids=PROMPT,
-                            response_ids=result.output_ids, behavior_logprobs=result.output_logprobs,
-                            token_versions=versions)
+    trajectory = Trajectory(
+        sample_id="s",
+        group_id="g",
+        group_size=1,
+        prompt_ids=PROMPT,
+        response_ids=result.output_ids,
+        behavior_logprobs=result.output_logprobs,
+        token_versions=versions,
+    )
     check_staleness_bound([trajectory], old + 2, 2)
     with pytest.raises(StalenessBoundError):
         check_staleness_bound([trajectory], old + 2, 1)
@@ -389,15 +407,22 @@ async def test_update_weights_from_distributed_over_gloo(client, other_weights):
         )
     assert joined.result()
     try:
+
         def send_all(scale: float) -> None:
             for name in names:
                 broadcast(trainer_group, (tensors[name] * scale).contiguous(), src=0)
 
         async def broadcast_update(scale: float, version: int) -> GenerateResult:
             async with asyncio.TaskGroup() as group:
-                updated = group.create_task(client.update_weights_from_distributed(
-                    names, [tensors[n].dtype for n in names], [tensors[n].shape for n in names],
-                    group_name="test_sync", weight_version=version))
+                updated = group.create_task(
+                    client.update_weights_from_distributed(
+                        names,
+                        [tensors[n].dtype for n in names],
+                        [tensors[n].shape for n in names],
+                        group_name="test_sync",
+                        weight_version=version,
+                    )
+                )
                 await asyncio.to_thread(send_all, scale)
             assert updated.result()
             return await client.generate(PROMPT, sampling_params=SHORT)
@@ -440,8 +465,10 @@ async def test_release_and_resume_memory(engine, client):
     assert len((await client.generate(PROMPT, sampling_params=SHORT)).output_ids) == 6
 
 
-@pytest.mark.embedded_only("SGLang asserts an idle scheduler on release and fails on a tag it never released; "
-                           "the embedded engine refuses both so that CI catches such a call")
+@pytest.mark.embedded_only(
+    "SGLang asserts an idle scheduler on release and fails on a tag it never released; "
+    "the embedded engine refuses both so that CI catches such a call"
+)
 async def test_memory_calls_sglang_would_fail_on_are_refused(client):
     with pytest.raises(EngineError) as refused:
         await client.resume_memory_occupation(["weights"])  # never released
@@ -459,18 +486,22 @@ async def test_memory_calls_sglang_would_fail_on_are_refused(client):
 # ------------------------------------------------------------ bad requests
 BAD_CALLS = {
     "empty input": lambda c: c.generate([]),
-    "empty batch element": pytest.param(lambda c: c.generate_batch([[1], []]),
-                                        marks=pytest.mark.embedded_only("SGLang generates for an empty input in a batch")),
+    "empty batch element": pytest.param(
+        lambda c: c.generate_batch([[1], []]),
+        marks=pytest.mark.embedded_only("SGLang generates for an empty input in a batch"),
+    ),
     "huge max_new_tokens": lambda c: c.generate(PROMPT, sampling_params={"max_new_tokens": 10**9}),
     "bad pause mode": lambda c: c.pause_generation("sideways"),
     "missing folder": lambda c: c.update_weights_from_disk("/no/such/folder"),
     "destroy unknown group": lambda c: c.destroy_weights_update_group("none"),
     "mismatched shape": pytest.param(
         lambda c: c.update_weights_from_tensor({"model.embed_tokens.weight": torch.zeros(3, 3)}),
-        marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
+        marks=pytest.mark.embedded_only(TENSOR_UPDATES),
+    ),
     "unknown tensor": pytest.param(
         lambda c: c.update_weights_from_tensor({"no.such.weight": torch.zeros(1)}),
-        marks=pytest.mark.embedded_only(TENSOR_UPDATES)),
+        marks=pytest.mark.embedded_only(TENSOR_UPDATES),
+    ),
 }
 
 
@@ -492,7 +523,8 @@ UNSENDABLE = {
     "bad sampling type": lambda c: c.generate(PROMPT, sampling_params={"temperature": "hot"}),  # SGLang: 500
     "top_p out of range": lambda c: c.generate_batch([PROMPT], sampling_params=[{"top_p": 0.0}]),
     "update of a group never opened": lambda c: c.update_weights_from_distributed(  # SGLang: scheduler assertion
-        ["x"], ["float32"], [[1]], group_name="none"),
+        ["x"], ["float32"], [[1]], group_name="none"
+    ),
 }
 
 
@@ -509,12 +541,16 @@ async def test_requests_that_would_end_sglang_never_leave_the_client(engine, cal
     [
         ("/generate", b'{"input_ids": [1, 2'),
         ("/generate", b"[1, 2]"),
-        pytest.param("/update_weights_from_tensor",
-                     b'{"serialized_named_tensors": ["not base64!"], "load_format": "safetensors"}',
-                     marks=pytest.mark.embedded_only("SGLang unpickles this field and exits on anything else")),
-        pytest.param("/update_weights_from_tensor",
-                     b'{"serialized_named_tensors": ["aGVsbG8="], "load_format": "pickle"}',
-                     marks=pytest.mark.embedded_only("SGLang unpickles this field and exits on anything else")),
+        pytest.param(
+            "/update_weights_from_tensor",
+            b'{"serialized_named_tensors": ["not base64!"], "load_format": "safetensors"}',
+            marks=pytest.mark.embedded_only("SGLang unpickles this field and exits on anything else"),
+        ),
+        pytest.param(
+            "/update_weights_from_tensor",
+            b'{"serialized_named_tensors": ["aGVsbG8="], "load_format": "pickle"}',
+            marks=pytest.mark.embedded_only("SGLang unpickles this field and exits on anything else"),
+        ),
     ],
 )
 async def test_malformed_bodies_get_a_clear_4xx(engine, client, endpoint, body):

@@ -76,15 +76,19 @@ def test_per_token_versions_win_and_int_versions_are_read_as_strings():
 
 def test_stream_accumulator_reads_cumulative_and_delta_streams_alike():
     def chunk(ids, total, finished=False):
-        return parse({
-            "text": "x" * len(ids),
-            "output_ids": ids,
-            "meta_info": {
-                "id": "s", "completion_tokens": total, "weight_version": "1",
-                "finish_reason": {"type": "length", "length": total} if finished else None,
-                "output_token_logprobs": [[-1.0, i, None] for i in ids],
-            },
-        })
+        return parse(
+            {
+                "text": "x" * len(ids),
+                "output_ids": ids,
+                "meta_info": {
+                    "id": "s",
+                    "completion_tokens": total,
+                    "weight_version": "1",
+                    "finish_reason": {"type": "length", "length": total} if finished else None,
+                    "output_token_logprobs": [[-1.0, i, None] for i in ids],
+                },
+            }
+        )
 
     cumulative, delta = _StreamAccumulator(), _StreamAccumulator()
     for step in (chunk([1], 1), chunk([1, 2], 2), chunk([1, 2, 3], 3, True)):
@@ -101,10 +105,18 @@ def test_stream_accumulator_reads_cumulative_and_delta_streams_alike():
 def test_stream_accumulator_handles_cumulative_ids_with_delta_logprobs():
     accumulator = _StreamAccumulator()
     for ids in ([1], [1, 2], [1, 2, 3]):
-        last = accumulator.add(parse({
-            "text": "", "output_ids": ids,
-            "meta_info": {"completion_tokens": len(ids), "output_token_logprobs": [[-0.1 * len(ids), ids[-1], None]]},
-        }))
+        last = accumulator.add(
+            parse(
+                {
+                    "text": "",
+                    "output_ids": ids,
+                    "meta_info": {
+                        "completion_tokens": len(ids),
+                        "output_token_logprobs": [[-0.1 * len(ids), ids[-1], None]],
+                    },
+                }
+            )
+        )
     assert last.output_ids == [1, 2, 3]
     assert last.output_logprobs == pytest.approx([-0.1, -0.2, -0.3])
 
@@ -114,9 +126,19 @@ def test_a_stream_never_holds_more_tokens_than_the_engine_counted():
     (measured: 7 ids, 6 logprobs, completion_tokens 6); the count is the truth."""
     accumulator = _StreamAccumulator()
     for ids, logprobs, total in (([1, 2, 3], [-1.0] * 3, 3), ([3], [], 3)):
-        last = accumulator.add(parse({"text": "", "output_ids": ids, "meta_info": {
-            "completion_tokens": total, "output_token_logprobs": [[lp, 0, None] for lp in logprobs],
-            "weight_version": "0"}}))
+        last = accumulator.add(
+            parse(
+                {
+                    "text": "",
+                    "output_ids": ids,
+                    "meta_info": {
+                        "completion_tokens": total,
+                        "output_token_logprobs": [[lp, 0, None] for lp in logprobs],
+                        "weight_version": "0",
+                    },
+                }
+            )
+        )
     assert last.output_ids == [1, 2, 3] and len(last.output_logprobs) == 3 == len(last.output_token_weight_versions)
 
 
@@ -156,21 +178,47 @@ def test_tensors_travel_as_base64_safetensors_including_shared_storage():
 def test_sglang_command_line():
     # SGLang cannot be installed on this CPU-only machine, so its launch is checked by argv only.
     spec = EngineSpec(
-        kind="sglang", model="/models/qwen", api_key="k",
+        kind="sglang",
+        model="/models/qwen",
+        api_key="k",
         extra_args=["--mem-fraction-static", "0.7", "--enable-memory-saver"],
     )
     assert engine_command(spec, 30001, python="/py") == [
-        "/py", "-m", "sglang.launch_server", "--model-path", "/models/qwen",
-        "--host", "127.0.0.1", "--port", "30001", "--api-key", "k",
-        "--mem-fraction-static", "0.7", "--enable-memory-saver",
+        "/py",
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        "/models/qwen",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "30001",
+        "--api-key",
+        "k",
+        "--mem-fraction-static",
+        "0.7",
+        "--enable-memory-saver",
     ]
 
 
 def test_embedded_command_line():
     spec = EngineSpec(model="tiny:llama", device="cpu", extra_args=["--weight-version", "0"])
     assert engine_command(spec, 9, python="/py") == [
-        "/py", "-m", "async_rl.cli", "engine", "serve", "--model", "tiny:llama",
-        "--host", "127.0.0.1", "--port", "9", "--device", "cpu", "--weight-version", "0",
+        "/py",
+        "-m",
+        "async_rl.cli",
+        "engine",
+        "serve",
+        "--model",
+        "tiny:llama",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9",
+        "--device",
+        "cpu",
+        "--weight-version",
+        "0",
     ]
 
 
@@ -210,7 +258,6 @@ async def test_silent_engine_is_a_timeout_error():
             await client.pause_generation(timeout_s=0.2)
 
 
-
 async def test_reads_are_retried_on_503_and_writes_are_not():
     """Also the weight version's way on a server of another release: /model_info (404 here), then
     /get_model_info (no version in it), then the old /get_weight_version."""
@@ -227,8 +274,9 @@ async def test_reads_are_retried_on_503_and_writes_are_not():
         return web.json_response({"weight_version": 7})
 
     app = web.Application()
-    app.add_routes([web.get("/get_model_info", flaky), web.get("/get_weight_version", flaky),
-                    web.post("/pause_generation", flaky)])
+    app.add_routes(
+        [web.get("/get_model_info", flaky), web.get("/get_weight_version", flaky), web.post("/pause_generation", flaky)]
+    )
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from rollout_workers.engine.model import create_tiny_model, load_model
 from rollout_workers.engine.core import EngineCore, RequestRefused, Sequence
+from rollout_workers.engine.model import create_tiny_model, load_model
 
 WAIT_S = 30
 
@@ -42,8 +42,14 @@ class Tracker:
             if seq.finish_reason is not None:
                 self.finished[seq.sid].set()
 
-        return Sequence(sid=sid, rid=kwargs.pop("rid", sid), prompt_ids=prompt, max_new_tokens=max_new_tokens,
-                        on_update=on_update, **kwargs)
+        return Sequence(
+            sid=sid,
+            rid=kwargs.pop("rid", sid),
+            prompt_ids=prompt,
+            max_new_tokens=max_new_tokens,
+            on_update=on_update,
+            **kwargs,
+        )
 
     def wait(self, *seqs: Sequence) -> None:
         for seq in seqs:
@@ -78,25 +84,34 @@ def full_forward_logprobs(model, prompt: list[int], output: list[int], temperatu
 
 def test_greedy_matches_hf_generate_with_staggered_arrivals(core, tiny):
     tracker = Tracker()
-    seqs = [tracker.seq(f"g{i}", p, 30 - 5 * i, temperature=0.0, stream=True)
-            for i, p in enumerate(prompts_of_different_lengths())]
+    seqs = [
+        tracker.seq(f"g{i}", p, 30 - 5 * i, temperature=0.0, stream=True)
+        for i, p in enumerate(prompts_of_different_lengths())
+    ]
     core.submit(seqs[:2])
     join_mid_generation(core, tracker, seqs[0], 2, seqs[2:])
     tracker.wait(*seqs)
     for seq in seqs:
         reference = tiny.model.generate(
             torch.tensor([seq.prompt_ids]), max_new_tokens=seq.max_new_tokens, do_sample=False, eos_token_id=None
-        )[0, len(seq.prompt_ids):].tolist()
+        )[0, len(seq.prompt_ids) :].tolist()
         assert seq.output_ids == reference
         assert seq.finish_reason == {"type": "length", "length": seq.max_new_tokens}
 
 
 def test_sampled_logprobs_equal_full_forward_and_batching_is_continuous(core, tiny):
     tracker = Tracker()
-    settings = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=5),
-                dict(temperature=1.0, min_p=0.1), dict(temperature=0.0)]
-    seqs = [tracker.seq(f"s{i}", p, 40 - 6 * i, stream=True, **settings[i])
-            for i, p in enumerate(prompts_of_different_lengths())]
+    settings = [
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_p=0.9),
+        dict(temperature=1.3, top_k=5),
+        dict(temperature=1.0, min_p=0.1),
+        dict(temperature=0.0),
+    ]
+    seqs = [
+        tracker.seq(f"s{i}", p, 40 - 6 * i, stream=True, **settings[i])
+        for i, p in enumerate(prompts_of_different_lengths())
+    ]
     core.submit([seqs[0]])
     join_mid_generation(core, tracker, seqs[0], 3, seqs[1:3])
     join_mid_generation(core, tracker, seqs[1], 2, seqs[3:])

@@ -37,8 +37,14 @@ def test_tiny_model_folder_loads_with_matching_tokenizer(tmp_path, family, model
 
 def test_qwen2_0_5b_shape_and_bf16_load(tmp_path):
     config = tiny_config("qwen2", vocab_size=151936, **QWEN2_0_5B)
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.vocab_size) == (896, 24, 14, 2, 4864, 151936)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        config.vocab_size,
+    ) == (896, 24, 14, 2, 4864, 151936)
     loaded = load_model(create_tiny_model(tmp_path / "m", "qwen2"), dtype="bfloat16")
     assert loaded.model.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
@@ -66,6 +72,8 @@ def test_smollm2_gguf_converts_to_a_safetensors_folder(tmp_path):
     assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.model.config.num_hidden_layers == 30
     assert "quantization_config" not in loaded.model.config.to_dict()
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = loaded.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     output = loaded.model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    assert "Paris" in loaded.tokenizer.decode(output[0, prompt["input_ids"].shape[1]:])
+    assert "Paris" in loaded.tokenizer.decode(output[0, prompt["input_ids"].shape[1] :])

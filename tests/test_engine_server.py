@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
-import torch
 
 from async_rl import dist_group
-from rollout_workers.engine.model import create_tiny_model
 from rollout_workers.client import serialize_named_tensors
+from rollout_workers.engine.model import create_tiny_model
 from rollout_workers.engine.weights import load_folder
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,28 +30,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(models):
-    port = free_port()
-    command = [sys.executable, "-m", "async_rl.cli", "engine", "serve", "--model", str(models["base"]),
-               "--port", str(port), "--api-key", API_KEY, "--max-running-requests", "16"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"engine did not start:\n{process.stdout.read()}")
-            time.sleep(0.1)
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
+def server(models, start_engine):
+    return start_engine(
+        str(models["base"]), device=None, api_key=API_KEY, extra_args=["--max-running-requests", "16"]
+    ).url
 
 
 @pytest.fixture
@@ -97,8 +66,15 @@ async def until_idle(http) -> None:
 
 
 async def test_generate_shapes(http):
-    single = await post(http, "/generate", {"input_ids": [5, 6, 7], "return_logprob": True,
-                                            "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}})
+    single = await post(
+        http,
+        "/generate",
+        {
+            "input_ids": [5, 6, 7],
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
+        },
+    )
     meta = single["meta_info"]
     assert len(single["output_ids"]) == 4 and isinstance(single["text"], str)
     assert meta["finish_reason"] == {"type": "length", "length": 4}
@@ -107,8 +83,11 @@ async def test_generate_shapes(http):
     assert [t for _, t, _ in meta["output_token_logprobs"]] == single["output_ids"]
     assert all(lp <= 0 and text is None for lp, _, text in meta["output_token_logprobs"])
 
-    batch = await post(http, "/generate", {"text": ["1+1=", "abc"], "rid": ["a", "b"],
-                                           "sampling_params": {"max_new_tokens": 3, "n": 2}})
+    batch = await post(
+        http,
+        "/generate",
+        {"text": ["1+1=", "abc"], "rid": ["a", "b"], "sampling_params": {"max_new_tokens": 3, "n": 2}},
+    )
     assert [out["meta_info"]["id"] for out in batch] == ["a-0", "a-1", "b-0", "b-1"]
     assert [out["meta_info"]["prompt_tokens"] for out in batch] == [4, 4, 3, 3]
 
@@ -166,12 +145,19 @@ async def test_bad_control_requests_and_auth(http, server):
 
 
 async def test_client_disconnect_aborts_the_request(http):
-    body = {"input_ids": [5, 6], "rid": "leaver", "stream": True, "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True}}
+    body = {
+        "input_ids": [5, 6],
+        "rid": "leaver",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True},
+    }
     async with http.post("/generate", json=body) as response:
         await response.content.readline()  # generation has started
     # The rid is free again only once the engine dropped the request.
     while True:
-        async with http.post("/generate", json=body | {"stream": False, "sampling_params": {"max_new_tokens": 1}}) as again:
+        async with http.post(
+            "/generate", json=body | {"stream": False, "sampling_params": {"max_new_tokens": 1}}
+        ) as again:
             if again.status == 200:
                 break
         await asyncio.sleep(0.05)
@@ -179,8 +165,12 @@ async def test_client_disconnect_aborts_the_request(http):
 
 
 async def test_abort_by_rid_returns_partial_output(http):
-    body = {"input_ids": [5], "rid": "victim", "return_logprob": True,
-            "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True}}
+    body = {
+        "input_ids": [5],
+        "rid": "victim",
+        "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True},
+    }
     generation = asyncio.create_task(post(http, "/generate", body))
     while (await post(http, "/abort_request", {"rid": "victim"}))["aborted"] == 0:
         await asyncio.sleep(0.01)
@@ -190,7 +180,11 @@ async def test_abort_by_rid_returns_partial_output(http):
 
 
 async def test_retract_update_from_tensor_continue_then_disk_update(http, models):
-    body = {"input_ids": [9, 10, 11], "rid": "long", "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True, "temperature": 0}}
+    body = {
+        "input_ids": [9, 10, 11],
+        "rid": "long",
+        "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True, "temperature": 0},
+    }
     before = (await get(http, "/get_server_info"))["internal_states"][0]["generated_tokens"]
     generation = asyncio.create_task(post(http, "/generate", body))
     # Pause only once the old weights produced at least one token.
@@ -199,13 +193,29 @@ async def test_retract_update_from_tensor_continue_then_disk_update(http, models
     await post(http, "/pause_generation", {"mode": "retract"})
     other = load_folder(str(models["other"]))
     serialized = serialize_named_tensors(other)
-    await post(http, "/update_weights_from_tensor", {"serialized_named_tensors": [serialized], "weight_version": "1",
-                                                     "flush_cache": False}, status=400)  # load_format must be said
+    await post(
+        http,
+        "/update_weights_from_tensor",
+        {"serialized_named_tensors": [serialized], "weight_version": "1", "flush_cache": False},
+        status=400,
+    )  # load_format must be said
     # With a request paused in the engine, only an update that does not flush is taken (SGLang exits otherwise).
-    await post(http, "/update_weights_from_tensor", {"serialized_named_tensors": [serialized],
-                                                     "load_format": "safetensors", "weight_version": "1"}, status=400)
-    updated = await post(http, "/update_weights_from_tensor", {"serialized_named_tensors": [serialized], "flush_cache": False,
-                                                               "load_format": "safetensors", "weight_version": "1"})
+    await post(
+        http,
+        "/update_weights_from_tensor",
+        {"serialized_named_tensors": [serialized], "load_format": "safetensors", "weight_version": "1"},
+        status=400,
+    )
+    updated = await post(
+        http,
+        "/update_weights_from_tensor",
+        {
+            "serialized_named_tensors": [serialized],
+            "flush_cache": False,
+            "load_format": "safetensors",
+            "weight_version": "1",
+        },
+    )
     assert updated["success"]
     resumed_at = (await get(http, "/get_server_info"))["internal_states"][0]["generated_tokens"]
     await post(http, "/continue_generation")
@@ -220,7 +230,9 @@ async def test_retract_update_from_tensor_continue_then_disk_update(http, models
 
     probe = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}
     under_other = (await post(http, "/generate", probe))["output_ids"]
-    wrong = await post(http, "/update_weights_from_disk", {"model_path": str(models["wrong"]), "weight_version": "x"}, status=400)
+    wrong = await post(
+        http, "/update_weights_from_disk", {"model_path": str(models["wrong"]), "weight_version": "x"}, status=400
+    )
     assert not wrong["success"] and "shape" in wrong["message"]
     assert (await post(http, "/generate", probe))["output_ids"] == under_other
     back = await post(http, "/update_weights_from_disk", {"model_path": str(models["base"]), "weight_version": "2"})
@@ -247,18 +259,40 @@ async def test_in_place_pause_blocks_flush_and_memory_release_refuses_generate(h
     await post(http, "/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 2}})
 
 
-async def test_update_weights_from_distributed_over_gloo(http, models):
+async def test_update_weights_from_distributed_over_gloo(http, models, free_port):
     port = free_port()
-    init = asyncio.create_task(post(http, "/init_weights_update_group", {
-        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
-        "group_name": "g", "backend": "gloo", "timeout_s": 30}))
+    init = asyncio.create_task(
+        post(
+            http,
+            "/init_weights_update_group",
+            {
+                "master_address": "127.0.0.1",
+                "master_port": port,
+                "rank_offset": 1,
+                "world_size": 2,
+                "group_name": "g",
+                "backend": "gloo",
+                "timeout_s": 30,
+            },
+        )
+    )
     group = await asyncio.to_thread(dist_group.init_weight_update_group, "127.0.0.1", port, 0, 2, "gloo", "g", 30)
     assert (await init)["success"]
     weights = load_folder(str(models["other"]))
     names = sorted(weights)
-    update = asyncio.create_task(post(http, "/update_weights_from_distributed", {
-        "names": names, "dtypes": [str(weights[n].dtype) for n in names], "shapes": [list(weights[n].shape) for n in names],
-        "group_name": "g", "weight_version": "7"}))
+    update = asyncio.create_task(
+        post(
+            http,
+            "/update_weights_from_distributed",
+            {
+                "names": names,
+                "dtypes": [str(weights[n].dtype) for n in names],
+                "shapes": [list(weights[n].shape) for n in names],
+                "group_name": "g",
+                "weight_version": "7",
+            },
+        )
+    )
 
     def send_all() -> None:
         for name in names:

@@ -27,7 +27,9 @@ def test_light_tokenizer_matches_auto_tokenizer(spec):
 
 def test_loading_it_does_not_import_torch():
     folder = resolve_model_spec("tiny:llama")
-    code = f"import sys; from rollout_workers.generate import load_tokenizer; load_tokenizer({str(folder)!r}); " \
-           "print('torch' in sys.modules)"
+    code = (
+        f"import sys; from rollout_workers.generate import load_tokenizer; load_tokenizer({str(folder)!r}); "
+        "print('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

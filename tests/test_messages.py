@@ -3,13 +3,30 @@ import array
 import msgspec
 import pytest
 
-from async_rl.messages import SCHEMA_VERSION, LogprobArray, MessageError, TokenArray, Trajectory, decode, encode
+from async_rl.messages import (
+    SCHEMA_VERSION,
+    BatchResponse,
+    LogprobArray,
+    MessageError,
+    PartialsResponse,
+    RawBatchResponse,
+    RawPartialsResponse,
+    TokenArray,
+    Trajectory,
+    decode,
+    encode,
+)
 
 
 def _trajectory(**overrides):
     fields = dict(
-        sample_id="s0", group_id="g0", group_size=2, prompt_ids=[1, 2], response_ids=[3, 4, 5],
-        behavior_logprobs=[-0.1, -0.2, -0.3], token_versions=[3, 3, 4],
+        sample_id="s0",
+        group_id="g0",
+        group_size=2,
+        prompt_ids=[1, 2],
+        response_ids=[3, 4, 5],
+        behavior_logprobs=[-0.1, -0.2, -0.3],
+        token_versions=[3, 3, 4],
     )
     fields.update(overrides)
     return Trajectory(**fields)
@@ -49,3 +66,15 @@ def test_lists_from_older_writers_are_still_read_and_bad_arrays_are_refused():
     for bad in ([1.5], [2**40], msgspec.msgpack.Ext(2, b"\0" * 12), msgspec.msgpack.Ext(1, b"\0" * 5)):
         with pytest.raises(MessageError):
             decode(msgspec.msgpack.encode({**as_lists, "response_ids": bad}))
+
+
+def test_raw_responses_are_the_same_messages_on_the_wire():
+    """The buffer sends stored frames as Raw*Response; the trainer reads a *Response with Trajectories."""
+    assert RawBatchResponse.__struct_fields__ == BatchResponse.__struct_fields__
+    assert RawPartialsResponse.__struct_fields__ == PartialsResponse.__struct_fields__
+    trajectory = _trajectory()
+    frames = [msgspec.Raw(encode(trajectory))]
+    batch = decode(encode(RawBatchResponse(trainer_version=4, trajectories=frames, dropped_groups={"g": 2})))
+    assert isinstance(batch, BatchResponse) and batch.trajectories == [trajectory] and batch.dropped_groups == {"g": 2}
+    partials = decode(encode(RawPartialsResponse(trajectories=frames, dropped_stale=1)))
+    assert isinstance(partials, PartialsResponse) and partials.trajectories == [trajectory]

@@ -12,7 +12,8 @@ def test_sink_writes_jsonl_and_tensorboard_per_step(tmp_path):
         sink.log(1, {REWARD: 0.25, VERSION: 1, "note": "warmup"}, wall_time=100.0)
         # Flushed per step: readable while the run is still going.
         assert read_metrics(tmp_path / "metrics.jsonl") == [
-            {"step": 1, "time": 100.0, REWARD: 0.25, VERSION: 1, "note": "warmup"}]
+            {"step": 1, "time": 100.0, REWARD: 0.25, VERSION: 1, "note": "warmup"}
+        ]
         sink.log(2, {REWARD: float("nan"), "loss": 1.5})
     with (tmp_path / "metrics.jsonl").open("a") as torn:
         torn.write('{"step": 3, "rew')  # a run killed mid-write

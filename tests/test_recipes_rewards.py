@@ -22,15 +22,18 @@ def test_exact_and_partial_credit():
     assert char_match("", "", {"answer": "12"}) == 0.0
 
 
-@pytest.mark.parametrize("response, answer, expected", [
-    ("8 + 7 = 15", "15", 1.0),
-    ("The answer is 11.", "12", 0.0),
-    ("\\boxed{-19}", "-19", 1.0),
-    ("-19", "19", 0.0),
-    ("no idea", "7", 0.0),
-    ("", "7", 0.0),
-    ("it is 7", "seven", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, answer, expected",
+    [
+        ("8 + 7 = 15", "15", 1.0),
+        ("The answer is 11.", "12", 0.0),
+        ("\\boxed{-19}", "-19", 1.0),
+        ("-19", "19", 0.0),
+        ("no idea", "7", 0.0),
+        ("", "7", 0.0),
+        ("it is 7", "seven", 0.0),
+    ],
+)
 def test_math_answer(response, answer, expected):
     assert math_answer("What is ...?", response, {"answer": answer}) == expected
 
@@ -53,7 +56,9 @@ async def test_reward_wrapper_handles_sync_async_and_every_failure():
         assert from_spec.reward == 1.0 and from_spec.error is None and from_spec.elapsed_s >= 0
 
         failures = {
-            "recipes.rewards:exact_match: KeyError: 'answer'": await Reward.from_spec("recipes.rewards:exact_match")("", "4", {}),
+            "recipes.rewards:exact_match: KeyError: 'answer'": await Reward.from_spec("recipes.rewards:exact_match")(
+                "", "4", {}
+            ),
             "hangs: timed out after 0.1 s": await Reward(hangs, 0.1, name="hangs")("", "", {}),
             "blocks: timed out after 0.1 s": await Reward(blocks, 0.1, name="blocks")("", "", {}),
             "nan: returned non-finite nan": await Reward(lambda *a: float("nan"), name="nan")("", "", {}),

@@ -55,8 +55,11 @@ def test_jsonl_reader_reports_bad_rows_by_number_and_keeps_the_good(tmp_path, ca
     assert [s.prompt for s in rows.samples] == ["1+1="]
     assert rows.samples[0].metadata == {"answer": "2", "level": 1, "row": 1}
     assert [(r.row, r.reason.split(":")[0]) for r in rows.skipped] == [
-        (2, "invalid JSON"), (3, "expected an object, got list"), (5, "field 'prompt' missing or not a non-empty string"),
-        (6, "field 'answer' missing or not a string/number"), (7, "field 'answer' missing or not a string/number"),
+        (2, "invalid JSON"),
+        (3, "expected an object, got list"),
+        (5, "field 'prompt' missing or not a non-empty string"),
+        (6, "field 'answer' missing or not a string/number"),
+        (7, "field 'answer' missing or not a string/number"),
         (8, "field 'prompt' missing or not a non-empty string"),
     ]
     assert "data.jsonl row 2 skipped" in caplog.text

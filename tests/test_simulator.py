@@ -12,15 +12,17 @@ import pytest
 from staleness.experiments.sim_calibrate import MeasuredRun, calibrate, prediction_error
 from staleness.experiments.simulator import LengthDist, SimConfig, SimParams, main, simulate, write_trace
 
-PARAMS = SimParams(decode_base=0.01, decode_per_seq=0.001, prefill_per_token=1e-5,
-                   train_base=0.5, train_per_token=1e-5, sync_time=0.2)
+PARAMS = SimParams(
+    decode_base=0.01, decode_per_seq=0.001, prefill_per_token=1e-5, train_base=0.5, train_per_token=1e-5, sync_time=0.2
+)
 HEAVY_TAIL = LengthDist(kind="lognormal", median=200, sigma=1.2)
 
 
 def test_sync_one_engine_constant_lengths_matches_closed_form():
     B, G, L, P = 4, 4, 100, 10
-    config = SimConfig(mode="sync", n_engines=1, batch_groups=B, group_size=G, steps=5, prompt_tokens=P,
-                       lengths=LengthDist(value=L))
+    config = SimConfig(
+        mode="sync", n_engines=1, batch_groups=B, group_size=G, steps=5, prompt_tokens=P, lengths=LengthDist(value=L)
+    )
     result = simulate(config, PARAMS)
     n = B * G
     generation = PARAMS.prefill_per_token * P * n + L * (PARAMS.decode_base + PARAMS.decode_per_seq * n)
@@ -32,8 +34,15 @@ def test_sync_one_engine_constant_lengths_matches_closed_form():
 @pytest.mark.parametrize("overhead", [0.0, 0.3])
 def test_async_with_bottleneck_trainer_runs_at_trainer_rate(overhead):
     slow_trainer = msgspec.structs.replace(PARAMS, train_base=5.0, train_per_token=0.0, trainer_overhead=overhead)
-    config = SimConfig(mode="async", n_engines=4, batch_groups=4, group_size=4, eta=2, steps=8,
-                       lengths=LengthDist(kind="uniform", low=20, high=200))
+    config = SimConfig(
+        mode="async",
+        n_engines=4,
+        batch_groups=4,
+        group_size=4,
+        eta=2,
+        steps=8,
+        lengths=LengthDist(kind="uniform", low=20, high=200),
+    )
     result = simulate(config, slow_trainer)
     assert result.steady_samples_per_s == pytest.approx(16 / (5.0 + PARAMS.sync_time + overhead), rel=1e-9)
     assert result.trainer_busy_fraction > 0.85
@@ -51,8 +60,16 @@ def test_async_eta0_with_free_training_equals_sync_without_train_time():
 @pytest.mark.parametrize("eta", [0, 1, 2])
 def test_april_gives_nothing_on_constant_lengths(eta):
     # Engines saturated by the quota itself: over-provisioned groups cannot start before it is met.
-    common = dict(n_engines=4, batch_groups=4, group_size=4, max_running=4, eta=eta, steps=10,
-                  prompt_tokens=10, lengths=LengthDist(value=100))
+    common = dict(
+        n_engines=4,
+        batch_groups=4,
+        group_size=4,
+        max_running=4,
+        eta=eta,
+        steps=10,
+        prompt_tokens=10,
+        lengths=LengthDist(value=100),
+    )
     plain = simulate(SimConfig(mode="async", **common), PARAMS)
     april = simulate(SimConfig(mode="april", alpha=0.5, **common), PARAMS)
     assert april.samples_per_s / plain.samples_per_s == pytest.approx(1.0, abs=1e-9)
@@ -60,7 +77,9 @@ def test_april_gives_nothing_on_constant_lengths(eta):
 
 @pytest.mark.parametrize("eta", [0, 1])
 def test_april_beats_async_on_heavy_tails(eta):
-    common = dict(n_engines=8, batch_groups=16, group_size=8, eta=eta, steps=15, max_new_tokens=4000, lengths=HEAVY_TAIL)
+    common = dict(
+        n_engines=8, batch_groups=16, group_size=8, eta=eta, steps=15, max_new_tokens=4000, lengths=HEAVY_TAIL
+    )
     plain = simulate(SimConfig(mode="async", **common), SimParams())
     april = simulate(SimConfig(mode="april", alpha=0.5, **common), SimParams())
     assert april.samples_per_s > 1.1 * plain.samples_per_s
@@ -71,8 +90,19 @@ def test_april_beats_async_on_heavy_tails(eta):
 @pytest.mark.parametrize("eta", [0, 1, 3])
 def test_staleness_never_exceeds_eta(mode, eta):
     params = msgspec.structs.replace(PARAMS, decode_per_ctx_token=1e-7)
-    config = SimConfig(mode=mode, n_engines=5, batch_groups=6, group_size=4, eta=eta, alpha=0.5, steps=12,
-                       max_running=8, max_new_tokens=2000, lengths=HEAVY_TAIL, seed=eta)
+    config = SimConfig(
+        mode=mode,
+        n_engines=5,
+        batch_groups=6,
+        group_size=4,
+        eta=eta,
+        alpha=0.5,
+        steps=12,
+        max_running=8,
+        max_new_tokens=2000,
+        lengths=HEAVY_TAIL,
+        seed=eta,
+    )
     result = simulate(config, params)
     bound = 0 if mode == "sync" else eta
     assert result.max_staleness <= bound
@@ -82,8 +112,18 @@ def test_staleness_never_exceeds_eta(mode, eta):
 
 
 def test_thousand_engines_simulate_in_seconds():
-    config = SimConfig(mode="april", n_engines=1024, batch_groups=128, group_size=8, eta=2, alpha=0.5, steps=20,
-                       max_running=64, max_new_tokens=4000, lengths=LengthDist(kind="lognormal", median=300, sigma=1.0))
+    config = SimConfig(
+        mode="april",
+        n_engines=1024,
+        batch_groups=128,
+        group_size=8,
+        eta=2,
+        alpha=0.5,
+        steps=20,
+        max_running=64,
+        max_new_tokens=4000,
+        lengths=LengthDist(kind="lognormal", median=300, sigma=1.0),
+    )
     start = time.perf_counter()
     result = simulate(config, SimParams(train_base=5.0, sync_time=2.0))
     assert time.perf_counter() - start < 5.0
@@ -106,10 +146,18 @@ def _measure(config: SimConfig, truth: SimParams, rng: np.random.Generator) -> M
     """A stand-in for the orchestrator's metrics: true costs with 5% noise, the true model's throughput."""
     noisy = lambda seconds: float(seconds * rng.normal(1.0, 0.05))  # noqa: E731
     return MeasuredRun(
-        mode=config.mode, eta=config.eta, alpha=config.alpha, n_engines=config.n_engines,
-        batch_groups=config.batch_groups, group_size=config.group_size, max_running=config.max_running,
-        prompt_tokens=config.prompt_tokens, max_new_tokens=config.max_new_tokens, lengths=config.lengths,
-        steps=config.steps, measured_samples_per_s=simulate(config, truth).samples_per_s,
+        mode=config.mode,
+        eta=config.eta,
+        alpha=config.alpha,
+        n_engines=config.n_engines,
+        batch_groups=config.batch_groups,
+        group_size=config.group_size,
+        max_running=config.max_running,
+        prompt_tokens=config.prompt_tokens,
+        max_new_tokens=config.max_new_tokens,
+        lengths=config.lengths,
+        steps=config.steps,
+        measured_samples_per_s=simulate(config, truth).samples_per_s,
         decode_steps=[(b, noisy(truth.decode_base + truth.decode_per_seq * b)) for b in range(1, 65, 3)],
         train_steps=[(t, noisy(truth.train_base + truth.train_per_token * t)) for t in range(5000, 60000, 5000)],
         sync_seconds=[noisy(truth.sync_time) for _ in range(5)],
@@ -118,12 +166,34 @@ def _measure(config: SimConfig, truth: SimParams, rng: np.random.Generator) -> M
 
 
 def test_calibration_recovers_costs_and_predicts_within_15_percent():
-    truth = SimParams(decode_base=0.015, decode_per_seq=4e-4, prefill_per_token=2e-6,
-                      train_base=0.8, train_per_token=2e-5, sync_time=0.4)
+    truth = SimParams(
+        decode_base=0.015,
+        decode_per_seq=4e-4,
+        prefill_per_token=2e-6,
+        train_base=0.8,
+        train_per_token=2e-5,
+        sync_time=0.4,
+    )
     rng = np.random.default_rng(0)
     lengths = LengthDist(kind="empirical", values=[30, 60, 120, 250, 900])
-    runs = [_measure(SimConfig(mode=mode, n_engines=4, batch_groups=8, group_size=4, eta=1, alpha=0.5, steps=8,
-                               max_running=32, lengths=lengths), truth, rng) for mode in ("sync", "async", "april")]
+    runs = [
+        _measure(
+            SimConfig(
+                mode=mode,
+                n_engines=4,
+                batch_groups=8,
+                group_size=4,
+                eta=1,
+                alpha=0.5,
+                steps=8,
+                max_running=32,
+                lengths=lengths,
+            ),
+            truth,
+            rng,
+        )
+        for mode in ("sync", "async", "april")
+    ]
     runs = msgspec.json.decode(msgspec.json.encode(runs), type=list[MeasuredRun])  # the wire form round-trips
     fitted = calibrate(runs)
     assert fitted.decode_per_seq == pytest.approx(truth.decode_per_seq, rel=0.25)
@@ -135,8 +205,9 @@ def test_calibration_recovers_costs_and_predicts_within_15_percent():
 
 
 def test_simulated_timeline_is_a_perfetto_trace_and_cli_prints_a_table(tmp_path, capsys):
-    config = SimConfig(mode="april", n_engines=2, batch_groups=2, group_size=2, eta=1, alpha=0.5, steps=3,
-                       lengths=HEAVY_TAIL)
+    config = SimConfig(
+        mode="april", n_engines=2, batch_groups=2, group_size=2, eta=1, alpha=0.5, steps=3, lengths=HEAVY_TAIL
+    )
     write_trace(simulate(config, PARAMS, record_spans=True), str(tmp_path / "sim.json"))
     events = json.loads((tmp_path / "sim.json").read_text())["traceEvents"]
     names = {e["args"]["name"] for e in events if e["ph"] == "M"}
@@ -149,13 +220,18 @@ def test_simulated_timeline_is_a_perfetto_trace_and_cli_prints_a_table(tmp_path,
 def test_per_request_cost_enters_the_sync_closed_form_and_colocation_costs_vanish_in_sync():
     B, G, L, P = 4, 4, 100, 10
     params = msgspec.structs.replace(PARAMS, prefill_per_seq=3e-4, engine_slowdown_training=0.7, train_busy_engines=0.4)
-    config = SimConfig(mode="sync", n_engines=1, batch_groups=B, group_size=G, steps=5, prompt_tokens=P,
-                       lengths=LengthDist(value=L))
+    config = SimConfig(
+        mode="sync", n_engines=1, batch_groups=B, group_size=G, steps=5, prompt_tokens=P, lengths=LengthDist(value=L)
+    )
     n = B * G
-    generation = (params.prefill_per_seq + params.prefill_per_token * P) * n + L * (params.decode_base + params.decode_per_seq * n)
+    generation = (params.prefill_per_seq + params.prefill_per_token * P) * n + L * (
+        params.decode_base + params.decode_per_seq * n
+    )
     train = params.train_base + params.train_per_token * n * (P + L)
     # In sync the engines are idle while the trainer trains: colocation slows nothing.
-    assert simulate(config, params).samples_per_s == pytest.approx(n / (generation + train + params.sync_time), rel=1e-12)
+    assert simulate(config, params).samples_per_s == pytest.approx(
+        n / (generation + train + params.sync_time), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("slowdown, busy_cost", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.3)])
@@ -163,10 +239,24 @@ def test_colocated_engine_is_slowed_while_training_and_slows_training(slowdown, 
     # eta=1, one group of one sample per step, 10 tokens at 0.01 s: groups 0 and 1 decode together in
     # [0, 0.1]; step 0 trains [0.1, 1.1] with the engine idle; at 1.1 group 2 starts decoding as step 1
     # starts training on group 1: it decodes (1 + slowdown) times slower and step 1 costs busy_cost more.
-    params = SimParams(decode_base=0.01, decode_per_seq=0.0, train_base=1.0, sync_time=0.0,
-                       engine_slowdown_training=slowdown, train_busy_engines=busy_cost)
-    config = SimConfig(mode="async", n_engines=1, batch_groups=1, group_size=1, eta=1, steps=2, prompt_tokens=0,
-                       lengths=LengthDist(value=10))
+    params = SimParams(
+        decode_base=0.01,
+        decode_per_seq=0.0,
+        train_base=1.0,
+        sync_time=0.0,
+        engine_slowdown_training=slowdown,
+        train_busy_engines=busy_cost,
+    )
+    config = SimConfig(
+        mode="async",
+        n_engines=1,
+        batch_groups=1,
+        group_size=1,
+        eta=1,
+        steps=2,
+        prompt_tokens=0,
+        lengths=LengthDist(value=10),
+    )
     result = simulate(config, params)
     assert result.makespan_s == pytest.approx(2.1 + busy_cost, rel=1e-12)
     assert result.engine_busy_fraction * result.makespan_s == pytest.approx(0.1 + 0.1 * (1 + slowdown), rel=1e-12)
@@ -176,13 +266,27 @@ def test_hand_off_latencies_enter_the_sync_closed_form():
     B, G, L, steps = 2, 3, 50, 4
     # trainer_overhead hides behind generation: the trainer is ready long before the next batch is.
     params = msgspec.structs.replace(PARAMS, group_latency=0.03, admission_latency=0.02, trainer_overhead=0.1)
-    config = SimConfig(mode="sync", n_engines=1, batch_groups=B, group_size=G, steps=steps, prompt_tokens=0,
-                       lengths=LengthDist(value=L))
+    config = SimConfig(
+        mode="sync",
+        n_engines=1,
+        batch_groups=B,
+        group_size=G,
+        steps=steps,
+        prompt_tokens=0,
+        lengths=LengthDist(value=L),
+    )
     n = B * G
-    step = (L * (params.decode_base + params.decode_per_seq * n) + params.group_latency + params.train_base
-            + params.train_per_token * n * L + params.sync_time)
+    step = (
+        L * (params.decode_base + params.decode_per_seq * n)
+        + params.group_latency
+        + params.train_base
+        + params.train_per_token * n * L
+        + params.sync_time
+    )
     # The first admission needs no notice; every later one waits admission_latency after a publish.
-    assert simulate(config, params).makespan_s == pytest.approx(steps * step + (steps - 1) * params.admission_latency, rel=1e-12)
+    assert simulate(config, params).makespan_s == pytest.approx(
+        steps * step + (steps - 1) * params.admission_latency, rel=1e-12
+    )
 
 
 def _counters(costs: tuple[float, float, float], slowdown: float, rng: np.random.Generator):
@@ -226,32 +330,64 @@ def test_train_cost_is_fitted_with_the_engines_busy_fraction():
     tokens = [1000, 3000, 2000, 4000, 1500, 2500, 3500, 1200]
     steps = [(t, 0.1 + 2e-5 * t + 0.08 * b) for t, b in zip(tokens, busy)]
     fitted = calibrate([msgspec.structs.replace(run, train_steps=steps, train_busy=busy)])
-    assert (fitted.train_base, fitted.train_per_token, fitted.train_busy_engines) == pytest.approx((0.1, 2e-5, 0.08), rel=1e-6)
+    assert (fitted.train_base, fitted.train_per_token, fitted.train_busy_engines) == pytest.approx(
+        (0.1, 2e-5, 0.08), rel=1e-6
+    )
 
 
 def test_a_run_folder_becomes_a_measured_run(tmp_path, capsys):
     from async_rl.config import load_config
-    from async_rl.messages import Trajectory, encode
-    from async_rl.messages import Timings
+    from async_rl.messages import Timings, Trajectory, encode
     from buffer.wal import Put, Served, WriteAheadLog
     from staleness.experiments.sim_calibrate import ENGINE_COUNTERS_FILE, EngineSnapshot, error_table, read_run
     from staleness.experiments.sim_calibrate import main as calibrate_main
 
-    config = load_config("recipes/tiny.toml", [f"run.output_dir={str(tmp_path)!r}", "staleness.eta=2",
-                                               "rollout.max_new_tokens=64", "trainer.groups_per_step=2", "rollout.group_size=2"])
+    config = load_config(
+        "recipes/tiny.toml",
+        [
+            f"run.output_dir={str(tmp_path)!r}",
+            "staleness.eta=2",
+            "rollout.max_new_tokens=64",
+            "trainer.groups_per_step=2",
+            "rollout.group_size=2",
+        ],
+    )
     (tmp_path / "config.json").write_bytes(config.to_json())
-    lines = [{"step": s, "time": 100.0 + 0.5 * s, "samples": 4.0, "step_seconds": 0.3, "tokens_per_s": 100.0,
-              "weight_sync/seconds": 0.05} for s in range(1, 6)]
+    lines = [
+        {
+            "step": s,
+            "time": 100.0 + 0.5 * s,
+            "samples": 4.0,
+            "step_seconds": 0.3,
+            "tokens_per_s": 100.0,
+            "weight_sync/seconds": 0.05,
+        }
+        for s in range(1, 6)
+    ]
     (tmp_path / "metrics.jsonl").write_bytes(b"".join(msgspec.json.encode(line) + b"\n" for line in lines))
     (tmp_path / "buffer").mkdir()
     wal = WriteAheadLog(tmp_path / "buffer" / "buffer.wal", fsync="never")
     for i, length in enumerate([3, 9, 27, 64]):
-        wal.append(Put(frame=msgspec.Raw(encode(Trajectory(
-            sample_id=f"s{i}", group_id=f"g{i // 2}", group_size=2, prompt_ids=[1, 2, 3, 4], response_ids=[5] * length,
-            behavior_logprobs=[-1.0] * length, token_versions=[0] * length,
-            # g0 ends after step 2's publish, so step 3 (training from 101.15) waits for it;
-            # g1 starts 10 ms after step 3's publish
-            timings=Timings(submitted=101.01 if i < 2 else 101.51, finished=101.1 + 0.01 * i))))))
+        wal.append(
+            Put(
+                frame=msgspec.Raw(
+                    encode(
+                        Trajectory(
+                            sample_id=f"s{i}",
+                            group_id=f"g{i // 2}",
+                            group_size=2,
+                            prompt_ids=[1, 2, 3, 4],
+                            response_ids=[5] * length,
+                            behavior_logprobs=[-1.0] * length,
+                            token_versions=[0] * length,
+                            # g0 ends after step 2's publish, so step 3 (training from 101.15) waits for it;
+                            # g1 starts 10 ms after step 3's publish
+                            timings=Timings(submitted=101.01 if i < 2 else 101.51, finished=101.1 + 0.01 * i),
+                        )
+                    )
+                )
+            )
+        )
     wal.commit()
     wal.close()
     polls = [EngineSnapshot(101.0 + 0.1 * i, i, 4 * i, 0, 4, 0) for i in range(25)]
@@ -281,8 +417,18 @@ def test_a_run_folder_becomes_a_measured_run(tmp_path, capsys):
 
 
 def test_drops_that_keep_their_admission_budget_shrink_the_pipeline():
-    common = dict(mode="async", n_engines=2, batch_groups=4, group_size=4, eta=1, steps=30, max_running=8,
-                  max_new_tokens=2000, lengths=HEAVY_TAIL, seed=1)
+    common = dict(
+        mode="async",
+        n_engines=2,
+        batch_groups=4,
+        group_size=4,
+        eta=1,
+        steps=30,
+        max_running=8,
+        max_new_tokens=2000,
+        lengths=HEAVY_TAIL,
+        seed=1,
+    )
     returned = simulate(SimConfig(**common), PARAMS)
     kept = simulate(SimConfig(drops_free_admission=False, **common), PARAMS)
     assert returned.groups_dropped > kept.groups_dropped > 0

@@ -83,8 +83,13 @@ def test_misuse_is_refused():
 
 def _trajectory(sample_id, versions):
     return Trajectory(
-        sample_id=sample_id, group_id="g", group_size=1, prompt_ids=[1], response_ids=[2] * len(versions),
-        behavior_logprobs=[-1.0] * len(versions), token_versions=versions,
+        sample_id=sample_id,
+        group_id="g",
+        group_size=1,
+        prompt_ids=[1],
+        response_ids=[2] * len(versions),
+        behavior_logprobs=[-1.0] * len(versions),
+        token_versions=versions,
     )
 
 

@@ -33,7 +33,9 @@ ADV = torch.tensor([1.5, -0.5])
 def test_decoupled_ppo_equals_on_policy_ppo_when_all_three_policies_agree(aggregation):
     same = torch.tensor(LOGPROBS)
     on_policy = _loss_and_grad(LossConfig(correction="none", aggregation=aggregation), LOGPROBS, same, ADV, MASK)
-    decoupled = _loss_and_grad(LossConfig(correction="decoupled_ppo", aggregation=aggregation), LOGPROBS, same, ADV, MASK, prox=same)
+    decoupled = _loss_and_grad(
+        LossConfig(correction="decoupled_ppo", aggregation=aggregation), LOGPROBS, same, ADV, MASK, prox=same
+    )
     assert torch.equal(on_policy[0], decoupled[0])
     assert torch.equal(on_policy[1], decoupled[1])
     # at ratio 1 the PPO loss is -mean(A) and the gradient -A / N on every valid token

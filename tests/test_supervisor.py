@@ -74,7 +74,9 @@ async def test_finishing_child_ends_the_run_and_a_service_exit_is_a_failure(tmp_
 
 
 async def test_child_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
-    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
     async with asyncio.timeout(20):
         async with Supervisor(tmp_path, grace_s=0.5, handle_signals=False) as supervisor:
             pid = await supervisor.start(ProcessSpec(name="stubborn", argv=[PY, "-c", stubborn]))
@@ -91,7 +93,9 @@ async def test_guard_raises_when_a_child_dies_during_an_await(tmp_path):
     async with asyncio.timeout(20):
         async with Supervisor(tmp_path, handle_signals=False) as supervisor:
             assert await supervisor.guard(asyncio.sleep(0, result=5)) == 5
-            await supervisor.start(ProcessSpec(name="engine", argv=[PY, "-c", "print('bad weights'); raise SystemExit(7)"]))
+            await supervisor.start(
+                ProcessSpec(name="engine", argv=[PY, "-c", "print('bad weights'); raise SystemExit(7)"])
+            )
             with pytest.raises(ChildFailed) as failure:
                 await supervisor.guard(never.wait())
     assert failure.value.child.returncode == 7 and failure.value.child.log_tail == ["bad weights"]
@@ -133,8 +137,13 @@ SUPERVISOR_SCRIPT = textwrap.dedent("""
 def _start_supervisor(tmp_path: Path, mode: str, grace_s: float):
     script = tmp_path / "supervise.py"
     script.write_text(SUPERVISOR_SCRIPT)
-    process = subprocess.Popen([PY, str(script), str(tmp_path / "logs"), mode, str(grace_s)], cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [PY, str(script), str(tmp_path / "logs"), mode, str(grace_s)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
     def pids_logged():
         logs = [tmp_path / "logs" / f"{name}.log" for name in ("a", "b")]
@@ -169,3 +178,33 @@ def test_second_sigint_skips_the_grace_period(tmp_path):
         process.kill()
     assert time.monotonic() - started < 15 and process.returncode == 130
     wait_for(lambda: not any(map(alive, pids)), timeout_s=5, what="every child and grandchild to be gone")
+
+
+async def test_a_dying_child_is_restarted_within_its_budget_then_ends_the_run(tmp_path):
+    """Exits 1 on its first two starts (a counter file says which start this is), then keeps running."""
+    counter = tmp_path / "starts"
+    script = (
+        "import pathlib, sys, time\n"
+        f"p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) + 1 if p.exists() else 1; p.write_text(str(n))\n"
+        "print('start', n, flush=True)\n"
+        "sys.exit(1) if n <= 2 else time.sleep(60)\n"
+    )
+    restarted: list[str] = []
+
+    async def on_restart(name, exit_):
+        restarted.append(f"{name}:{exit_.returncode}")
+
+    async with asyncio.timeout(30):
+        async with Supervisor(tmp_path / "logs", handle_signals=False, on_restart=on_restart) as supervisor:
+            await supervisor.start(ProcessSpec(name="flaky", argv=[PY, "-c", script], max_restarts=2, backoff_s=0.05))
+            await async_wait_for(lambda: counter.exists() and counter.read_text() == "3")
+            assert supervisor.restarts == {"flaky": 2} and restarted == ["flaky:1", "flaky:1"]
+            assert supervisor.returncodes["flaky"] is None  # the third start is running
+        log = (tmp_path / "logs" / "flaky.log").read_text()
+        assert [line for line in log.splitlines() if line.startswith("start")] == ["start 1", "start 2", "start 3"]
+
+        counter.unlink()
+        async with Supervisor(tmp_path / "logs2", handle_signals=False) as supervisor:
+            await supervisor.start(ProcessSpec(name="flaky", argv=[PY, "-c", script], max_restarts=1, backoff_s=0.05))
+            outcome = await supervisor.wait()
+    assert outcome.status == "failed" and "after 1 restarts" in outcome.message and "start 2" in outcome.message

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,26 @@ ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ["reward_vs_wallclock.png", "throughput_vs_eta.png", "staleness_histograms.png"]
 # As short as a real run gets: ~10 s each, mostly start-up.
-TINY = ["--set", "trainer.total_steps=3", "--set", "trainer.groups_per_step=2", "--set", "rollout.group_size=4",
-        "--set", "run.max_wall_s=120"]
+TINY = [
+    "--set",
+    "trainer.total_steps=3",
+    "--set",
+    "trainer.groups_per_step=2",
+    "--set",
+    "rollout.group_size=4",
+    "--set",
+    "run.max_wall_s=120",
+]
 
 
 def sweep(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "async_rl.cli", "sweep", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-m", "async_rl.cli", "sweep", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def assert_png(path: Path) -> None:
@@ -105,14 +117,17 @@ def test_crashed_point_is_recorded_and_rerun(tmp_path):
     assert table_rows(tmp_path / "report" / "summary.md")[0][-1] == "failed (2 failed attempts)"
 
 
-@pytest.mark.parametrize("grid, message", [
-    ("staleness.etaa=0,1", "unknown key 'staleness.etaa'"),
-    ("staleness=0,-1", "eta=-1 must be >= 0"),
-    ("trainer.lr=fast", "trainer.lr"),
-    ("run.output_dir=a,b", "--out"),
-    ("rollout.reward=recipes.rewards:no_such_reward", "no_such_reward"),  # what `async-rl run` would refuse
-    ("staleness", "must look like section.key=value1,value2"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("staleness.etaa=0,1", "unknown key 'staleness.etaa'"),
+        ("staleness=0,-1", "eta=-1 must be >= 0"),
+        ("trainer.lr=fast", "trainer.lr"),
+        ("run.output_dir=a,b", "--out"),
+        ("rollout.reward=recipes.rewards:no_such_reward", "no_such_reward"),  # what `async-rl run` would refuse
+        ("staleness", "must look like section.key=value1,value2"),
+    ],
+)
 def test_bad_grid_is_refused_before_anything_runs(tmp_path, grid, message):
     out = tmp_path / "sweep"
     result = sweep("recipes/tiny.toml", "--grid", grid, "--out", str(out))
@@ -124,8 +139,17 @@ def test_bad_grid_is_refused_before_anything_runs(tmp_path, grid, message):
 @pytest.mark.slow
 def test_ray_sweep_on_a_local_cluster(tmp_path):
     pytest.importorskip("ray")
-    result = sweep("recipes/tiny.toml", "--grid", "staleness=0,1", "--out", str(tmp_path), "--ray-address", "local",
-                   *TINY, timeout_s=280)
+    result = sweep(
+        "recipes/tiny.toml",
+        "--grid",
+        "staleness=0,1",
+        "--out",
+        str(tmp_path),
+        "--ray-address",
+        "local",
+        *TINY,
+        timeout_s=280,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "submitted 2 point(s) to Ray" in result.stdout
     assert [row[-1] for row in table_rows(tmp_path / "report" / "summary.md")] == ["finished", "finished"]
@@ -137,12 +161,22 @@ def test_ray_sweep_on_a_local_cluster(tmp_path):
 def test_plan_is_the_grid_product_times_seeds():
     from staleness.experiments.sweep import parse_grid
 
-    points = plan_points(str(ROOT / "recipes/tiny.toml"), [parse_grid("staleness=0,1"), parse_grid("trainer.lr=1e-3,2e-3")],
-                         seeds=2, overrides=["trainer.total_steps=5"])
+    points = plan_points(
+        str(ROOT / "recipes/tiny.toml"),
+        [parse_grid("staleness=0,1"), parse_grid("trainer.lr=1e-3,2e-3")],
+        seeds=2,
+        overrides=["trainer.total_steps=5"],
+    )
     assert len(points) == 8 and len({p.name for p in points}) == 8
     first = points[0]
     assert first.name == "staleness.eta=0__trainer.lr=1e-3__seed=0"
-    assert first.overrides == ["trainer.total_steps=5", "staleness.eta=0", "trainer.lr=1e-3", "trainer.seed=0", "task.seed=0"]
+    assert first.overrides == [
+        "trainer.total_steps=5",
+        "staleness.eta=0",
+        "trainer.lr=1e-3",
+        "trainer.seed=0",
+        "task.seed=0",
+    ]
     assert points[1].overrides[-2:] == ["trainer.seed=1", "task.seed=1"]
 
 
@@ -150,9 +184,18 @@ def test_prepare_reruns_interrupted_points_and_refuses_changed_ones(tmp_path):
     from staleness.experiments.sweep import SweepError
 
     layout = SweepLayout(tmp_path)
-    point = PointStatus(name="p", settings={"staleness.eta": "1"}, seed=0, config="c.toml", overrides=["staleness.eta=1"])
-    done = PointStatus(name="q", settings={"staleness.eta": "2"}, seed=0, config="c.toml", overrides=["staleness.eta=2"],
-                       state="finished", attempts=1)
+    point = PointStatus(
+        name="p", settings={"staleness.eta": "1"}, seed=0, config="c.toml", overrides=["staleness.eta=1"]
+    )
+    done = PointStatus(
+        name="q",
+        settings={"staleness.eta": "2"},
+        seed=0,
+        config="c.toml",
+        overrides=["staleness.eta=2"],
+        state="finished",
+        attempts=1,
+    )
     layout.write_status(PointStatus(**{**_fields(point), "state": "running", "attempts": 1}))
     layout.write_status(done)
     pending = prepare(layout, [point, done])
@@ -174,7 +217,10 @@ def _fields(status: PointStatus) -> dict:
 
 
 def steps(times: list[float], rewards: list[float], samples: int = 8, **extra) -> list[dict]:
-    return [{"step": i + 1, "time": t, "reward/mean": r, "samples": samples, **extra} for i, (t, r) in enumerate(zip(times, rewards))]
+    return [
+        {"step": i + 1, "time": t, "reward/mean": r, "samples": samples, **extra}
+        for i, (t, r) in enumerate(zip(times, rewards))
+    ]
 
 
 def test_throughput_counts_samples_between_first_and_last_logged_step():
@@ -215,11 +261,22 @@ def test_rollout_totals_sum_workers_and_weight_busy_by_interval():
     assert report.rollout_totals(lines[3:]) == (7, pytest.approx(0.2))
 
 
-def write_point(layout: SweepLayout, name: str, eta: str, records: list[dict], rollout: list[dict] | None,
-                started: float, **status) -> None:
-    layout.write_status(PointStatus(name=name, settings={"staleness.eta": eta}, seed=0, config="c.toml",
-                                    overrides=[f"staleness.eta={eta}"], state="finished", attempts=1, started=started,
-                                    **status))
+def write_point(
+    layout: SweepLayout, name: str, eta: str, records: list[dict], rollout: list[dict] | None, started: float, **status
+) -> None:
+    layout.write_status(
+        PointStatus(
+            name=name,
+            settings={"staleness.eta": eta},
+            seed=0,
+            config="c.toml",
+            overrides=[f"staleness.eta={eta}"],
+            state="finished",
+            attempts=1,
+            started=started,
+            **status,
+        )
+    )
     run_dir = layout.run_dir(name)
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"torn')
@@ -231,14 +288,27 @@ def test_report_from_synthetic_points(tmp_path):
     layout = SweepLayout(tmp_path)
     hist = {"staleness/hist/0": 4, "staleness/hist/1": 4}
     write_point(layout, "a", "0", steps([1000 + t for t in range(1, 11)], [0.1 * t for t in range(10)]), None, 1000.0)
-    write_point(layout, "b", "1", steps([2000 + 2 * t for t in range(1, 5)], [0.5] * 4, **hist),
-                [{"time": 2001.0, "worker": 0, "rollout/tokens_recycled": 12, "rollout/engine_busy_fraction": 0.75}],
-                2000.0)
+    write_point(
+        layout,
+        "b",
+        "1",
+        steps([2000 + 2 * t for t in range(1, 5)], [0.5] * 4, **hist),
+        [{"time": 2001.0, "worker": 0, "rollout/tokens_recycled": 12, "rollout/engine_busy_fraction": 0.75}],
+        2000.0,
+    )
     report.write_report(tmp_path)
-    header, a, b = [row for row in (tmp_path / "report" / "summary.md").read_text().splitlines() if row.startswith("| ")]
+    header, a, b = [
+        row for row in (tmp_path / "report" / "summary.md").read_text().splitlines() if row.startswith("| ")
+    ]
     assert "reward at 8.0 s" in header  # b's last step: 8 s after launch; a ran longer
     a, b = ([c.strip() for c in row.strip("|").split("|")] for row in (a, b))
-    assert a[:5] == ["eta=0", "0", "8.0", f"{(0.3 + 0.4 + 0.5 + 0.6 + 0.7) / 5:.3f}", f"{(0.5 + 0.6 + 0.7 + 0.8 + 0.9) / 5:.3f}"]
+    assert a[:5] == [
+        "eta=0",
+        "0",
+        "8.0",
+        f"{(0.3 + 0.4 + 0.5 + 0.6 + 0.7) / 5:.3f}",
+        f"{(0.5 + 0.6 + 0.7 + 0.8 + 0.9) / 5:.3f}",
+    ]
     assert a[7:9] == [report.MISSING, report.MISSING]  # no rollout_metrics.jsonl
     assert b[:9] == ["eta=1", "0", "4.0", "0.500", "0.500", "0.50", "1", "12", "75%"]
     for name in PLOTS:

@@ -49,10 +49,12 @@ def test_spans_from_threads_merge_with_another_process(tmp_path):
     child = subprocess.run([sys.executable, "-c", CHILD, str(child_file)], capture_output=True, timeout=60)
     assert child.returncode == 0, child.stderr
     with Tracer(parent_file, process_name="engines") as tracer:
+
         def engine(i: int) -> None:
             for step in range(20):
                 with tracer.span("generate", f"engine-{i}", step=step):
                     pass
+
         threads = [threading.Thread(target=engine, args=(i,)) for i in range(4)]
         for thread in threads:
             thread.start()
@@ -131,8 +133,21 @@ def test_a_run_interrupted_by_ctrl_c_leaves_a_merged_trace(tmp_path):
     """A real `async-rl run` of the tiny recipe, stopped with SIGINT after a few steps."""
     from async_rl.metrics import read_metrics
 
-    argv = [sys.executable, "-m", "async_rl.cli", "run", "recipes/tiny.toml", "--set", f"run.output_dir={tmp_path}",
-            "--set", "trainer.total_steps=1000", "--set", "run.max_wall_s=60", "--set", "trainer.checkpoint_interval=2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "async_rl.cli",
+        "run",
+        "recipes/tiny.toml",
+        "--set",
+        f"run.output_dir={tmp_path}",
+        "--set",
+        "trainer.total_steps=1000",
+        "--set",
+        "run.max_wall_s=60",
+        "--set",
+        "trainer.checkpoint_interval=2",
+    ]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -157,8 +172,14 @@ def test_a_run_interrupted_by_ctrl_c_leaves_a_merged_trace(tmp_path):
         assert end(waits[n - 1]) <= steps[n]["ts"] and end(steps[n]) <= syncs[n]["ts"]
         if n + 1 in steps:
             assert end(syncs[n]) <= waits[n]["ts"]
-        phases = sorted((e for e in events if e["ph"] == "X" and e["name"] in ("pause", "update", "continue")
-                         and e["args"]["version"] == n), key=lambda e: e["ts"])
+        phases = sorted(
+            (
+                e
+                for e in events
+                if e["ph"] == "X" and e["name"] in ("pause", "update", "continue") and e["args"]["version"] == n
+            ),
+            key=lambda e: e["ts"],
+        )
         assert [e["name"] for e in phases] == ["pause", "update", "continue"]  # one engine
         assert syncs[n]["ts"] <= phases[0]["ts"] and all(end(a) <= b["ts"] for a, b in zip(phases, phases[1:]))
         assert end(phases[-1]) <= end(syncs[n]) + 1  # rounding to the microsecond

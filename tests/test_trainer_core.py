@@ -15,14 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from async_rl.messages import Trajectory, encode
-from async_rl.trainer.batch import BatchError
+from async_rl.trainer.batch import BatchError, pack_microbatches
 from async_rl.trainer.checkpoint import latest_checkpoint
-from async_rl.trainer.config import TrainerConfig, TrainerContext
-from async_rl.trainer.trainer import Trainer, token_logprobs
-from async_rl.trainer.batch import pack_microbatches
+from async_rl.trainer.config import LossConfig, TrainerConfig, TrainerContext
 from async_rl.trainer.distributed import full_tensor
 from async_rl.trainer.reference import reference_loss
-from async_rl.trainer.config import LossConfig
+from async_rl.trainer.trainer import Trainer, token_logprobs
 from staleness import StalenessBoundError
 
 
@@ -30,8 +28,13 @@ from staleness import StalenessBoundError
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -53,16 +56,28 @@ def make_batch(model_dir, *, version=0, groups=2, group_size=4, seed=0, temperat
     generator = torch.Generator().manual_seed(seed)
     trajectories = []
     for g in range(groups):
-        prompt = torch.randint(1, 64, (int(torch.randint(2, 6, (1,), generator=generator)),), generator=generator).tolist()
+        prompt = torch.randint(
+            1, 64, (int(torch.randint(2, 6, (1,), generator=generator)),), generator=generator
+        ).tolist()
         for i in range(group_size):
-            response = torch.randint(1, 64, (int(torch.randint(2, 8, (1,), generator=generator)),), generator=generator).tolist()
+            response = torch.randint(
+                1, 64, (int(torch.randint(2, 8, (1,), generator=generator)),), generator=generator
+            ).tolist()
             ids = torch.tensor([prompt + response])
             with torch.no_grad():
                 logprobs = token_logprobs(model, ids, torch.ones_like(ids), temperature)[0, len(prompt) - 1 :].tolist()
-            trajectories.append(Trajectory(
-                sample_id=f"s{g}-{i}", group_id=f"g{g}", group_size=group_size, prompt_ids=prompt, response_ids=response,
-                behavior_logprobs=logprobs, token_versions=[version] * len(response), reward=float(i % 2),
-            ))
+            trajectories.append(
+                Trajectory(
+                    sample_id=f"s{g}-{i}",
+                    group_id=f"g{g}",
+                    group_size=group_size,
+                    prompt_ids=prompt,
+                    response_ids=response,
+                    behavior_logprobs=logprobs,
+                    token_versions=[version] * len(response),
+                    reward=float(i % 2),
+                )
+            )
     return trajectories
 
 
@@ -97,8 +112,20 @@ def test_steps_raise_rewarded_and_lower_unrewarded_responses(model_dir):
     assert metrics["is_weight/max"] > 1.0  # behaviour logprobs are now 2 versions old
     assert metrics["kl/behav_current_k3"] > 0 and metrics["grad_norm"] > 0
     assert result.staleness_histogram == {2: len(batch)}
-    for name in ("loss", "reward/mean", "reward/std", "clip_frac", "is_weight/mean", "is_weight/capped_frac",
-                 "kl/behav_current_k1", "staleness/mean", "staleness/max", "tokens_per_s", "lr", "skipped_updates"):
+    for name in (
+        "loss",
+        "reward/mean",
+        "reward/std",
+        "clip_frac",
+        "is_weight/mean",
+        "is_weight/capped_frac",
+        "kl/behav_current_k1",
+        "staleness/mean",
+        "staleness/max",
+        "tokens_per_s",
+        "lr",
+        "skipped_updates",
+    ):
         assert name in metrics
 
 
@@ -127,8 +154,13 @@ def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, terms: in
     """Equal up to float32 summation order: a sum of `terms` float32 values reordered differs by at
     most about terms * eps * (largest magnitude involved), taken here as the tensor's largest entry."""
     scale = float(expected.abs().max())
-    torch.testing.assert_close(actual, expected, rtol=0, atol=terms * torch.finfo(torch.float32).eps * scale + 1e-30,
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=0,
+        atol=terms * torch.finfo(torch.float32).eps * scale + 1e-30,
+        msg=lambda m: f"{name}: {m}",
+    )
 
 
 @pytest.mark.parametrize("correction", ["none", "decoupled_ppo"])
@@ -143,8 +175,12 @@ def test_step_matches_unpadded_single_sequence_reference(model_dir, correction):
     """
     batch = make_batch(model_dir, seed=1)
     config = setup(
-        model_dir, lr=1e-3, max_grad_norm=1e9, max_tokens_per_microbatch=24,
-        loss=LossConfig(correction=correction), gradient_checkpointing=correction == "decoupled_ppo",
+        model_dir,
+        lr=1e-3,
+        max_grad_norm=1e9,
+        max_tokens_per_microbatch=24,
+        loss=LossConfig(correction=correction),
+        gradient_checkpointing=correction == "decoupled_ppo",
     )
     trainer = Trainer(*config)
     initial = copy.deepcopy(trainer.model)
@@ -188,8 +224,13 @@ def test_non_finite_loss_skips_the_update_and_keeps_weights(model_dir):
     batch = make_batch(model_dir, seed=3)
     # A behaviour logprob of -1e30 gives an infinite ratio; with a negative advantage the loss is inf.
     first = batch[0]
-    batch[0] = Trajectory(**{**{f: getattr(first, f) for f in first.__struct_fields__},
-                             "behavior_logprobs": [-1e30] * len(first.response_ids), "reward": -5.0})
+    batch[0] = Trajectory(
+        **{
+            **{f: getattr(first, f) for f in first.__struct_fields__},
+            "behavior_logprobs": [-1e30] * len(first.response_ids),
+            "reward": -5.0,
+        }
+    )
     trainer = Trainer(*setup(model_dir, lr=1e-2, loss=LossConfig(correction="none")))
     before = weights(trainer)
     result = trainer.train_step(batch)
@@ -229,8 +270,14 @@ def test_same_seed_and_data_give_identical_weights(model_dir):
 
 def test_resume_continues_bit_exactly(model_dir, tmp_path):
     config = setup(
-        model_dir, ckpt_dir=str(tmp_path / "ckpt"), lr=1e-2, lr_schedule="cosine", warmup_steps=1,
-        total_steps=10, weight_decay=0.1, keep_checkpoints=2,
+        model_dir,
+        ckpt_dir=str(tmp_path / "ckpt"),
+        lr=1e-2,
+        lr_schedule="cosine",
+        warmup_steps=1,
+        total_steps=10,
+        weight_decay=0.1,
+        keep_checkpoints=2,
     )
     batches = [make_batch(model_dir, version=v, seed=10 + v) for v in range(3)]
     trainer = Trainer(*config)
@@ -324,12 +371,25 @@ def test_fsdp_two_cpu_ranks_match_one_process(model_dir, tmp_path):
     (tmp_path / "batch.msgpack").write_bytes(encode(batch))
     (tmp_path / "worker.py").write_text(FSDP_WORKER)
     config = setup(
-        model_dir, ckpt_dir=str(tmp_path / "ckpt"), device="cpu", lr=1e-2,
-        max_tokens_per_microbatch=24, num_minibatches=2,
+        model_dir,
+        ckpt_dir=str(tmp_path / "ckpt"),
+        device="cpu",
+        lr=1e-2,
+        max_tokens_per_microbatch=24,
+        num_minibatches=2,
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(tmp_path / "worker.py"), str(model_dir), str(tmp_path / "batch.msgpack"), str(tmp_path),
-               *(msgspec.json.encode(part).decode() for part in config)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(tmp_path / "worker.py"),
+        str(model_dir),
+        str(tmp_path / "batch.msgpack"),
+        str(tmp_path),
+        *(msgspec.json.encode(part).decode() for part in config),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -365,8 +425,13 @@ def test_fsdp_two_cpu_ranks_match_one_process(model_dir, tmp_path):
 @pytest.mark.gpu
 def test_cuda_bfloat16_step_checkpoint_and_resume(model_dir, tmp_path):
     config = setup(
-        model_dir, ckpt_dir=str(tmp_path / "ckpt"), device="cuda", compute_dtype="bfloat16", lr=1e-2,
-        max_tokens_per_microbatch=24, num_minibatches=2,
+        model_dir,
+        ckpt_dir=str(tmp_path / "ckpt"),
+        device="cuda",
+        compute_dtype="bfloat16",
+        lr=1e-2,
+        max_tokens_per_microbatch=24,
+        num_minibatches=2,
     )
     trainer = Trainer(*config)
     batch = make_batch(model_dir, seed=7)

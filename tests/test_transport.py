@@ -5,13 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import signal
-import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -25,46 +19,20 @@ from async_rl.messages import BatchRequest, StatsRequest, WeightsPublished, deco
 from async_rl.transport import BufferClient, TrajectorySender, VersionPublisher, VersionSubscriber
 from buffer.config import BufferConfig
 from buffer.service import BufferService
-from tests.test_buffer_replay import make_trajectory
+from tests.helpers import buffer_endpoints, buffer_process, make_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def buffer_process(directory: Path, submit: str, serve: str, *extra: str):
-    log_file = open(directory / "service.log", "a")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "async_rl.cli", "buffer", "serve", "--dir", str(directory),
-         "--bind-submit", submit, "--bind-serve", serve, *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=log_file, text=True,
-    )
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], 20)
-        assert ready and "buffer ready" in process.stdout.readline(), (directory / "service.log").read_text()
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(10)
-        log_file.close()
-
-
-def _endpoints():
-    return f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
-
-
 @pytest.mark.slow
 async def test_kill_9_mid_stream_loses_no_acked_trajectory_and_serves_none_twice(tmp_path):
-    submit, serve = _endpoints()
+    submit, serve = buffer_endpoints()
     groups, group_size = 50, 4
-    trajectories = [make_trajectory(f"g{g}-{i}", f"g{g}", group_size=group_size, tokens=64)
-                    for g in range(groups) for i in range(group_size)]
+    trajectories = [
+        make_trajectory(f"g{g}-{i}", f"g{g}", group_size=group_size, tokens=64)
+        for g in range(groups)
+        for i in range(group_size)
+    ]
     acked: set[str] = set()
     served: list[str] = []
 
@@ -75,8 +43,9 @@ async def test_kill_9_mid_stream_loses_no_acked_trajectory_and_serves_none_twice
             served.extend(t.sample_id for t in batch.trajectories)
 
     with buffer_process(tmp_path, submit, serve, "--set", "fsync=batch") as first:
-        sender = TrajectorySender(submit, max_in_flight=16, ack_timeout_s=0.5,
-                                  on_ack=lambda ack: acked.add(ack.sample_id))
+        sender = TrajectorySender(
+            submit, max_in_flight=16, ack_timeout_s=0.5, on_ack=lambda ack: acked.add(ack.sample_id)
+        )
         async with sender, BufferClient(serve, resend_after_s=0.5) as client, asyncio.timeout(60):
             first_half, second_half = trajectories[:120], trajectories[120:]
             producer = asyncio.create_task(_send_all(sender, first_half))
@@ -104,7 +73,7 @@ async def _send_all(sender: TrajectorySender, trajectories):
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzz")
-    submit, serve = _endpoints()
+    submit, serve = buffer_endpoints()
     with buffer_process(directory, submit, serve, "--set", "max_frame_bytes=65536") as process:
         context = zmq.Context()
         sockets = {name: context.socket(zmq.DEALER) for name in ("submit", "serve")}
@@ -120,14 +89,20 @@ def _valid_trajectory_fields():
 
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
     | st.builds(msgspec.msgpack.Ext, st.integers(-128, 127), st.binary(max_size=12)),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
     max_leaves=12,
 )
 _mutated = st.builds(
     lambda field, value, kind: msgspec.msgpack.encode(_valid_trajectory_fields() | {field: value, "kind": kind}),
-    st.sampled_from(sorted(_valid_trajectory_fields())), _values,
+    st.sampled_from(sorted(_valid_trajectory_fields())),
+    _values,
     st.sampled_from(["trajectory", "batch_request", "take_partials", "stats_request", "nonsense"]),
 )
 _frames = st.one_of(
@@ -163,8 +138,14 @@ def test_oversized_frames_are_refused_with_a_reason_and_counted(fuzz_target):
 
 
 async def _in_process_service(tmp_path, curve=None):
-    service = BufferService(BufferConfig(), directory=tmp_path, submit="tcp://127.0.0.1:*", serve="tcp://127.0.0.1:*",
-                            max_staleness=4, curve=curve)
+    service = BufferService(
+        BufferConfig(),
+        directory=tmp_path,
+        submit="tcp://127.0.0.1:*",
+        serve="tcp://127.0.0.1:*",
+        max_staleness=4,
+        curve=curve,
+    )
     task = asyncio.create_task(service.run())
     await service.ready.wait()
     return service, task
@@ -222,8 +203,11 @@ async def _holding(tmp_path, trajectories):
     """An in-process buffer service that durably holds `trajectories`, and a client of its serve side."""
     service, task = await _in_process_service(tmp_path)
     try:
-        async with TrajectorySender(service.endpoints["submit"]) as sender, \
-                BufferClient(service.endpoints["serve"]) as client, asyncio.timeout(20):
+        async with (
+            TrajectorySender(service.endpoints["submit"]) as sender,
+            BufferClient(service.endpoints["serve"]) as client,
+            asyncio.timeout(20),
+        ):
             for trajectory in trajectories:
                 await sender.send(trajectory)
             await sender.flush(5)
@@ -234,7 +218,9 @@ async def _holding(tmp_path, trajectories):
 
 async def test_partials_round_trip_and_repeated_requests_get_the_same_batch(tmp_path):
     stored = [make_trajectory(f"s{i}", "g") for i in range(2)] + [
-        make_trajectory("p", "gp", version=3, partial=True), make_trajectory("old", "go", version=0, partial=True)]
+        make_trajectory("p", "gp", version=3, partial=True),
+        make_trajectory("old", "go", version=0, partial=True),
+    ]
     async with _holding(tmp_path, stored) as (service, client):
         partials = await client.take_partials(max_n=4, min_version=2)
         assert [p.sample_id for p in partials] == ["p"] and partials[0].partial
@@ -254,8 +240,9 @@ async def test_partials_round_trip_and_repeated_requests_get_the_same_batch(tmp_
 
 async def test_groups_dropped_as_stale_are_named_in_the_batch_response(tmp_path):
     """The worker that generated them counted them as accepted: the trainer hands the ids back to it."""
-    stored = [make_trajectory(f"o{i}", "old", version=0) for i in range(2)] + \
-        [make_trajectory(f"n{i}", "new", version=5) for i in range(2)]
+    stored = [make_trajectory(f"o{i}", "old", version=0) for i in range(2)] + [
+        make_trajectory(f"n{i}", "new", version=5) for i in range(2)
+    ]
     async with _holding(tmp_path, stored) as (_, client):
         batch = await client.get_batch(trainer_version=5, num_groups=1, max_staleness=1, timeout=5)
         assert {t.group_id for t in batch.trajectories} == {"new"}

@@ -10,7 +10,6 @@ from async_rl.trace import Tracer, read_events
 from async_rl.weight_sync import PHASES, SYNC_TRACK, sync_weights
 from rollout_workers.client import EngineClient
 from rollout_workers.engine.model import create_tiny_model
-from rollout_workers.launcher import EngineProcess, EngineSpec
 
 TIMEOUT_S = 60
 # Never reached: the test stops the request once it has tokens of both versions.
@@ -23,10 +22,8 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine_url(model_dir, tmp_path_factory):
-    spec = EngineSpec(model=str(model_dir), extra_args=["--seed", "0"])
-    with EngineProcess(spec, log_path=tmp_path_factory.mktemp("logs") / "engine.log") as engine:
-        yield engine.url
+def engine_url(model_dir, start_engine):
+    return start_engine(str(model_dir), device=None, extra_args=["--seed", "0"]).url
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +47,9 @@ async def wait_generated(client: EngineClient, at_least: int) -> None:
         await asyncio.sleep(0.005)
 
 
-@pytest.mark.parametrize("mode,method", [("abort", "disk"), ("retract", "disk"), ("in_place", "disk"),
-                                         ("in_place", "tensor")])
+@pytest.mark.parametrize(
+    "mode,method", [("abort", "disk"), ("retract", "disk"), ("in_place", "disk"), ("in_place", "tensor")]
+)
 async def test_sync_with_a_request_in_flight(engine_url, trainer, tmp_path, mode, method):
     async with asyncio.timeout(TIMEOUT_S), EngineClient(engine_url) as client:
         old = int(await client.get_weight_version())
@@ -84,8 +82,14 @@ async def test_sync_with_a_request_in_flight(engine_url, trainer, tmp_path, mode
 
     assert result.seconds >= result.pause_s + result.update_s + result.continue_s > 0
     assert result.path.endswith(f"v{new}") if method == "disk" else result.path == ""
-    assert result.metrics().keys() == {"weight_sync/seconds", "weight_sync/pause_s", "weight_sync/update_s",
-                                       "weight_sync/continue_s"}
+    assert result.missed == ()
+    assert result.metrics().keys() == {
+        "weight_sync/engines_missed",
+        "weight_sync/seconds",
+        "weight_sync/pause_s",
+        "weight_sync/update_s",
+        "weight_sync/continue_s",
+    }
     spans = [e for e in read_events(tmp_path / "trainer.json") if e["ph"] == "X"]
     phases = [e["name"] for e in sorted(spans, key=lambda e: e["ts"]) if e["name"] in PHASES]
     assert phases == list(PHASES)
@@ -95,3 +99,15 @@ async def test_sync_with_a_request_in_flight(engine_url, trainer, tmp_path, mode
         assert whole["ts"] <= span["ts"] and span["ts"] + span["dur"] <= whole["ts"] + whole["dur"] + 1
     tracks = {e["args"]["name"] for e in read_events(tmp_path / "trainer.json") if e["name"] == "thread_name"}
     assert tracks == {SYNC_TRACK, f"{SYNC_TRACK} engine-0"}
+
+
+@pytest.mark.parametrize("method", ["disk", "tensor"])
+async def test_an_engine_that_cannot_be_reached_misses_the_version_and_the_sync_goes_on(
+    engine_url, trainer, tmp_path, method, free_port
+):
+    """A dead (or restarting) engine must not fail the sync of the others: it is reported as missed."""
+    async with EngineClient(engine_url) as live, EngineClient(f"http://127.0.0.1:{free_port()}") as dead:
+        async with asyncio.timeout(TIMEOUT_S):
+            result = await sync_weights(trainer, [dead, live], method, "retract", tmp_path / "weights")
+            assert result.missed == (0,) and result.metrics()["weight_sync/engines_missed"] == 1
+            assert await live.get_weight_version() == str(trainer.version)

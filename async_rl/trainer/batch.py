@@ -30,7 +30,9 @@ def validate_trajectory(trajectory: Trajectory, vocab_size: int) -> None:
     if n == 0:
         problems.append("empty response")
     if len(t.behavior_logprobs) != n or len(t.token_versions) != n:
-        problems.append(f"{n} response tokens but {len(t.behavior_logprobs)} logprobs and {len(t.token_versions)} versions")
+        problems.append(
+            f"{n} response tokens but {len(t.behavior_logprobs)} logprobs and {len(t.token_versions)} versions"
+        )
     if t.loss_mask is not None and (len(t.loss_mask) != n or not np.isin(_numpy(t.loss_mask), (0, 1)).all()):
         problems.append("loss_mask must be 0/1 per response token")
     tokens = np.concatenate([_numpy(t.prompt_ids), _numpy(t.response_ids)])
@@ -46,8 +48,11 @@ def validate_trajectory(trajectory: Trajectory, vocab_size: int) -> None:
 
 def _numpy(values) -> np.ndarray:
     """A zero-copy view of a per-token array (lists, from hand-built tests, are copied)."""
-    return np.frombuffer(values, dtype=np.float32 if values.typecode == "f" else np.int32) \
-        if hasattr(values, "typecode") else np.asarray(values)
+    return (
+        np.frombuffer(values, dtype=np.float32 if values.typecode == "f" else np.int32)
+        if hasattr(values, "typecode")
+        else np.asarray(values)
+    )
 
 
 @dataclass

@@ -24,8 +24,15 @@ LATEST = "latest"
 STATE_DIR = "trainer_state"
 META = "meta.json"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -80,7 +87,9 @@ def capture_rng() -> dict:
     import numpy as np
     import torch
 
-    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # the global RandomState is an MT19937, which has the legacy form
+    algorithm, keys, pos, has_gauss, cached = numpy_state
     version, internal, gauss_next = random.getstate()
     return {
         "python": [version, list(internal), gauss_next],

@@ -83,8 +83,12 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     """Seeds torch, numpy and random on every rank (rank r: seed + r)."""
     ckpt_dir: str = ""
     """Checkpoints go to ckpt_dir/step_{version}/; "" = <run.output_dir>/checkpoints."""
-    checkpoint_interval: int = 0
-    """Steps between checkpoints; 0 = only at the end."""
+    checkpoint_interval: int = 100
+    """Steps between checkpoints (atomic: written aside, then renamed); 0 = none by step count.
+    A crash loses at most this many steps (or checkpoint_interval_s, whichever comes first)."""
+    checkpoint_interval_s: float = 1800.0
+    """Seconds since the last checkpoint after which the next step saves one; 0 = none by time.
+    There is always one at the last step."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints are kept."""
     device: str | None = None
@@ -98,20 +102,31 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     def __post_init__(self) -> None:
         check_device("device", self.device)
         check_field(self.processes >= 1, "processes", self.processes, ">= 1")
-        check_field(self.processes == 1 or not (self.device or "").startswith("cuda:"), "device", self.device,
-                    "cuda, cpu or auto when processes > 1 (rank r takes cuda:r)")
+        check_field(
+            self.processes == 1 or not (self.device or "").startswith("cuda:"),
+            "device",
+            self.device,
+            "cuda, cpu or auto when processes > 1 (rank r takes cuda:r)",
+        )
         check_field(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, ">= 1")
         check_field(self.lr >= 0, "lr", self.lr, ">= 0")
         check_field(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
-        check_field(self.lr_schedule == "constant" or self.total_steps > self.warmup_steps, "total_steps",
-                    self.total_steps, f"> warmup_steps for a {self.lr_schedule} schedule")
+        check_field(
+            self.lr_schedule == "constant" or self.total_steps > self.warmup_steps,
+            "total_steps",
+            self.total_steps,
+            f"> warmup_steps for a {self.lr_schedule} schedule",
+        )
         check_field(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         check_field(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
         check_field(self.groups_per_step >= 1, "groups_per_step", self.groups_per_step, ">= 1")
         check_field(self.num_minibatches >= 1, "num_minibatches", self.num_minibatches, ">= 1")
-        check_field(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch", self.max_tokens_per_microbatch, ">= 1")
+        check_field(
+            self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch", self.max_tokens_per_microbatch, ">= 1"
+        )
         check_field(self.total_steps >= 1, "total_steps", self.total_steps, ">= 1")
         check_field(self.checkpoint_interval >= 0, "checkpoint_interval", self.checkpoint_interval, ">= 0")
+        check_field(self.checkpoint_interval_s >= 0, "checkpoint_interval_s", self.checkpoint_interval_s, ">= 0")
 
 
 class TrainerContext(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -135,4 +150,3 @@ class TrainerContext(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
         check_device("device", self.device)
         check_field(self.max_staleness is None or self.max_staleness >= 0, "max_staleness", self.max_staleness, ">= 0")
         check_field(self.logprob_temperature > 0, "logprob_temperature", self.logprob_temperature, "> 0")
-

@@ -61,8 +61,11 @@ def broadcast_bytes(payload: bytes | None, device: torch.device) -> bytes:
     """Rank 0's `payload` on every rank (others pass None): a length, then the bytes as uint8."""
     length = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long, device=device)
     dist.broadcast(length, src=0)
-    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if payload
-            else torch.empty(int(length), dtype=torch.uint8, device=device))
+    data = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        if payload
+        else torch.empty(int(length), dtype=torch.uint8, device=device)
+    )
     if int(length):
         dist.broadcast(data, src=0)
     return data.cpu().numpy().tobytes()

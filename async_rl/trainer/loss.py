@@ -60,7 +60,9 @@ def ppo_clip_token_loss(
     """
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + (clip_eps_high if clip_eps_high is not None else clip_eps))
+    clipped = -advantages * torch.clamp(
+        ratio, 1.0 - clip_eps, 1.0 + (clip_eps_high if clip_eps_high is not None else clip_eps)
+    )
     loss = torch.maximum(unclipped, clipped)
     was_clipped = clipped > unclipped
     if dual_clip_c is not None:
@@ -71,7 +73,9 @@ def ppo_clip_token_loss(
     return loss, was_clipped
 
 
-def behavior_weight(prox: torch.Tensor, behav: torch.Tensor, *, cap: float, mode: str = "truncate") -> tuple[torch.Tensor, torch.Tensor]:
+def behavior_weight(
+    prox: torch.Tensor, behav: torch.Tensor, *, cap: float, mode: str = "truncate"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w = pi_prox / pi_behav, detached; truncated to `cap` or zeroed above it.
 
     Returns (w, bool mask of tokens whose weight hit the cap).
@@ -124,12 +128,21 @@ def policy_token_loss(
             raise ValueError("kl_coef > 0 needs reference log-probabilities")
         kl_ref = kl_k3(cur, ref.detach())
         loss = loss + config.kl_coef * kl_ref
-    return loss, {"clipped": clipped.float(), "is_weight": weight, "is_capped": capped.float(), "kl_ref": kl_ref.detach()}
+    return loss, {
+        "clipped": clipped.float(),
+        "is_weight": weight,
+        "is_capped": capped.float(),
+        "kl_ref": kl_ref.detach(),
+    }
 
 
 def _ppo(log_ratio: torch.Tensor, advantages: torch.Tensor, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return ppo_clip_token_loss(
-        log_ratio, advantages, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, dual_clip_c=config.dual_clip_c
+        log_ratio,
+        advantages,
+        clip_eps=config.clip_eps,
+        clip_eps_high=config.clip_eps_high,
+        dual_clip_c=config.dual_clip_c,
     )
 
 
@@ -169,4 +182,3 @@ def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(p || q) from samples of p: (q/p - 1) - log(q/p) (>= 0, low variance)."""
     log_ratio = logq - logp
     return torch.exp(log_ratio) - 1.0 - log_ratio
-

@@ -23,7 +23,10 @@ def reference_loss(model: torch.nn.Module, trajectories: list[Trajectory], confi
     groups = {gid: i for i, gid in enumerate(dict.fromkeys(t.group_id for t in trajectories))}
     rewards = torch.tensor([t.reward for t in trajectories])
     advantages = group_advantages(
-        rewards, torch.tensor([groups[t.group_id] for t in trajectories]), std_norm=config.adv_std_norm, eps=config.adv_eps
+        rewards,
+        torch.tensor([groups[t.group_id] for t in trajectories]),
+        std_norm=config.adv_std_norm,
+        eps=config.adv_eps,
     )
     masks = [torch.tensor(t.loss_mask or [1] * len(t.response_ids), dtype=torch.bool) for t in trajectories]
     num_tokens = float(sum(int(m.sum()) for m in masks))
@@ -35,7 +38,9 @@ def reference_loss(model: torch.nn.Module, trajectories: list[Trajectory], confi
         cur = token_logprobs(model, ids, torch.ones_like(ids))[:, len(trajectory.prompt_ids) - 1 :]
         behav = torch.tensor([trajectory.behavior_logprobs], device=device)
         token_loss, _ = policy_token_loss(cur, behav, advantage.reshape(1).to(device), config)
-        total = total + aggregate_loss(token_loss, mask[None].to(device), config.aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+        total = total + aggregate_loss(
+            token_loss, mask[None].to(device), config.aggregation, num_tokens=num_tokens, num_seqs=num_seqs
+        )
     return total
 
 

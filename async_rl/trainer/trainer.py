@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import msgspec
 import numpy as np
@@ -33,17 +33,32 @@ from torch.distributed.checkpoint.state_dict import (
 
 from async_rl.messages import Trajectory
 from async_rl.trainer import checkpoint
-from async_rl.trainer.batch import BatchError, PaddedBatch, pack_microbatches, pad_trajectories, split_minibatches, validate_trajectory
+from async_rl.trainer.batch import (
+    BatchError,
+    PaddedBatch,
+    pack_microbatches,
+    pad_trajectories,
+    split_minibatches,
+    validate_trajectory,
+)
 from async_rl.trainer.config import TrainerConfig, TrainerContext
 from async_rl.trainer.distributed import all_reduce_sum, full_tensor, init_distributed, shard_model
 from async_rl.trainer.loss import aggregate_loss, group_advantages, kl_k1, kl_k3, policy_token_loss
 from staleness.metrics import check_staleness_bound, staleness_histogram, staleness_summary
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Per-token quantities summed over valid tokens, then divided by the token count.
 _TOKEN_SUMS = (
-    "clip_frac", "is_weight/mean", "is_weight/capped_frac", "kl/behav_current_k1", "kl/behav_current_k3", "kl/current_ref_k3",
+    "clip_frac",
+    "is_weight/mean",
+    "is_weight/capped_frac",
+    "kl/behav_current_k1",
+    "kl/behav_current_k3",
+    "kl/current_ref_k3",
 )
 
 
@@ -61,8 +76,9 @@ class StepResult(msgspec.Struct, kw_only=True):
     skip_reason: str = ""
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log p(token at j+1 | tokens <= j) under softmax(logits / temperature), in float32: [B, L-1]."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     if temperature != 1.0:
@@ -71,12 +87,13 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
 
 
-def load_model(path: str | Path, device: torch.device) -> torch.nn.Module:
+def load_model(path: str | Path, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a local HF model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    # transformers' @wraps(Module.to) loses the bound self: mypy takes `device` for it.
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)  # type: ignore[arg-type]
     _disable_dropout(model)
     return model
 
@@ -106,7 +123,9 @@ class Trainer:
         self.model = load_model(self.weights_path, self.device)
         self.vocab_size = int(self.model.config.vocab_size)
         if config.gradient_checkpointing:  # renamed in transformers 5.x; the old name still works
-            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            enable = (
+                getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            )
             enable()
         self.compute_dtype = torch.bfloat16 if context.compute_dtype == "bfloat16" else torch.float32
         if self.world_size > 1:
@@ -154,11 +173,17 @@ class Trainer:
 
         loss_config = self.config.loss
         batch = pad_trajectories(trajectories, self.device)
-        advantages = group_advantages(batch.rewards, batch.group_index, std_norm=loss_config.adv_std_norm, eps=loss_config.adv_eps)
+        advantages = group_advantages(
+            batch.rewards, batch.group_index, std_norm=loss_config.adv_std_norm, eps=loss_config.adv_eps
+        )
         minibatches = split_minibatches(batch.size, self.config.num_minibatches)
         # One update per batch: the step-start weights are the current ones, so the
         # loss uses cur.detach() as proximal and this extra forward is not needed.
-        prox = self._logprobs_no_grad(self.model, batch) if loss_config.correction != "none" and len(minibatches) > 1 else None
+        prox = (
+            self._logprobs_no_grad(self.model, batch)
+            if loss_config.correction != "none" and len(minibatches) > 1
+            else None
+        )
         ref = self._logprobs_no_grad(self.reference, batch) if self.reference is not None else None
 
         lr = self.lr_at(self.version)
@@ -183,21 +208,23 @@ class Trainer:
         tokens = max(float(sums[-1]), 1.0)
         metrics = {name: float(sums[i]) / tokens for i, name in enumerate(_TOKEN_SUMS)}
         metrics.update(staleness_summary(histogram))
-        metrics.update({
-            "loss": float(np.mean(losses)),
-            "is_weight/max": float(is_weight_max),
-            "grad_norm": float(np.mean(grad_norms)),
-            "reward/mean": float(batch.rewards.mean()),
-            "reward/std": float(batch.rewards.std(unbiased=False)),
-            "advantage/abs_mean": float(advantages.abs().mean()),
-            "response_tokens": float(sums[-1]),
-            "samples": float(batch.size),
-            "lr": lr,
-            "skipped_updates": float(len(skip_reasons)),
-            "step_seconds": elapsed,
-            "tokens_per_s": sum(batch.lengths) / elapsed,
-            "version": float(self.version),
-        })
+        metrics.update(
+            {
+                "loss": float(np.mean(losses)),
+                "is_weight/max": float(is_weight_max),
+                "grad_norm": float(np.mean(grad_norms)),
+                "reward/mean": float(batch.rewards.mean()),
+                "reward/std": float(batch.rewards.std(unbiased=False)),
+                "advantage/abs_mean": float(advantages.abs().mean()),
+                "response_tokens": float(sums[-1]),
+                "samples": float(batch.size),
+                "lr": lr,
+                "skipped_updates": float(len(skip_reasons)),
+                "step_seconds": elapsed,
+                "tokens_per_s": sum(batch.lengths) / elapsed,
+                "version": float(self.version),
+            }
+        )
         return StepResult(
             version=self.version,
             metrics=metrics,
@@ -206,8 +233,15 @@ class Trainer:
             skip_reason="; ".join(skip_reasons),
         )
 
-    def _update(self, batch: PaddedBatch, rows: list[int], advantages: torch.Tensor, prox: torch.Tensor | None,
-                ref: torch.Tensor | None, sums: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    def _update(
+        self,
+        batch: PaddedBatch,
+        rows: list[int],
+        advantages: torch.Tensor,
+        prox: torch.Tensor | None,
+        ref: torch.Tensor | None,
+        sums: torch.Tensor,
+    ) -> tuple[float, float, torch.Tensor]:
         """One optimizer update on minibatch `rows`, skipped if the loss or gradient is not finite.
 
         Returns (loss over all ranks, gradient norm, max importance weight); adds token sums to `sums`.
@@ -222,21 +256,29 @@ class Trainer:
             with self._autocast():
                 cur = token_logprobs(self.model, part.input_ids, part.attention_mask, self.context.logprob_temperature)
             token_loss, diagnostics = policy_token_loss(
-                cur, part.behav, advantages[micro], loss_config,
-                prox=_take(prox, micro, cur.shape[1]), ref=_take(ref, micro, cur.shape[1]),
+                cur,
+                part.behav,
+                advantages[micro],
+                loss_config,
+                prox=_take(prox, micro, cur.shape[1]),
+                ref=_take(ref, micro, cur.shape[1]),
             )
-            loss = aggregate_loss(token_loss, part.loss_mask, loss_config.aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+            loss = aggregate_loss(
+                token_loss, part.loss_mask, loss_config.aggregation, num_tokens=num_tokens, num_seqs=num_seqs
+            )
             # FSDP averages gradients over ranks; each rank's loss is its share of the sum.
             (loss * (weight * self.world_size)).backward()
             if weight:
                 total += loss.detach().double()
                 is_weight_max = torch.maximum(is_weight_max, self._accumulate(sums, cur.detach(), part, diagnostics))
-        total = float(all_reduce_sum(total))
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)))
-        if math.isfinite(total) and math.isfinite(grad_norm):
+        total_loss = float(all_reduce_sum(total))
+        grad_norm = float(
+            full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        )
+        if math.isfinite(total_loss) and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm, is_weight_max
+        return total_loss, grad_norm, is_weight_max
 
     def _accumulate(self, sums: torch.Tensor, cur: torch.Tensor, part: PaddedBatch, diagnostics: dict) -> torch.Tensor:
         """Add this micro-batch's masked token sums; return its max importance weight."""
@@ -325,7 +367,8 @@ class Trainer:
 
     def _hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Full state dict on rank 0 (empty elsewhere) without tied duplicates."""
-        state = get_model_state_dict(self.model, options=_FULL)
+        # A model's state dict holds tensors only (the declared value type also covers optimizer states).
+        state = cast(dict[str, torch.Tensor], get_model_state_dict(self.model, options=_FULL))
         keep = {name for name, _ in self.model.named_parameters()} | {
             name for name, _ in self.model.named_buffers() if name in state
         }
@@ -360,7 +403,9 @@ class Trainer:
         torch.save(checkpoint.capture_rng(), tmp / checkpoint.STATE_DIR / f"rng_rank{self.rank}.pt")
         self._barrier()
         if self.rank == 0:
-            checkpoint.write_meta(tmp, {"version": self.version, "world_size": self.world_size, "seed": self.config.seed})
+            checkpoint.write_meta(
+                tmp, {"version": self.version, "world_size": self.world_size, "seed": self.config.seed}
+            )
             checkpoint.publish(tmp, final)
             checkpoint.prune(self.context.ckpt_dir, self.config.keep_checkpoints)
         self._barrier()
@@ -380,13 +425,17 @@ class Trainer:
         meta = checkpoint.read_meta(path)
         trainer = cls(config, context, weights_from=path)
         optimizer_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(trainer.model, trainer.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            trainer.model, trainer.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
+        )
         trainer.version = int(meta["version"])
         rng_file = state_dir / f"rng_rank{trainer.rank}.pt"
         if rng_file.is_file():
             checkpoint.restore_rng(torch.load(rng_file, weights_only=True))
         else:  # weights and optimizer state are full tensors, so a different rank count can resume
-            log.warning("%s was saved by %d ranks: rank %d keeps its fresh RNG state", path, meta["world_size"], trainer.rank)
+            log.warning(
+                "%s was saved by %d ranks: rank %d keeps its fresh RNG state", path, meta["world_size"], trainer.rank
+            )
         return trainer
 
     @classmethod

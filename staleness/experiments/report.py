@@ -26,8 +26,11 @@ from staleness.experiments.sweep_status import Failure, PointStatus, SweepLayout
 REWARD_WINDOW = 5
 HISTOGRAM_PREFIX = "staleness/hist/"
 MISSING = "—"
-PLOTS = {"reward_vs_wallclock.png": "Reward vs wall-clock", "throughput_vs_eta.png": "Throughput vs η",
-         "staleness_histograms.png": "Staleness histograms"}
+PLOTS = {
+    "reward_vs_wallclock.png": "Reward vs wall-clock",
+    "throughput_vs_eta.png": "Throughput vs η",
+    "staleness_histograms.png": "Staleness histograms",
+}
 
 
 class PointSummary(NamedTuple):
@@ -50,8 +53,11 @@ class PointSummary(NamedTuple):
 
 
 def reward_curve(records: list[dict[str, Any]], t0: float) -> list[tuple[float, float]]:
-    return [(r["time"] - t0, float(r["reward/mean"])) for r in records
-            if isinstance(r.get("time"), (int, float)) and isinstance(r.get("reward/mean"), (int, float))]
+    return [
+        (r["time"] - t0, float(r["reward/mean"]))
+        for r in records
+        if isinstance(r.get("time"), (int, float)) and isinstance(r.get("reward/mean"), (int, float))
+    ]
 
 
 def reward_at(curve: list[tuple[float, float]], seconds: float = math.inf) -> float | None:
@@ -72,11 +78,15 @@ def throughput(records: list[dict[str, Any]]) -> float | None:
     Steps between logged ones (run.log_interval > 1) count as many samples as the logged step.
     A single logged step has no interval, so its own throughput/samples_per_s is used.
     """
-    steps = [r for r in records if isinstance(r.get("time"), (int, float)) and isinstance(r.get("samples"), (int, float))]
+    steps = [
+        r for r in records if isinstance(r.get("time"), (int, float)) and isinstance(r.get("samples"), (int, float))
+    ]
     if len(steps) >= 2 and steps[-1]["time"] > steps[0]["time"]:
         samples = sum(cur["samples"] * (cur["step"] - prev["step"]) for prev, cur in zip(steps, steps[1:]))
         return samples / (steps[-1]["time"] - steps[0]["time"])
-    single = [r["throughput/samples_per_s"] for r in records if isinstance(r.get("throughput/samples_per_s"), (int, float))]
+    single = [
+        r["throughput/samples_per_s"] for r in records if isinstance(r.get("throughput/samples_per_s"), (int, float))
+    ]
     return float(single[-1]) if single else None
 
 
@@ -86,7 +96,7 @@ def staleness_histogram(records: list[dict[str, Any]]) -> dict[int, int]:
     for record in records:
         for key, count in record.items():
             if key.startswith(HISTOGRAM_PREFIX) and isinstance(count, (int, float)):
-                counts[int(key[len(HISTOGRAM_PREFIX):])] += int(count)
+                counts[int(key[len(HISTOGRAM_PREFIX) :])] += int(count)
     return dict(sorted(counts.items()))
 
 
@@ -107,7 +117,9 @@ def rollout_totals(lines: list[dict[str, Any]]) -> tuple[int, float | None]:
     counts when no line has one.
     """
     recycled: dict[Any, float] = {}
-    weighted, unweighted, previous_time = [], [], {}
+    weighted: list[tuple[float, float]] = []
+    unweighted: list[float] = []
+    previous_time: dict[Any, float] = {}
     for line in sorted(lines, key=lambda line: line.get("time") or 0.0):
         worker = line.get("worker")
         if isinstance(tokens := line.get("rollout/tokens_recycled"), (int, float)):
@@ -120,6 +132,7 @@ def rollout_totals(lines: list[dict[str, Any]]) -> tuple[int, float | None]:
                 unweighted.append(fraction)
         if isinstance(now, (int, float)):
             previous_time[worker] = now
+    busy: float | None
     if weighted:
         busy = sum(f * dt for f, dt in weighted) / sum(dt for _, dt in weighted)
     else:
@@ -148,19 +161,32 @@ def summarize_point(layout: SweepLayout, status: PointStatus, setting: str) -> P
     curve = reward_curve(records, t0)
     histogram = staleness_histogram(records)
     mean, maximum = staleness_stats(histogram)
-    return PointSummary(name=status.name, setting=setting, seed=status.seed, status=_status_text(status),
-                        eta=_eta(run_dir, status), curve=curve, throughput=throughput(records),
-                        final_reward=reward_at(curve), staleness_histogram=histogram, staleness_mean=mean,
-                        staleness_max=maximum, recycled_tokens=recycled, busy_fraction=busy)
+    return PointSummary(
+        name=status.name,
+        setting=setting,
+        seed=status.seed,
+        status=_status_text(status),
+        eta=_eta(run_dir, status),
+        curve=curve,
+        throughput=throughput(records),
+        final_reward=reward_at(curve),
+        staleness_histogram=histogram,
+        staleness_mean=mean,
+        staleness_max=maximum,
+        recycled_tokens=recycled,
+        busy_fraction=busy,
+    )
 
 
 def _grid_order(status: PointStatus) -> tuple:
     """Grid order, numbers by value (eta=2 before eta=16), then seed."""
+
     def natural(value: str) -> tuple[int, float | str]:
         try:
             return 0, float(value)
         except ValueError:
             return 1, value
+
     return tuple(status.settings), tuple(natural(v) for v in status.settings.values()), status.seed
 
 
@@ -218,12 +244,33 @@ def write_report(sweep_dir: str | Path) -> Path:
 
 def summary_table(root: Path, points: list[PointSummary], at_seconds: float | None) -> SummaryTable:
     at = f"{at_seconds:.1f} s" if at_seconds is not None else MISSING
-    header = ["point", "seed", "throughput (samples/s)", f"reward at {at}", "final reward", "mean staleness",
-              "max staleness", "recycled tokens", "engine busy", "status"]
-    rows = [[p.setting, str(p.seed), _fmt(p.throughput, "{:.1f}"),
-             _fmt(reward_at(p.curve, at_seconds) if at_seconds is not None else None, "{:.3f}"),
-             _fmt(p.final_reward, "{:.3f}"), _fmt(p.staleness_mean, "{:.2f}"), _fmt(p.staleness_max, "{:.0f}"),
-             _fmt(p.recycled_tokens, "{:d}"), _fmt(p.busy_fraction, "{:.0%}"), p.status] for p in points]
+    header = [
+        "point",
+        "seed",
+        "throughput (samples/s)",
+        f"reward at {at}",
+        "final reward",
+        "mean staleness",
+        "max staleness",
+        "recycled tokens",
+        "engine busy",
+        "status",
+    ]
+    rows = [
+        [
+            p.setting,
+            str(p.seed),
+            _fmt(p.throughput, "{:.1f}"),
+            _fmt(reward_at(p.curve, at_seconds) if at_seconds is not None else None, "{:.3f}"),
+            _fmt(p.final_reward, "{:.3f}"),
+            _fmt(p.staleness_mean, "{:.2f}"),
+            _fmt(p.staleness_max, "{:.0f}"),
+            _fmt(p.recycled_tokens, "{:d}"),
+            _fmt(p.busy_fraction, "{:.0%}"),
+            p.status,
+        ]
+        for p in points
+    ]
     return SummaryTable(root, at_seconds, header, rows, failures=[])
 
 
@@ -232,8 +279,11 @@ def _fmt(value: float | int | None, spec: str) -> str:
 
 
 def _explanation(at_seconds: float | None) -> list[str]:
-    at = (f"{at_seconds:.1f} s after launch, the earliest wall-clock that every completed point reached"
-          if at_seconds is not None else "not available: no point logged a step")
+    at = (
+        f"{at_seconds:.1f} s after launch, the earliest wall-clock that every completed point reached"
+        if at_seconds is not None
+        else "not available: no point logged a step"
+    )
     return [
         f"Reward at fixed wall-clock: {at}; rewards are means of the last {REWARD_WINDOW} logged steps up to that time "
         f"(final reward: of the last {REWARD_WINDOW} steps; {MISSING}: no step logged by then).",
@@ -250,14 +300,27 @@ def render_markdown(table: SummaryTable) -> str:
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
-    lines = [f"# Sweep report: {table.root}", "", *_explanation(table.at_seconds), "", row(table.header),
-             "|" + "|".join("---" for _ in table.header) + "|", *map(row, table.rows), ""]
+    lines = [
+        f"# Sweep report: {table.root}",
+        "",
+        *_explanation(table.at_seconds),
+        "",
+        row(table.header),
+        "|" + "|".join("---" for _ in table.header) + "|",
+        *map(row, table.rows),
+        "",
+    ]
     lines += [f"![{title}]({name})" for name, title in PLOTS.items()]
     if table.failures:
         lines += ["", "## Failed attempts", ""]
         for name, failure in table.failures:
-            lines += [f"- {name}, attempt {failure.attempt}: {_ending(failure)} (log ../{failure.log})", "",
-                      "  ```", *(f"  {line}" for line in failure.message.splitlines()), "  ```"]
+            lines += [
+                f"- {name}, attempt {failure.attempt}: {_ending(failure)} (log ../{failure.log})",
+                "",
+                "  ```",
+                *(f"  {line}" for line in failure.message.splitlines()),
+                "  ```",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -266,14 +329,23 @@ def render_html(table: SummaryTable) -> str:
     cells = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in table.header) + "</tr>\n"
     cells += "".join("<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>\n" for row in table.rows)
     notes = "".join(f"<p>{e(line)}</p>\n" for line in _explanation(table.at_seconds))
-    images = "".join(f'<figure><img src="{name}" alt="{e(title)}"><figcaption>{e(title)}</figcaption></figure>\n'
-                     for name, title in PLOTS.items())
-    failed = "".join(f'<li>{e(name)}, attempt {f.attempt}: {_ending(f)} (<a href="../{e(f.log)}">log</a>)'
-                     f"<pre>{e(f.message)}</pre></li>" for name, f in table.failures)
+    images = "".join(
+        f'<figure><img src="{name}" alt="{e(title)}"><figcaption>{e(title)}</figcaption></figure>\n'
+        for name, title in PLOTS.items()
+    )
+    failed = "".join(
+        f'<li>{e(name)}, attempt {f.attempt}: {_ending(f)} (<a href="../{e(f.log)}">log</a>)'
+        f"<pre>{e(f.message)}</pre></li>"
+        for name, f in table.failures
+    )
     failed = f"<h2>Failed attempts</h2>\n<ul>{failed}</ul>\n" if failed else ""
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child,th:first-child,td:last-child{text-align:left}img{max-width:48em}")
-    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Sweep report</title><style>{style}</style>'
-            f"</head><body>\n<h1>Sweep report: {e(str(table.root))}</h1>\n{notes}<table>\n{cells}</table>\n"
-            f"{images}{failed}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child,td:last-child{text-align:left}img{max-width:48em}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Sweep report</title><style>{style}</style>'
+        f"</head><body>\n<h1>Sweep report: {e(str(table.root))}</h1>\n{notes}<table>\n{cells}</table>\n"
+        f"{images}{failed}</body></html>\n"
+    )

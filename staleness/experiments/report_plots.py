@@ -45,7 +45,9 @@ def _reward_vs_wallclock(points: list[PointSummary], colors: dict, at_seconds: f
         labelled.add(point.setting)
         axes.plot(times, rewards, color=colors[point.setting], label=label, alpha=0.85, marker=".", markersize=4)
     if at_seconds is not None:
-        axes.axvline(at_seconds, color="gray", linestyle="--", linewidth=1, label=f"common wall-clock {at_seconds:.0f} s")
+        axes.axvline(
+            at_seconds, color="gray", linestyle="--", linewidth=1, label=f"common wall-clock {at_seconds:.0f} s"
+        )
     axes.set(xlabel="wall-clock since launch (s)", ylabel="reward/mean", title="Reward vs wall-clock")
     if labelled:
         axes.legend(fontsize="small")
@@ -57,7 +59,9 @@ def _throughput_vs_eta(points: list[PointSummary]):
     series: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for point in points:
         if point.eta is not None and point.throughput is not None and math.isfinite(point.throughput):
-            others = ", ".join(part for part in point.setting.split(", ") if not part.startswith(("eta=", "staleness.eta=")))
+            others = ", ".join(
+                part for part in point.setting.split(", ") if not part.startswith(("eta=", "staleness.eta="))
+            )
             series[others or "all"][point.eta].append(point.throughput)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for label, by_eta in series.items():
@@ -91,7 +95,7 @@ def _staleness_histograms(points: list[PointSummary], settings: list[str], color
         axes.set_xlabel("staleness")
     for axes in grid[:, 0]:
         axes.set_ylabel("fraction of samples")
-    for axes in list(grid.flat)[len(settings):]:
+    for axes in list(grid.flat)[len(settings) :]:
         axes.set_visible(False)
     figure.suptitle("Staleness of trained samples")
     figure.tight_layout()

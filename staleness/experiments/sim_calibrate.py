@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import msgspec
@@ -83,11 +84,21 @@ class MeasuredRun(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     label: str = ""
 
     def config(self, seed: int = 0) -> SimConfig:
-        return SimConfig(mode=self.mode, n_engines=self.n_engines, batch_groups=self.batch_groups,
-                         group_size=self.group_size, eta=self.eta, alpha=self.alpha, steps=self.steps,
-                         max_running=self.max_running, prompt_tokens=self.prompt_tokens,
-                         max_new_tokens=self.max_new_tokens, lengths=self.lengths,
-                         drops_free_admission=self.drops_free_admission, seed=seed)
+        return SimConfig(
+            mode=self.mode,
+            n_engines=self.n_engines,
+            batch_groups=self.batch_groups,
+            group_size=self.group_size,
+            eta=self.eta,
+            alpha=self.alpha,
+            steps=self.steps,
+            max_running=self.max_running,
+            prompt_tokens=self.prompt_tokens,
+            max_new_tokens=self.max_new_tokens,
+            lengths=self.lengths,
+            drops_free_admission=self.drops_free_admission,
+            seed=seed,
+        )
 
 
 class PredictionError(msgspec.Struct, frozen=True):
@@ -97,7 +108,7 @@ class PredictionError(msgspec.Struct, frozen=True):
     relative_error: float
 
 
-def _fit_line(samples: list[tuple[float, float]], what: str) -> tuple[float, float]:
+def _fit_line(samples: Sequence[tuple[float, float]], what: str) -> tuple[float, float]:
     """Non-negative (intercept, slope); one distinct x cannot separate them, so it is all slope."""
     if not samples:
         raise ValueError(f"calibrate: no {what} samples in any measured run")
@@ -148,10 +159,15 @@ def engine_intervals(run: MeasuredRun) -> list[tuple[int, int, int, float, float
                 continue
             finished = after.finished_requests - before.finished_requests
             admitted = finished + after.running - before.running
-            intervals.append((after.decode_forwards - before.decode_forwards,
-                              after.generated_tokens - before.generated_tokens - admitted,
-                              admitted + after.waiting - before.waiting,
-                              _overlap(before.time, after.time, run.train_windows), after.time - before.time))
+            intervals.append(
+                (
+                    after.decode_forwards - before.decode_forwards,
+                    after.generated_tokens - before.generated_tokens - admitted,
+                    admitted + after.waiting - before.waiting,
+                    _overlap(before.time, after.time, run.train_windows),
+                    after.time - before.time,
+                )
+            )
     return intervals
 
 
@@ -213,9 +229,15 @@ def calibrate(measured_runs: list[MeasuredRun], base: SimParams = SimParams()) -
         tokens, seconds = np.asarray(prefills, dtype=float).T
         prefill_per_token = float(max(tokens @ seconds / (tokens @ tokens), 0.0)) if tokens.any() else 0.0
     return msgspec.structs.replace(
-        base, decode_base=decode_base, decode_per_seq=decode_per_seq, train_base=train_base,
-        train_per_token=train_per_token, prefill_per_token=prefill_per_token, prefill_per_seq=prefill_per_seq,
-        engine_slowdown_training=engine_slowdown_training, train_busy_engines=train_busy_engines,
+        base,
+        decode_base=decode_base,
+        decode_per_seq=decode_per_seq,
+        train_base=train_base,
+        train_per_token=train_per_token,
+        prefill_per_token=prefill_per_token,
+        prefill_per_seq=prefill_per_seq,
+        engine_slowdown_training=engine_slowdown_training,
+        train_busy_engines=train_busy_engines,
         group_latency=_mean([x for r in runs for x in r.group_latencies], base.group_latency),
         admission_latency=_mean([x for r in runs for x in r.admission_latencies], base.admission_latency),
         trainer_overhead=_mean([x for r in runs for x in r.trainer_overheads], base.trainer_overhead),
@@ -244,9 +266,14 @@ def prediction_error(params: SimParams, measured_runs: list[MeasuredRun], seed: 
         if not run.measured_samples_per_s > 0:
             raise ValueError(f"measured run {run.label or i}: measured_samples_per_s must be > 0")
         predicted = simulated_rate(simulate(run.config(seed), params), run.rate_from_step)
-        rows.append(PredictionError(run.label or f"{run.mode} eta={run.eta} alpha={run.alpha} E={run.n_engines}",
-                                    run.measured_samples_per_s, predicted,
-                                    abs(predicted - run.measured_samples_per_s) / run.measured_samples_per_s))
+        rows.append(
+            PredictionError(
+                run.label or f"{run.mode} eta={run.eta} alpha={run.alpha} E={run.n_engines}",
+                run.measured_samples_per_s,
+                predicted,
+                abs(predicted - run.measured_samples_per_s) / run.measured_samples_per_s,
+            )
+        )
     return rows
 
 
@@ -263,8 +290,14 @@ class EngineCosts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     prefill_steps: list[tuple[int, float]] = msgspec.field(default_factory=list)
 
 
-def read_run(run_dir: str | Path, engine: EngineCosts | None = None, *, skip_steps: int = 2,
-             drops_free_admission: bool = True, label: str = "") -> MeasuredRun:
+def read_run(
+    run_dir: str | Path,
+    engine: EngineCosts | None = None,
+    *,
+    skip_steps: int = 2,
+    drops_free_admission: bool = True,
+    label: str = "",
+) -> MeasuredRun:
     """A MeasuredRun from an `async-rl run` folder: config.json, metrics.jsonl, the buffer's log, and
     what benchmarks/sim_calibration.py adds: the engine counters it polls (ENGINE_COUNTERS_FILE) and
     its probe engine's costs (ENGINE_PROBE_FILE, used when `engine` is None).
@@ -313,38 +346,62 @@ def read_run(run_dir: str | Path, engine: EngineCosts | None = None, *, skip_ste
         raise ValueError(f"{run_dir}: the buffer log holds no finished trajectory")
 
     counters_path, probe_path = run_dir / ENGINE_COUNTERS_FILE, run_dir / ENGINE_PROBE_FILE
-    counters = (msgspec.json.decode(counters_path.read_bytes(), type=list[list[EngineSnapshot]])
-                if counters_path.exists() else [])
+    counters = (
+        msgspec.json.decode(counters_path.read_bytes(), type=list[list[EngineSnapshot]])
+        if counters_path.exists()
+        else []
+    )
     if engine is None:
-        engine = msgspec.json.decode(probe_path.read_bytes(), type=EngineCosts) if probe_path.exists() else EngineCosts()
+        engine = (
+            msgspec.json.decode(probe_path.read_bytes(), type=EngineCosts) if probe_path.exists() else EngineCosts()
+        )
     # The step is logged after its weight sync: training ran from end - sync - step_seconds to end - sync.
     train_ends = [r["time"] - r.get("weight_sync/seconds", 0.0) for r in records]
     windows = [(end - r["step_seconds"], end) for end, r in zip(train_ends, records)]
     busy = [_busy_fraction(counters, *window) for window in windows[skip_steps:]] if counters else []
-    group_latencies, admission_latencies, trainer_overheads = _hand_offs(records, windows, served, finished,
-                                                                          sorted(submitted), skip_steps)
+    group_latencies, admission_latencies, trainer_overheads = _hand_offs(
+        records, windows, served, finished, sorted(submitted), skip_steps
+    )
     mode: Mode = "april" if config.april.enabled else "sync" if config.run.sync else "async"
     return MeasuredRun(
-        mode=mode, eta=config.staleness.eta, alpha=config.april.alpha if config.april.enabled else 0.0,
-        n_engines=config.engine.count, batch_groups=config.trainer.groups_per_step,
-        group_size=config.rollout.group_size, max_running=config.engine.max_running_requests,
-        prompt_tokens=round(float(np.mean(prompts))), max_new_tokens=config.rollout.max_new_tokens,
-        lengths=LengthDist(kind="empirical", values=sorted(responses.values())), steps=len(records),
-        measured_samples_per_s=rate, rate_from_step=skip_steps,
+        mode=mode,
+        eta=config.staleness.eta,
+        alpha=config.april.alpha if config.april.enabled else 0.0,
+        n_engines=config.engine.count,
+        batch_groups=config.trainer.groups_per_step,
+        group_size=config.rollout.group_size,
+        max_running=config.engine.max_running_requests,
+        prompt_tokens=round(float(np.mean(prompts))),
+        max_new_tokens=config.rollout.max_new_tokens,
+        lengths=LengthDist(kind="empirical", values=sorted(responses.values())),
+        steps=len(records),
+        measured_samples_per_s=rate,
+        rate_from_step=skip_steps,
         # tokens_per_s * step_seconds: prompt + response tokens of the batch, as the trainer counts them
         train_steps=[(round(r["tokens_per_s"] * r["step_seconds"]), r["step_seconds"]) for r in window],
         sync_seconds=[r["weight_sync/seconds"] for r in window if "weight_sync/seconds" in r],
-        decode_steps=list(engine.decode_steps), request_steps=list(engine.request_steps),
-        prefill_steps=list(engine.prefill_steps), engine_counters=counters, train_windows=windows if counters else [],
-        train_busy=busy, group_latencies=group_latencies, admission_latencies=admission_latencies,
-        trainer_overheads=trainer_overheads, drops_free_admission=drops_free_admission,
+        decode_steps=list(engine.decode_steps),
+        request_steps=list(engine.request_steps),
+        prefill_steps=list(engine.prefill_steps),
+        engine_counters=counters,
+        train_windows=windows if counters else [],
+        train_busy=busy,
+        group_latencies=group_latencies,
+        admission_latencies=admission_latencies,
+        trainer_overheads=trainer_overheads,
+        drops_free_admission=drops_free_admission,
         label=label or run_dir.name,
     )
 
 
-def _hand_offs(records: list[dict], windows: list[tuple[float, float]], served: dict[int, list[str]],
-               finished: dict[str, float], submitted: list[float],
-               skip_steps: int) -> tuple[list[float], list[float], list[float]]:
+def _hand_offs(
+    records: list[dict],
+    windows: list[tuple[float, float]],
+    served: dict[int, list[str]],
+    finished: dict[str, float],
+    submitted: list[float],
+    skip_steps: int,
+) -> tuple[list[float], list[float], list[float]]:
     """Measured hand-off delays (worker and trainer clocks are both time.time()).
 
     Group latency: for a step whose batch was not complete when the previous step ended, from its
@@ -379,13 +436,15 @@ def _busy_fraction(series: list[list[EngineSnapshot]], start: float, end: float)
     return float(np.mean(fractions)) if fractions else 0.0
 
 
-def error_table(rows: list[PredictionError], fitted_on: set[str] = frozenset()) -> str:
+def error_table(rows: list[PredictionError], fitted_on: Collection[str] = frozenset()) -> str:
     """Markdown: measured vs predicted samples/s per run, and which runs the costs were fitted on."""
     lines = ["| run | fitted on | measured samples/s | predicted samples/s | error |", "|---|:-:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row.label} | {'yes' if row.label in fitted_on else 'no'} | {row.measured_samples_per_s:.1f} "
-                     f"| {row.predicted_samples_per_s:.1f} "
-                     f"| {100 * (row.predicted_samples_per_s / row.measured_samples_per_s - 1):+.1f}% |")
+        lines.append(
+            f"| {row.label} | {'yes' if row.label in fitted_on else 'no'} | {row.measured_samples_per_s:.1f} "
+            f"| {row.predicted_samples_per_s:.1f} "
+            f"| {100 * (row.predicted_samples_per_s / row.measured_samples_per_s - 1):+.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -393,20 +452,41 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m staleness.experiments.sim_calibrate RUN_DIR... [--fit-on RUN_DIR...]`: calibrated SimParams and their error."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m staleness.experiments.sim_calibrate", description=main.__doc__.split(": ", 1)[1])
-    parser.add_argument("runs", nargs="+", type=Path, help="`async-rl run` folders (with engine_counters.json, "
-                        "as benchmarks/sim_calibration.py leaves them, or give --engine-costs)")
+    parser = argparse.ArgumentParser(
+        prog="python -m staleness.experiments.sim_calibrate", description=(main.__doc__ or "").partition(": ")[2]
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        help="`async-rl run` folders (with engine_counters.json, "
+        "as benchmarks/sim_calibration.py leaves them, or give --engine-costs)",
+    )
     parser.add_argument("--fit-on", nargs="+", type=Path, default=[], help="fit on these folders only (default: all)")
-    parser.add_argument("--engine-costs", type=Path, help=f"EngineCosts JSON (default: each folder's {ENGINE_PROBE_FILE})")
+    parser.add_argument(
+        "--engine-costs", type=Path, help=f"EngineCosts JSON (default: each folder's {ENGINE_PROBE_FILE})"
+    )
     parser.add_argument("--skip-steps", type=int, default=2, help="start-up steps left out of every measurement")
-    parser.add_argument("--dropped-budget", choices=("kept", "returned"), default="returned",
-                        help="whether the system gives a dropped stale group's admission budget back (see SimConfig)")
+    parser.add_argument(
+        "--dropped-budget",
+        choices=("kept", "returned"),
+        default="returned",
+        help="whether the system gives a dropped stale group's admission budget back (see SimConfig)",
+    )
     args = parser.parse_args(argv)
     try:
         engine = msgspec.json.decode(args.engine_costs.read_bytes(), type=EngineCosts) if args.engine_costs else None
         folders = list(dict.fromkeys([*args.runs, *args.fit_on]))
-        runs = {folder: read_run(folder, engine, skip_steps=args.skip_steps, label=str(folder),
-                                 drops_free_admission=args.dropped_budget == "returned") for folder in folders}
+        runs = {
+            folder: read_run(
+                folder,
+                engine,
+                skip_steps=args.skip_steps,
+                label=str(folder),
+                drops_free_admission=args.dropped_budget == "returned",
+            )
+            for folder in folders
+        }
         fitted_on = {str(folder) for folder in (args.fit_on or folders)}
         params = calibrate([run for run in runs.values() if run.label in fitted_on])
         rows = prediction_error(params, list(runs.values()))

@@ -57,7 +57,7 @@ import itertools
 import math
 import os
 from collections import deque
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 import numpy as np
@@ -164,7 +164,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             if getattr(self, name) < 1:
                 raise ValueError(f"SimConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.eta < 0 or self.prompt_tokens < 0 or not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"SimConfig needs eta, prompt_tokens, alpha >= 0; got {self.eta}, {self.prompt_tokens}, {self.alpha}")
+            raise ValueError(
+                f"SimConfig needs eta, prompt_tokens, alpha >= 0; got {self.eta}, {self.prompt_tokens}, {self.alpha}"
+            )
 
     @property
     def batch_samples(self) -> int:
@@ -245,8 +247,25 @@ class _Sample:
 class _Engine:
     """Context tokens summed over running sequences = ctx_off + running * steps."""
 
-    __slots__ = ("eid", "steps", "heap", "running", "ctx_off", "joins", "paused", "epoch", "t0",
-                 "seg_start", "seg_k", "seg_end", "step_a", "step_c", "busy", "kv_recompute", "slowdown")
+    __slots__ = (
+        "eid",
+        "steps",
+        "heap",
+        "running",
+        "ctx_off",
+        "joins",
+        "paused",
+        "epoch",
+        "t0",
+        "seg_start",
+        "seg_k",
+        "seg_end",
+        "step_a",
+        "step_c",
+        "busy",
+        "kv_recompute",
+        "slowdown",
+    )
 
     def __init__(self, eid: int) -> None:
         self.eid = eid
@@ -290,6 +309,17 @@ class _Engine:
 
 
 _ENGINE, _TRAIN_DONE, _SYNC_DONE, _GROUP_READY, _VERSION_SEEN, _TRAINER_FREE = range(6)
+
+
+def _running_engines(groups: list[_Group]) -> set[_Engine]:
+    """The engines that hold a running sample of `groups`."""
+    engines: set[_Engine] = set()
+    for g in groups:
+        for s in g.samples:
+            if s.state == _RUNNING:
+                assert s.engine is not None  # a running sample is always on an engine
+                engines.add(s.engine)
+    return engines
 
 
 class _Simulation:
@@ -341,20 +371,22 @@ class _Simulation:
         self.settle(0.0)
         while self.events and self.done_at is None:
             now, _, kind, ref, epoch = heapq.heappop(self.events)
+            # `kind` says what `ref` is (see the push calls).
             if kind == _ENGINE:
-                if ref.epoch != epoch:  # type: ignore[union-attr]
+                engine = cast(_Engine, ref)
+                if engine.epoch != epoch:
                     continue
-                self.on_engine_event(ref, now)  # type: ignore[arg-type]
+                self.on_engine_event(engine, now)
             elif kind == _TRAIN_DONE:
                 self.on_train_done(now)
             elif kind == _SYNC_DONE:
                 self.end_sync(now, paused=True)
             elif kind == _GROUP_READY:
-                self.group_ready(ref, now)  # type: ignore[arg-type]
+                self.group_ready(cast(_Group, ref), now)
             elif kind == _TRAINER_FREE:
                 self.trainer_busy = False
             else:
-                self.admit_version = max(self.admit_version, ref)  # type: ignore[type-var]
+                self.admit_version = max(self.admit_version, cast(int, ref))
             self.settle(now)
         if self.done_at is None:
             raise RuntimeError("simulation stalled before the last step: no engine can make progress")
@@ -406,8 +438,9 @@ class _Simulation:
             e.seg_end = None
             return
         e.seg_start = now + e.slowdown * (prefill_time + p.prefill_per_token * prefill)
-        e.step_a = e.slowdown * (p.decode_base + p.decode_per_seq * e.running
-                                 + p.decode_per_ctx_token * (e.ctx_off + e.running * e.steps))
+        e.step_a = e.slowdown * (
+            p.decode_base + p.decode_per_seq * e.running + p.decode_per_ctx_token * (e.ctx_off + e.running * e.steps)
+        )
         e.step_c = e.slowdown * p.decode_per_ctx_token * e.running
         e.seg_k = top - e.steps
         self.schedule(e, e.seg_start + e.decode_time(e.seg_k))
@@ -585,7 +618,7 @@ class _Simulation:
 
     def retract(self, tail: list[_Group], now: float) -> None:
         """Stop unfinished groups, keeping partial responses to resume when the next round launches."""
-        engines = {s.engine for g in tail for s in g.samples if s.state == _RUNNING}
+        engines = _running_engines(tail)
         for e in engines:
             self.interrupt(e, now)  # may finish samples on this very step
         for g in tail:
@@ -609,7 +642,7 @@ class _Simulation:
             g.dropped = True
             self.dropped += 1
             self.inflight.pop(id(g), None)
-        engines = {s.engine for g in groups for s in g.samples if s.state == _RUNNING}
+        engines = _running_engines(groups)
         for e in engines:
             self.interrupt(e, now)
         for g in groups:
@@ -737,8 +770,15 @@ def write_trace(result: SimResult, path: str) -> None:
     stream = f"{path}.part"
     with Tracer(stream, process_name=f"simulated {result.mode}", pid=0) as tracer:
         for r in result.steps:
-            tracer.complete(f"train step {r.step}", "trainer", r.train_start_s, r.train_end_s,
-                            samples=r.samples, tokens=r.tokens, mean_staleness=r.mean_staleness)
+            tracer.complete(
+                f"train step {r.step}",
+                "trainer",
+                r.train_start_s,
+                r.train_end_s,
+                samples=r.samples,
+                tokens=r.tokens,
+                mean_staleness=r.mean_staleness,
+            )
             if r.sync_end_s > r.train_end_s:
                 tracer.complete(f"sync v{r.step + 1}", "weight-sync", r.train_end_s, r.sync_end_s)
         for span in sorted(result.engine_spans, key=lambda s: (s.engine, s.start_s)):
@@ -749,12 +789,17 @@ def write_trace(result: SimResult, path: str) -> None:
 
 def _table(rows: list[tuple[str, SimResult]]) -> str:
     columns = [
-        ("run", lambda r: ""), ("samples/s", lambda r: f"{r.samples_per_s:.2f}"),
-        ("steady/s", lambda r: f"{r.steady_samples_per_s:.2f}"), ("groups/s", lambda r: f"{r.groups_per_s:.2f}"),
-        ("engine busy", lambda r: f"{r.engine_busy_fraction:.2f}"), ("trainer busy", lambda r: f"{r.trainer_busy_fraction:.2f}"),
+        ("run", lambda r: ""),
+        ("samples/s", lambda r: f"{r.samples_per_s:.2f}"),
+        ("steady/s", lambda r: f"{r.steady_samples_per_s:.2f}"),
+        ("groups/s", lambda r: f"{r.groups_per_s:.2f}"),
+        ("engine busy", lambda r: f"{r.engine_busy_fraction:.2f}"),
+        ("trainer busy", lambda r: f"{r.trainer_busy_fraction:.2f}"),
         ("staleness", lambda r: f"{r.mean_staleness:.2f}/{r.max_staleness}"),
-        ("tok gen", lambda r: str(r.tokens_generated)), ("tok recycled", lambda r: str(r.tokens_recycled)),
-        ("tok wasted", lambda r: str(r.tokens_wasted)), ("dropped", lambda r: str(r.groups_dropped)),
+        ("tok gen", lambda r: str(r.tokens_generated)),
+        ("tok recycled", lambda r: str(r.tokens_recycled)),
+        ("tok wasted", lambda r: str(r.tokens_wasted)),
+        ("dropped", lambda r: str(r.groups_dropped)),
     ]
     cells = [[name for name, _ in columns]] + [[label] + [fmt(r) for _, fmt in columns[1:]] for label, r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
@@ -769,7 +814,9 @@ def _length_arg(text: str) -> LengthDist:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m staleness.experiments.simulator", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m staleness.experiments.simulator", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--mode", default="sync,async,april", help="comma-separated modes to compare")
     parser.add_argument("--eta", type=int, default=1)
     parser.add_argument("--alpha", type=float, default=0.5)
@@ -780,22 +827,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=4096)
-    parser.add_argument("--lengths", type=_length_arg, default=LengthDist(kind="lognormal", median=300, sigma=1.0),
-                        help="e.g. constant:value=300, uniform:low=1,high=900, lognormal:median=300,sigma=1.2")
-    parser.add_argument("--params", default="{}", help='SimParams as JSON, e.g. \'{"train_base": 2.0}\'')
+    parser.add_argument(
+        "--lengths",
+        type=_length_arg,
+        default=LengthDist(kind="lognormal", median=300, sigma=1.0),
+        help="e.g. constant:value=300, uniform:low=1,high=900, lognormal:median=300,sigma=1.2",
+    )
+    parser.add_argument("--params", default="{}", help="SimParams as JSON, e.g. '{\"train_base\": 2.0}'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", help="write the last mode's timeline here (Perfetto JSON)")
     args = parser.parse_args(argv)
     try:
         params = msgspec.json.decode(args.params, type=SimParams)
-        configs = [SimConfig(mode=mode, n_engines=args.engines, batch_groups=args.batch_groups, group_size=args.group_size,
-                             eta=args.eta, alpha=args.alpha, steps=args.steps, max_running=args.max_running,
-                             prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
-                             lengths=args.lengths, seed=args.seed) for mode in args.mode.split(",")]
+        configs = [
+            SimConfig(
+                mode=mode,
+                n_engines=args.engines,
+                batch_groups=args.batch_groups,
+                group_size=args.group_size,
+                eta=args.eta,
+                alpha=args.alpha,
+                steps=args.steps,
+                max_running=args.max_running,
+                prompt_tokens=args.prompt_tokens,
+                max_new_tokens=args.max_new_tokens,
+                lengths=args.lengths,
+                seed=args.seed,
+            )
+            for mode in args.mode.split(",")
+        ]
     except (ValueError, msgspec.ValidationError, msgspec.DecodeError) as err:
         parser.error(str(err))
-    rows = [(f"{c.mode} eta={c.effective_eta}" + (f" a={c.alpha}" if c.mode == "april" else ""),
-             simulate(c, params, record_spans=bool(args.trace))) for c in configs]
+    rows = [
+        (
+            f"{c.mode} eta={c.effective_eta}" + (f" a={c.alpha}" if c.mode == "april" else ""),
+            simulate(c, params, record_spans=bool(args.trace)),
+        )
+        for c in configs
+    ]
     print(_table(rows))
     if args.trace:
         write_trace(rows[-1][1], args.trace)

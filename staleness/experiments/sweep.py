@@ -30,8 +30,11 @@ from staleness.experiments.sweep_status import Failure, PointStatus, StatusError
 
 GRID_ALIASES = {"staleness": "staleness.eta"}
 # Keys the sweep sets itself for every point.
-RESERVED_KEYS = {"run.output_dir": "the sweep gives each point its own folder (use --out)",
-                 "trainer.seed": "use --seeds", "task.seed": "use --seeds"}
+RESERVED_KEYS = {
+    "run.output_dir": "the sweep gives each point its own folder (use --out)",
+    "trainer.seed": "use --seeds",
+    "task.seed": "use --seeds",
+}
 STOP_GRACE_S = 30.0  # the run's supervisor needs ~10 s to stop its components after SIGTERM
 LOG_TAIL_LINES = 20
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
@@ -54,16 +57,33 @@ class RunResult(NamedTuple):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="recipe TOML path or bundled recipe name (e.g. tiny)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="a recipe key and its values (repeatable; the points are the product); "
-                             "'staleness' is short for staleness.eta")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="seeds per grid point: seed k adds k to the recipe's trainer.seed and task.seed")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a recipe key and its values (repeatable; the points are the product); "
+        "'staleness' is short for staleness.eta",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds per grid point: seed k adds k to the recipe's trainer.seed and task.seed",
+    )
     parser.add_argument("--out", type=Path, help="sweep folder (default: runs/sweep-RECIPE)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value for every point (repeatable)")
-    parser.add_argument("--ray-address", help="run points as Ray tasks on this cluster ('auto', 'local', "
-                                              "'ray://host:port'); needs `pip install ray`")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value for every point (repeatable)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="run points as Ray tasks on this cluster ('auto', 'local', 'ray://host:port'); needs `pip install ray`",
+    )
     parser.add_argument("--ray-cpus-per-point", type=float, default=1.0, help="Ray CPUs reserved per point")
     parser.add_argument("--ray-gpus-per-point", type=float, default=0.0, help="Ray GPUs reserved per point")
     parser.add_argument("--report-only", type=Path, metavar="DIR", help="re-render DIR's report without running")
@@ -103,8 +123,10 @@ def main(args: argparse.Namespace) -> int:
         with _exclusive(layout):
             try:
                 pending = prepare(layout, points)
-                print(f"sweep {layout.root}: {len(points)} point(s), {len(points) - len(pending)} already done",
-                      flush=True)
+                print(
+                    f"sweep {layout.root}: {len(points)} point(s), {len(points) - len(pending)} already done",
+                    flush=True,
+                )
                 if args.ray_address is None:
                     run_sequentially(layout, pending)
                 else:
@@ -132,7 +154,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def parse_grid(spec: str) -> GridAxis:
-    """"staleness=0,1,2" -> GridAxis("staleness.eta", ["0", "1", "2"])."""
+    """ "staleness=0,1,2" -> GridAxis("staleness.eta", ["0", "1", "2"])."""
     key, sep, raw = spec.partition("=")
     key = GRID_ALIASES.get(key.strip(), key.strip())
     values = [value.strip() for value in raw.split(",")]
@@ -159,15 +181,20 @@ def plan_points(config_path: str, axes: list[GridAxis], seeds: int, overrides: l
         settings = dict(zip(keys, values))
         for k in range(seeds):
             seed = base.trainer.seed + k
-            point_overrides = [*overrides, *(f"{key}={value}" for key, value in settings.items()),
-                               f"trainer.seed={seed}", f"task.seed={base.task.seed + k}"]
+            point_overrides = [
+                *overrides,
+                *(f"{key}={value}" for key, value in settings.items()),
+                f"trainer.seed={seed}",
+                f"task.seed={base.task.seed + k}",
+            ]
             name = point_name(settings, seed)
             try:
                 check_supported(load_config(config_path, point_overrides))
             except ConfigError as exc:
                 raise SweepError(f"point {name}: {exc}") from None
-            points.append(PointStatus(name=name, settings=settings, seed=seed, config=config_path,
-                                      overrides=point_overrides))
+            points.append(
+                PointStatus(name=name, settings=settings, seed=seed, config=config_path, overrides=point_overrides)
+            )
     if len({point.name for point in points}) != len(points):
         raise SweepError("two grid points map to the same folder name; use values that differ in letters or digits")
     return points
@@ -184,8 +211,10 @@ def prepare(layout: SweepLayout, points: list[PointStatus]) -> list[PointStatus]
     recorded = {point.name: layout.read_status(point.name) for point in points}
     for point in points:
         if (old := recorded[point.name]) is not None and (old.config, old.overrides) != (point.config, point.overrides):
-            raise SweepError(f"{layout.status_path(point.name)} was run with {old.config} {old.overrides}, "
-                             f"not {point.config} {point.overrides}: use another --out, or delete that point")
+            raise SweepError(
+                f"{layout.status_path(point.name)} was run with {old.config} {old.overrides}, "
+                f"not {point.config} {point.overrides}: use another --out, or delete that point"
+            )
     pending = []
     for point in points:
         status = recorded[point.name]
@@ -221,8 +250,9 @@ def run_point_process(argv: list[str], log_path: str) -> RunResult:
     """
     started = time.time()
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             exit_code = process.wait()
         except BaseException:  # KeyboardInterrupt, or Ray cancelling the task
@@ -260,13 +290,17 @@ def _finish_attempt(layout: SweepLayout, status: PointStatus, result: RunResult)
     else:
         log = layout.log_path(status.name, status.attempts)
         _record_failure(layout, status, result.exit_code, _tail(log))
-    print(f"{status.name}: {status.state} (exit {result.exit_code}) in {result.ended - result.started:.1f} s", flush=True)
+    print(
+        f"{status.name}: {status.state} (exit {result.exit_code}) in {result.ended - result.started:.1f} s", flush=True
+    )
 
 
 def _record_failure(layout: SweepLayout, status: PointStatus, exit_code: int | None, message: str) -> None:
     log = layout.log_path(status.name, status.attempts).relative_to(layout.root)
-    status.failures = [*status.failures, Failure(attempt=status.attempts, exit_code=exit_code, message=message,
-                                                 log=str(log))]
+    status.failures = [
+        *status.failures,
+        Failure(attempt=status.attempts, exit_code=exit_code, message=message, log=str(log)),
+    ]
     status.state, status.exit_code = "failed", exit_code
     layout.write_status(status)
 
