@@ -179,6 +179,12 @@ class WeightSyncConfig(_Table, frozen=True):
     in_place (they stay, KV kept)."""
     dir: str = ""
     """Where disk snapshots go; "" = <run.output_dir>/weights."""
+    timeout_s: float = 300.0
+    """Deadline of each engine call of a sync (pause, update, continue): an engine that misses it is
+    named and skipped (disk, tensor: it is updated at the next sync) or fails the run (distributed)."""
+
+    def __post_init__(self) -> None:
+        check_field(self.timeout_s > 0, "timeout_s", self.timeout_s, "> 0")
 
 
 class AprilConfig(_Table, frozen=True):
@@ -212,17 +218,24 @@ class RunOptions(_Table, frozen=True):
     max_wall_s: float | None = None
     """Stop cleanly after this long; None = no limit."""
     max_restarts: int = 3
-    """Unexpected exits an engine or the buffer service survives (each is started again, an engine
-    from the newest weights); one more ends the run with its log tail. Engines are not restarted
-    under weight_sync.method = "distributed" (the broadcast group cannot take a new member)."""
+    """Unexpected exits each component survives: it is started again (an engine from the newest
+    weights, the buffer from its log, the trainer from its latest checkpoint, a worker aligned to
+    the trainer's version); one more ends the run with its log tail. Engines are not restarted under
+    weight_sync.method = "distributed" (the broadcast group cannot take a new member)."""
     restart_backoff_s: float = 1.0
     """Wait before a component's first restart; it doubles with each further one (at most 30 s)."""
+    watchdog_s: float = 600.0
+    """No trainer step, trajectory or weight sync for this long: every component dumps its stacks
+    into RUN_DIR/stacks/, the console says where each one is, and the run ends (exit code 3); 0 = off."""
+    watchdog_wait: bool = False
+    """After the watchdog's report, keep waiting (and report again after another watchdog_s)."""
 
     def __post_init__(self) -> None:
         check_field(self.log_interval >= 1, "log_interval", self.log_interval, ">= 1")
         check_field(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", self.max_wall_s, "> 0")
         check_field(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
         check_field(self.restart_backoff_s >= 0, "restart_backoff_s", self.restart_backoff_s, ">= 0")
+        check_field(self.watchdog_s >= 0, "watchdog_s", self.watchdog_s, ">= 0")
 
 
 class RunConfig(_Table, frozen=True):

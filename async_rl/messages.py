@@ -263,6 +263,9 @@ class WeightsPublished(Message, tag="weights_published"):
     # group_id -> samples the trainer dropped since the previous notice (malformed batch, too stale):
     # their workers give that admission budget back.
     dropped_groups: dict[str, int] = msgspec.field(default_factory=dict)
+    # Set by the publisher, unique per trainer process: a lower version from another start means
+    # the trainer resumed from an older checkpoint, not a notice out of order.
+    trainer_start: str = ""
 
 
 AnyMessage = (

@@ -16,6 +16,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+from async_rl import stacks
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
 
 
@@ -98,6 +99,40 @@ def _device(configured: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+HUNG_GRACE_S = 2.0
+
+
+async def _wait_unless_hung(supervisor, config: RunConfig, stacks_dir: Path):
+    """supervisor.wait(), unless the watchdog finds the run stalled first (then its report, and the
+    run ends as hung unless run.watchdog_wait)."""
+    from async_rl.supervisor import RunOutcome
+    from async_rl.watchdog import Watchdog
+    from buffer.service import WAL_NAME
+
+    ending = asyncio.ensure_future(supervisor.wait(config.run.max_wall_s))
+    if not config.run.watchdog_s:
+        return await ending
+    run_dir = Path(config.run.output_dir)
+    progress = [
+        run_dir / "metrics.jsonl",
+        run_dir / "rollout_metrics.jsonl",
+        config.output_path(config.buffer.dir, "buffer") / WAL_NAME,
+    ]
+    watchdog = Watchdog(progress, stacks_dir, config.run.watchdog_s)
+    while True:
+        stalled = asyncio.ensure_future(watchdog.stalled())
+        await asyncio.wait({ending, stalled}, return_when=asyncio.FIRST_COMPLETED)
+        if ending.done():
+            stalled.cancel()
+            return ending.result()
+        report = stalled.result()
+        print(f"watchdog: {report}", flush=True)
+        if not config.run.watchdog_wait:
+            ending.cancel()
+            supervisor.grace_s = HUNG_GRACE_S  # a stuck process will not act on SIGTERM anyway
+            return RunOutcome(status="hung", message=report.splitlines()[0])
+
+
 def _newest_weights(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
     """The newest complete weights a (re)starting engine can load: the trainer's latest disk snapshot
     (weight_sync.dir/vN) or its latest checkpoint, whichever is newer, else the base model at 0."""
@@ -162,7 +197,15 @@ async def run(config: RunConfig) -> int:
     engine_weights, start_version = _resume_point(config, model_dir)
     device = _device(config.engine.device or config.model.device)
     python = sys.executable
-    env = {**_thread_env(config.engine.count), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    stacks_dir = run_dir / "stacks"
+    for stale in stacks_dir.glob("*.pid"):  # registrations of an earlier start of this run
+        stale.unlink()
+    env = {
+        **_thread_env(config.engine.count),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        stacks.STACKS_ENV: str(stacks_dir),
+    }
     host = config.engine.host
     restarts = config.run.max_restarts
     engine_restarts = 0 if config.weight_sync.method == "distributed" else restarts
@@ -235,6 +278,8 @@ async def run(config: RunConfig) -> int:
                     name="trainer",
                     finishes_run=True,
                     env=env,
+                    max_restarts=restarts,  # it resumes from its latest checkpoint; the workers follow
+                    backoff_s=backoff,
                     argv=[
                         *_trainer_launcher(python, config.trainer.processes),
                         *common,
@@ -250,6 +295,8 @@ async def run(config: RunConfig) -> int:
                     ProcessSpec(
                         name=f"worker{w}",
                         env=env,
+                        max_restarts=restarts,  # it aligns to the trainer's version at start
+                        backoff_s=backoff,
                         argv=[
                             python,
                             "-m",
@@ -275,7 +322,7 @@ async def run(config: RunConfig) -> int:
                 follower = MetricsFollower(run_dir / "metrics.jsonl", display)
                 following = asyncio.create_task(follower.follow())
                 try:
-                    outcome = await supervisor.wait(config.run.max_wall_s)
+                    outcome = await _wait_unless_hung(supervisor, config, stacks_dir)
                 finally:
                     following.cancel()
                     follower.poll()

@@ -30,6 +30,8 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 LOG_TAIL_LINES = 40
+COMPONENT_ENV = "ASYNC_RL_COMPONENT"  # every child learns its name (stack dumps are named by it)
+RESTARTS_ENV = "ASYNC_RL_RESTARTS"  # and how often it was started again (0 on its first start)
 T = TypeVar("T")
 
 
@@ -61,14 +63,14 @@ class ChildExit(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RunOutcome(msgspec.Struct, frozen=True, kw_only=True):
-    status: Literal["finished", "failed", "interrupted", "timed_out"]
+    status: Literal["finished", "failed", "interrupted", "timed_out", "hung"]
     message: str
     child: ChildExit | None = None
 
     @property
     def exit_code(self) -> int:
-        """For a CLI: 0 finished, 1 a component failed, 130 interrupted, 124 timed out."""
-        return {"finished": 0, "failed": 1, "interrupted": 130, "timed_out": 124}[self.status]
+        """For a CLI: 0 finished, 1 a component failed, 130 interrupted, 124 timed out, 3 hung (watchdog)."""
+        return {"finished": 0, "failed": 1, "interrupted": 130, "timed_out": 124, "hung": 3}[self.status]
 
 
 class RunEnded(RuntimeError):
@@ -170,7 +172,7 @@ class Supervisor:
         if self._ended.done():
             raise _ended_error(self._ended.result())
         log_path = self.log_dir / f"{spec.name}.log"
-        child = _Child(spec, await _spawn(spec, log_path), log_path)
+        child = _Child(spec, await _spawn(spec, log_path, 0), log_path)
         child.respec = respec
         self._children[spec.name] = child
         self._watchers.create_task(self._watch(child), name=f"watch-{spec.name}")
@@ -250,7 +252,7 @@ class Supervisor:
             return
         if child.respec is not None:
             child.spec = msgspec.structs.replace(child.respec(), max_restarts=child.spec.max_restarts)
-        child.process = await _spawn(child.spec, child.log_path)
+        child.process = await _spawn(child.spec, child.log_path, child.restarts)
         if self.on_restart is not None:
             await self.on_restart(child.spec.name, exit_)
 
@@ -280,14 +282,14 @@ class Supervisor:
             self._ended.set_result(outcome)
 
 
-async def _spawn(spec: ProcessSpec, log_path: Path) -> asyncio.subprocess.Process:
+async def _spawn(spec: ProcessSpec, log_path: Path, restarts: int) -> asyncio.subprocess.Process:
     with log_path.open("ab") as log:
         return await asyncio.create_subprocess_exec(
             *spec.argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **spec.env},
+            env={**os.environ, COMPONENT_ENV: spec.name, RESTARTS_ENV: str(restarts), **spec.env},
             cwd=spec.cwd,
             start_new_session=True,
         )

@@ -13,13 +13,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
 
+from async_rl import stacks
 from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import BatchResponse, Trajectory, WeightsPublished, encode, make_decoder
 from async_rl.metrics import MetricsSink
+from async_rl.supervisor import RESTARTS_ENV
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
 from async_rl.weight_sync import broadcast_group, sync_weights
@@ -163,8 +166,11 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     publisher = VersionPublisher(versions)
     sink = MetricsSink(run_dir)
     # One file per start: a resumed run's trace keeps the stretch before the restart.
-    tracer = Tracer(run_dir / TRACE_DIR / f"trainer-v{trainer.version}.json", process_name="trainer")
-    method = config.weight_sync.method
+    restarts = int(os.environ.get(RESTARTS_ENV, "0"))  # a restart at the same version keeps the earlier file
+    suffix = f"r{restarts}" if restarts else ""
+    tracer = Tracer(run_dir / TRACE_DIR / f"trainer-v{trainer.version}{suffix}.json", process_name="trainer")
+    sync_config = config.weight_sync
+    method = sync_config.method
     total = config.trainer.total_steps
     dropped: Counter[str] = Counter()
     dropped_batches = 0
@@ -176,7 +182,19 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
             group = None
             if method == "distributed":
                 group = await stack.enter_async_context(broadcast_group(clients, trainer.device))
-            if trainer.version > 0:  # resumed: tell workers where admission starts
+            if trainer.version > 0:
+                # Resumed: the engines may serve newer weights (a trainer that crashed after this
+                # checkpoint synced them): they serve the checkpoint's again, then workers align to it.
+                await sync_weights(
+                    trainer,
+                    clients,
+                    method,
+                    sync_config.pause_mode,
+                    weights_dir,
+                    group,
+                    tracer,
+                    timeout_s=sync_config.timeout_s,
+                )
                 await publisher.publish(WeightsPublished(version=trainer.version, method=method))
             last = time.perf_counter()
             while trainer.version < total:
@@ -208,7 +226,14 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                     )
                     continue
                 sync = await sync_weights(
-                    trainer, clients, method, config.weight_sync.pause_mode, weights_dir, group, tracer
+                    trainer,
+                    clients,
+                    method,
+                    sync_config.pause_mode,
+                    weights_dir,
+                    group,
+                    tracer,
+                    timeout_s=sync_config.timeout_s,
                 )
                 await publisher.publish(
                     WeightsPublished(
@@ -257,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--versions", required=True, help="PUB endpoint for WeightsPublished")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stacks.install("trainer")
     config = read_run_config(args.config)
     asyncio.run(train(config, args.model_dir, args.engines.split(","), args.serve, args.versions))
     return 0

@@ -316,9 +316,10 @@ class VersionPublisher:
         self.endpoint = cast(bytes, self._socket.last_endpoint).decode()
         self._latest: bytes | None = None
         self._repeater: asyncio.Task | None = None
+        self.start = uuid.uuid4().hex
 
     async def publish(self, notice: WeightsPublished) -> None:
-        self._latest = encode(notice)
+        self._latest = encode(msgspec.structs.replace(notice, trainer_start=self.start))
         await self._socket.send(self._latest)
         if self._repeater is None:
             self._repeater = asyncio.create_task(self._repeat())
@@ -338,7 +339,8 @@ class VersionPublisher:
 class VersionSubscriber:
     """Engines/workers/controller side: yields each new version once, in increasing order, and a
     repeat of the current version only when it reports new drops (the trainer refused a batch
-    without publishing, which must give admission budget back even at eta = 0)."""
+    without publishing, which must give admission budget back even at eta = 0). A notice from a new
+    trainer start is yielded whatever its version (a restarted trainer resumes from a checkpoint)."""
 
     def __init__(self, endpoint: str = DEFAULT_VERSIONS, *, curve: zmq_auth.CurveClient | None = None):
         self._socket = _socket(zmq.asyncio.Context.instance(), zmq.SUB, curve)
@@ -358,6 +360,7 @@ class VersionSubscriber:
             latest = self.latest
             if (
                 latest is None
+                or notice.trainer_start != latest.trainer_start
                 or notice.version > latest.version
                 or (notice.version == latest.version and notice.dropped_groups != latest.dropped_groups)
             ):

@@ -103,6 +103,8 @@ async def sync_weights(
     weights_dir: Path,
     group: WeightUpdateGroup | None = None,
     tracer: Tracer | None = None,
+    *,
+    timeout_s: float | None = None,
 ) -> SyncResult:
     """Pause (pause_mode) -> update -> continue on every engine at once.
 
@@ -115,7 +117,8 @@ async def sync_weights(
     An engine that cannot be reached (dead, or restarting under the supervisor) misses this
     version instead of failing the sync (disk and tensor; a broadcast needs every rank): the
     workers route to it again only once it serves the trainer's version, and the next sync
-    updates it.
+    updates it. Each call to an engine (pause, update, continue) has the deadline `timeout_s` (the
+    client's default if None); a missed deadline names the engine.
     """
     tracer = tracer or Tracer(None)
     started_wall, started = time.time(), time.perf_counter()
@@ -126,11 +129,11 @@ async def sync_weights(
     path, tensors = export.path, export.tensors
     if method == "disk":
         update = lambda client: client.update_weights_from_disk(  # noqa: E731
-            path, flush_cache=False, weight_version=str(version)
+            path, flush_cache=False, weight_version=str(version), timeout_s=timeout_s
         )
     elif method == "tensor":
         update = lambda client: client.update_weights_from_tensor(  # noqa: E731
-            tensors, flush_cache=False, weight_version=str(version)
+            tensors, flush_cache=False, weight_version=str(version), timeout_s=timeout_s
         )
     elif method == "distributed":
         if group is None:
@@ -138,7 +141,13 @@ async def sync_weights(
         names = list(tensors)
         dtypes, shapes = [tensors[n].dtype for n in names], [list(tensors[n].shape) for n in names]
         update = lambda client: client.update_weights_from_distributed(  # noqa: E731
-            names, dtypes, shapes, group_name=GROUP_NAME, flush_cache=False, weight_version=str(version)
+            names,
+            dtypes,
+            shapes,
+            group_name=GROUP_NAME,
+            flush_cache=False,
+            weight_version=str(version),
+            timeout_s=timeout_s,
         )
         send = lambda: _broadcast_all(group, [tensors[n] for n in names])  # noqa: E731
     else:
@@ -149,7 +158,7 @@ async def sync_weights(
     async def one(index: int, client: EngineClient) -> None:
         track, seconds = f"{SYNC_TRACK} engine-{index}", phases[index]
         with _phase(tracer, "pause", track, seconds, mode=pause_mode, version=version):
-            await client.pause(pause_mode)
+            await client.pause(pause_mode, timeout_s=timeout_s)
         try:
             with _phase(tracer, "update", track, seconds, method=method, version=version):
                 await update(client)
@@ -157,7 +166,7 @@ async def sync_weights(
                     await _flush_prefix_cache(client)
         finally:
             with _phase(tracer, "continue", track, seconds, version=version):
-                await client.continue_generation()
+                await client.continue_generation(timeout_s=timeout_s)
 
     missed: list[int] = []
 
@@ -165,8 +174,8 @@ async def sync_weights(
         try:
             await one(index, client)
         except (EngineConnectionError, EngineTimeoutError) as exc:
-            if method == "distributed":
-                raise
+            if method == "distributed":  # every rank of the broadcast must take part
+                raise RuntimeError(f"weight sync of version {version} to engine {index} ({client.url}): {exc}") from exc
             log.warning("engine %d (%s) missed version %d: %s", index, client.url, version, exc)
             missed.append(index)
 

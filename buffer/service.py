@@ -30,7 +30,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from async_rl import zmq_auth
+from async_rl import stacks, zmq_auth
 from async_rl.messages import (
     BatchRequest,
     BatchResponse,
@@ -355,6 +355,7 @@ def main(args: argparse.Namespace) -> int:
     from async_rl.config import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stacks.install("buffer")
     try:
         service = service_from_args(args)
     except ConfigError as exc:

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import signal
 import time
 from collections import Counter
@@ -29,8 +30,10 @@ from pathlib import Path
 
 import msgspec
 
+from async_rl import stacks
 from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import Trajectory
+from async_rl.supervisor import RESTARTS_ENV
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, TrajectorySender, VersionSubscriber
 from rollout_workers.april import AprilController, AprilPlan
@@ -42,8 +45,17 @@ from rollout_workers.reward import Reward
 from rollout_workers.rollout_metrics import RolloutMetrics
 from rollout_workers.tasks import TaskSample, task_samples
 from staleness.admission import AdmissionController
+from staleness.config import StalenessConfig
 
 log = logging.getLogger("rollout_worker")
+
+
+REALIGN_WAIT_S = 3.0  # three of the publisher's repeats
+RESTART_TO_REALIGN = 75  # the exit code of a worker that restarts to align to a restarted trainer
+
+
+class TrainerWentBack(RuntimeError):
+    """The trainer restarted from an older checkpoint: the worker's counts no longer hold."""
 
 
 class EnginePool:
@@ -117,6 +129,10 @@ class RolloutWorker:
     ):
         self.config = config
         self.index = worker_index
+        # A restarted worker must not repeat its earlier starts: not their group ids (the buffer
+        # dedupes on them), their trace file or their prompts.
+        self.restarts = int(os.environ.get(RESTARTS_ENV, "0"))
+        start = f"v{start_version}" + (f"r{self.restarts}" if self.restarts else "")
         self.tokenizer = load_tokenizer(model_dir)
         self.plugins = RolloutPlugins.from_config(config.rollout)
         self.reward = Reward.from_spec(config.rollout.reward, config.rollout.reward_timeout_s)
@@ -125,19 +141,14 @@ class RolloutWorker:
         self.april = config.april.enabled  # the config refuses APRIL with a custom generate function
         # Each of W workers owns 1/W of every batch, so together they keep the global bound.
         self.share = config.trainer.groups_per_step // config.rollout.workers
-        group_size = config.rollout.group_size
         # APRIL over-provisions by ceil(alpha * b) groups beyond AReaL's limit (rollout_workers/april.py).
         extra = math.ceil(config.april.alpha) if self.april else 0
         staleness = msgspec.structs.replace(config.staleness, eta=config.staleness.eta + extra)
-        # Everything before the start version was trained on; in-buffer leftovers are re-generated.
-        self.admission = AdmissionController.from_counts(
-            staleness, self.share * group_size, version=start_version, accepted=start_version * self.share * group_size
-        )
-        # Workers draw different prompts: each offsets the task seed by its index.
-        self.samples: Iterator[TaskSample] = task_samples(
-            msgspec.structs.replace(config.task, seed=config.task.seed + worker_index)
-        )
-        self.group_ids = (f"w{worker_index}-v{start_version}-g{i}" for i in itertools.count())
+        self.admission = self._admission_at(start_version, staleness)
+        # Workers draw different prompts: each offsets the task seed by its index (and its restarts).
+        seed = config.task.seed + worker_index + self.restarts * config.rollout.workers
+        self.samples: Iterator[TaskSample] = task_samples(msgspec.structs.replace(config.task, seed=seed))
+        self.group_ids = (f"w{worker_index}-{start}-g{i}" for i in itertools.count())
         self.counts: Counter[str] = Counter()
         rollout = config.rollout
         self.sampling_params = {
@@ -147,7 +158,7 @@ class RolloutWorker:
         }
         run_dir = Path(config.run.output_dir)
         self.tracer = Tracer(
-            run_dir / TRACE_DIR / f"worker{worker_index}-v{start_version}.json",
+            run_dir / TRACE_DIR / f"worker{worker_index}-{start}.json",
             process_name=f"rollout worker {worker_index}",
         )
         self.metrics = RolloutMetrics(run_dir, worker_index, len(engine_urls), self.share, self.tracer)
@@ -159,6 +170,23 @@ class RolloutWorker:
         self.buffer: BufferClient  # with APRIL only
         self._tasks: asyncio.TaskGroup
 
+    def _admission_at(self, version: int, staleness: StalenessConfig) -> AdmissionController:
+        """Everything before `version` was trained on; in-buffer leftovers are re-generated."""
+        batch = self.share * self.config.rollout.group_size
+        return AdmissionController.from_counts(staleness, batch, version=version, accepted=version * batch)
+
+    async def _align_to_trainer(self, subscriber: VersionSubscriber) -> None:
+        """A restarted worker starts from the trainer's current version (the publisher repeats its
+        latest notice), not from the version the run began at."""
+        try:
+            async with asyncio.timeout(REALIGN_WAIT_S):
+                notice = await subscriber.next()
+        except TimeoutError:  # nothing published yet: the trainer is still at the start version
+            return
+        log.info("restart %d: aligned to the trainer's version %d", self.restarts, notice.version)
+        self.admission = self._admission_at(notice.version, self.admission.config)
+        self.pool.note_version(notice.version)
+
     @property
     def concurrency(self) -> int:
         """Enough group tasks to fill this worker's admission budget: its share of eta + 1 batches."""
@@ -168,6 +196,8 @@ class RolloutWorker:
         subscriber = VersionSubscriber(versions)
         try:
             await wait_until_healthy(self.pool.clients, self.config.engine.start_timeout_s)
+            if self.restarts:
+                await self._align_to_trainer(subscriber)
             async with contextlib.AsyncExitStack() as stack:
                 self.sender = await stack.enter_async_context(TrajectorySender(submit))
                 if self.april:
@@ -210,6 +240,11 @@ class RolloutWorker:
     async def _follow_versions(self, subscriber: VersionSubscriber) -> None:
         while True:
             notice = await subscriber.next()
+            if notice.version < self.admission.version:
+                raise TrainerWentBack(
+                    f"the trainer went back from version {self.admission.version} to {notice.version} "
+                    "(restarted from a checkpoint): this worker restarts to align its admission to it"
+                )
             self._credit_dropped(getattr(notice, "dropped_groups", {}))
             if notice.version > self.admission.version:
                 self.pool.note_version(notice.version)
@@ -409,12 +444,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-index", type=int, default=0, help="keeps group ids unique across workers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stacks.install(f"worker{args.worker_index}")
     config = read_run_config(args.config)
     worker = RolloutWorker(config, args.model_dir, args.engines.split(","), args.start_version, args.worker_index)
     try:
         asyncio.run(_run_until_signalled(worker, args))
     except asyncio.CancelledError:
         pass
+    except ExceptionGroup as errors:  # from the worker's task group
+        went_back = errors.subgroup(TrainerWentBack)
+        if went_back is None:
+            raise
+        log.warning("%s", went_back.exceptions[0])
+        return RESTART_TO_REALIGN
     return 0
 
 

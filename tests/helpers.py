@@ -11,10 +11,11 @@ from pathlib import Path
 
 import msgspec
 
-from async_rl.messages import Trajectory, encode
+from async_rl.messages import Trajectory, decode, encode
 from buffer.frames import read_header
 from buffer.replay import ReplayBuffer
-from buffer.wal import Put
+from buffer.service import WAL_NAME
+from buffer.wal import Put, Served, read_records
 from rollout_workers.launcher import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +103,26 @@ def buffer_process(directory: Path, submit: str, serve: str, *extra: str) -> Ite
             process.terminate()
             process.wait(10)
         log_file.close()
+
+
+def start_run(run_dir: Path, *args: str, recipe: str = "recipes/tiny.toml", env=None) -> subprocess.Popen:
+    """`async-rl run RECIPE` into `run_dir` (at most 120 s), its console captured."""
+    argv = [sys.executable, "-m", "async_rl.cli", "run", recipe, "--set", f"run.output_dir={run_dir}"]
+    argv += ["--set", "run.max_wall_s=120", *args]
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 150) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout_s)
+    return process.returncode, output
+
+
+def served_batches(buffer_dir: Path) -> list[list[Trajectory]]:
+    """The batches the buffer served, in order, rebuilt from its write-ahead log."""
+    records, _ = read_records(buffer_dir / WAL_NAME)
+    stored = {}
+    for record in records:
+        if isinstance(record, Put):
+            trajectory = decode(bytes(record.frame))
+            stored[trajectory.sample_id] = trajectory
+    return [[stored[sample_id] for sample_id in r.sample_ids] for r in records if isinstance(r, Served)]

@@ -4,43 +4,16 @@ from __future__ import annotations
 
 import signal
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
 
 from async_rl.config import RunConfig
-from async_rl.messages import Trajectory, decode
 from async_rl.metrics import read_metrics
-from buffer.service import WAL_NAME
-from buffer.wal import Put, Served, read_records
+from tests.helpers import finish, served_batches, start_run
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_run(run_dir: Path, *args: str) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "async_rl.cli",
-        "run",
-        "recipes/tiny.toml",
-        "--set",
-        f"run.output_dir={run_dir}",
-        "--set",
-        "run.max_wall_s=120",
-        *args,
-    ]
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process: subprocess.Popen, timeout_s: float = 150) -> tuple[int, str]:
-    output, _ = process.communicate(timeout=timeout_s)
-    return process.returncode, output
 
 
 def staleness_values(records: list[dict]) -> set[int]:
@@ -60,17 +33,6 @@ def test_tiny_recipe_learns_within_the_staleness_bound(tmp_path):
     assert max(r["staleness/max"] for r in records) <= 1
     assert staleness_values(records) <= {0, 1}
     assert all(r["weight_sync/seconds"] > 0 for r in records)
-
-
-def served_batches(buffer_dir: Path) -> list[list[Trajectory]]:
-    """The batches the buffer served, in order, rebuilt from its write-ahead log."""
-    records, _ = read_records(buffer_dir / WAL_NAME)
-    stored = {}
-    for record in records:
-        if isinstance(record, Put):
-            trajectory = decode(bytes(record.frame))
-            stored[trajectory.sample_id] = trajectory
-    return [[stored[sample_id] for sample_id in r.sample_ids] for r in records if isinstance(r, Served)]
 
 
 def test_sync_mode_equals_a_synchronous_replay_of_its_batches(tmp_path):

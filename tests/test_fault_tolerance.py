@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from async_rl.metrics import read_metrics
-from tests.test_e2e import finish, served_batches, start_run
+from tests.helpers import finish, served_batches, start_run
 
 pytestmark = pytest.mark.slow
 
@@ -39,30 +39,34 @@ def wait_for_step(process, metrics: Path, step: int, timeout_s: float = 90) -> N
         time.sleep(0.1)
 
 
-def test_a_killed_engine_is_restarted_and_the_run_finishes_within_eta(tmp_path):
+def test_a_killed_engine_is_restarted_and_routed_again_at_the_current_version(tmp_path):
     """Two engines: the workers route around the dead one at once; it restarts from the newest weights
-    snapshot and is routed again only once it serves the trainer's version."""
-    steps = 100  # long enough after the kill for the restarted engine to serve
-    process = start_run(tmp_path, "--set", f"trainer.total_steps={steps}", "--set", "engine.count=2")
-    wait_for_step(process, tmp_path / "metrics.jsonl", 5)
+    snapshot and is routed again only once it serves the trainer's version. The run (1000 steps) is
+    stopped once the restarted engine has served 10 more steps."""
+    process = start_run(tmp_path, "--set", "trainer.total_steps=1000", "--set", "engine.count=2")
+    metrics, worker_log = tmp_path / "metrics.jsonl", tmp_path / "logs" / "worker0.log"
+    wait_for_step(process, metrics, 5)
     header = (tmp_path / "logs" / "engine0.log").read_text()
     port = re.search(r"on http://127\.0\.0\.1:(\d+)", header).group(1)
     os.kill(pid_of("engine", "serve", port), signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while not (worker_log.exists() and "engine 0 (http://127.0.0.1:" + port + ") is back" in worker_log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "the engine never came back"
+        time.sleep(0.1)
+    back_at = max(r["step"] for r in read_metrics(metrics))
+    wait_for_step(process, metrics, back_at + 10)
+    process.send_signal(signal.SIGINT)
     code, output = finish(process)
-    assert code == 0, output
+    assert code == 130, output
     assert "restarting engine0" in output, output
-    records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    records = read_metrics(metrics)
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     assert max(r["staleness/max"] for r in records) <= 1
-    for batch in served_batches(tmp_path / "buffer"):
-        assert all(t.token_versions for t in batch)
     engine_log = (tmp_path / "logs" / "engine0.log").read_text()
-    assert "supervisor: exit -9, restart 1" in engine_log
     restarted = engine_log.split("supervisor: exit -9, restart 1")[1]
     assert "engine ready: " + str(tmp_path / "restart" / "engine0") in restarted, restarted[-2000:]
-    worker_log = (tmp_path / "logs" / "worker0.log").read_text()
-    assert "engine 0" in worker_log and "is down" in worker_log and "is back at version" in worker_log
-    # The restarted engine served the rest of the run: some of the last batches were generated there.
+    assert "is down" in worker_log.read_text()
+    # The restarted engine generated again: some of the last batches come from it.
     late = [t for batch in served_batches(tmp_path / "buffer")[-5:] for t in batch]
     assert any(t.engine_id.endswith(f":{port}") for t in late), {t.engine_id for t in late}
 
@@ -80,3 +84,67 @@ def test_a_killed_buffer_restarts_from_its_log_and_serves_every_sample_once(tmp_
     assert max(r["staleness/max"] for r in records) <= 1
     served = [t.sample_id for batch in served_batches(tmp_path / "buffer") for t in batch]
     assert len(served) == len(set(served)), "a sample was served twice"
+
+
+HANGING_TASKS = '''
+"""Hands out `count` tasks, then never answers: the rollout worker hangs inside this generator."""
+import time
+
+from recipes.tasks import digit_task
+
+
+def stalls_after(seed: int = 0, count: int = 40):
+    tasks = digit_task(seed)
+    for _ in range(count):
+        yield next(tasks)
+    time.sleep(3600)
+'''
+
+
+def test_a_hung_run_dumps_every_stack_names_the_stuck_call_and_ends(tmp_path):
+    (tmp_path / "hang_tasks.py").write_text(HANGING_TASKS)
+    process = start_run(
+        tmp_path / "run",
+        "--set",
+        "task.generator=hang_tasks:stalls_after",
+        "--set",
+        "task.kwargs={ count = 40 }",  # 2.5 batches of 16-sample groups
+        "--set",
+        "run.watchdog_s=4",
+        "--set",
+        "trainer.total_steps=50",
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    code, output = finish(process)
+    assert code == 3, output
+    assert "watchdog: no trainer step, trajectory or weight sync for 4 s" in output, output
+    report = {
+        line.split(":")[0].strip().rsplit("-", 1)[0]: line for line in output.splitlines() if line.startswith("  ")
+    }
+    assert {"engine0", "buffer", "trainer", "worker0"} <= set(report), output
+    assert "main thread in stalls_after (hang_tasks.py:" in report["worker0"], report["worker0"]
+    assert "transport.py" in report["trainer"], report["trainer"]  # waiting on the buffer for a batch
+    dumps = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "run" / "stacks").glob("*.txt")}
+    assert dumps == {"engine0", "buffer", "trainer", "worker0"}
+    assert "run hung" in output
+
+
+def test_a_killed_trainer_resumes_from_its_checkpoint_and_the_workers_follow(tmp_path):
+    steps = 40
+    process = start_run(tmp_path, "--set", f"trainer.total_steps={steps}", "--set", "trainer.checkpoint_interval=5")
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for_step(process, metrics, 12)
+    os.kill(pid_of("async_rl.trainer_main", str(tmp_path / "config.json")), signal.SIGKILL)
+    code, output = finish(process)
+    assert code == 0, output
+    assert "restarting trainer" in output, output
+    records = read_metrics(metrics)
+    steps_logged = [r["step"] for r in records]
+    back = next(i for i in range(1, len(steps_logged)) if steps_logged[i] <= steps_logged[i - 1])
+    resumed = records[back:]
+    # It resumed from a checkpoint (a multiple of 5) and trained on to the end within the bound.
+    assert (resumed[0]["step"] - 1) % 5 == 0 and resumed[-1]["step"] == steps
+    assert [r["step"] for r in resumed] == list(range(resumed[0]["step"], steps + 1))
+    assert max(r["staleness/max"] for r in resumed) <= 1
+    worker_log = (tmp_path / "logs" / "worker0.log").read_text()
+    assert "the trainer went back from version" in worker_log and "aligned to the trainer's version" in worker_log

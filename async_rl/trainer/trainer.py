@@ -93,7 +93,7 @@ def load_model(path: str | Path, device: torch.device) -> PreTrainedModel:
     if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a local HF model folder (no config.json)")
     # transformers' @wraps(Module.to) loses the bound self: mypy takes `device` for it.
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)  # type: ignore[arg-type]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
     _disable_dropout(model)
     return model
 

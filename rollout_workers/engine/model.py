@@ -64,7 +64,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), attn_implementation="sdpa")
-    model.to(device).eval()  # type: ignore[arg-type]  # transformers' @wraps(Module.to) loses the bound self
+    model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
     return LoadedModel(model=model, tokenizer=tokenizer, path=folder)
 
@@ -182,7 +182,7 @@ def save_smollm2(path: str | os.PathLike) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized to float32; dropping the GGUF marks makes them an ordinary checkpoint.
-    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, undeclared on PreTrainedModel
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return _save_folder(Path(path), model, tokenizer)

@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from async_rl import stacks
 from rollout_workers.engine import protocol as P
 
 log = logging.getLogger(__name__)
@@ -583,6 +584,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stacks.install("engine")
     import torch
 
     from rollout_workers.engine.core import EngineCore
