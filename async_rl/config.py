@@ -85,9 +85,19 @@ class EngineConfig(_Table, frozen=True):
     start_timeout_s: float = 300.0
     """How long an engine may take to answer /health after it starts (SGLang compiles kernels on its
     first start); every component that needs the engines waits this long."""
+    health_interval_s: float = 5.0
+    """How often `async-rl run` asks each engine for /health_generate (a paused engine answers at once)."""
+    health_timeout_s: float = 30.0
+    """The deadline of one /health_generate."""
+    health_failures: int = 3
+    """Missed deadlines in a row after which the engine counts as hung: it is killed and restarted
+    (run.max_restarts); 0 = no health monitor."""
 
     def __post_init__(self) -> None:
         check_device("device", self.device)
+        check_field(self.health_interval_s > 0, "health_interval_s", self.health_interval_s, "> 0")
+        check_field(self.health_timeout_s > 0, "health_timeout_s", self.health_timeout_s, "> 0")
+        check_field(self.health_failures >= 0, "health_failures", self.health_failures, ">= 0")
         check_field(self.count >= 1, "count", self.count, ">= 1")
         check_field(self.max_running_requests >= 1, "max_running_requests", self.max_running_requests, ">= 1")
         check_field(self.start_timeout_s > 0, "start_timeout_s", self.start_timeout_s, "> 0")

@@ -180,6 +180,7 @@ def _resume_point(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
 
 
 async def run(config: RunConfig) -> int:
+    from async_rl.engine_monitor import monitor_engines
     from async_rl.metrics import ProgressDisplay
     from async_rl.supervisor import ProcessSpec, RunEnded, Supervisor
     from rollout_workers.engine.model import resolve_model_spec
@@ -194,7 +195,11 @@ async def run(config: RunConfig) -> int:
     except FileNotFoundError as exc:
         print(f"error: model.spec: {exc}", file=sys.stderr)
         return 2
-    engine_weights, start_version = _resume_point(config, model_dir)
+    try:
+        engine_weights, start_version = _resume_point(config, model_dir)
+    except FileNotFoundError as exc:  # checkpoints, none intact: never a silent fresh start
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     device = _device(config.engine.device or config.model.device)
     python = sys.executable
     stacks_dir = run_dir / "stacks"
@@ -320,11 +325,14 @@ async def run(config: RunConfig) -> int:
             )
             with ProgressDisplay(config.trainer.total_steps) as display:
                 follower = MetricsFollower(run_dir / "metrics.jsonl", display)
-                following = asyncio.create_task(follower.follow())
+                following = [asyncio.create_task(follower.follow())]
+                if config.engine.health_failures and engine_restarts:
+                    following.append(asyncio.create_task(monitor_engines(config.engine, engine_urls, supervisor.kill)))
                 try:
                     outcome = await _wait_unless_hung(supervisor, config, stacks_dir)
                 finally:
-                    following.cancel()
+                    for task in following:
+                        task.cancel()
                     follower.poll()
         except RunEnded as ended:
             outcome = ended.outcome

@@ -207,12 +207,18 @@ class Supervisor:
             return work.result()
         raise _ended_error(self._ended.result())
 
+    def kill(self, name: str) -> None:
+        """SIGKILL a child (and what it spawned); its watcher then restarts it or ends the run."""
+        _signal_group(self._children[name].process.pid, signal.SIGKILL)
+
     async def stop_all(self) -> None:
-        """Stop every child (SIGTERM to its group, grace period, SIGKILL) and reap it."""
-        async with asyncio.TaskGroup() as group:
-            for child in self._children.values():
-                child.stopping = True
-                group.create_task(self._stop(child))
+        """Stop every child (SIGTERM to its group, grace period, SIGKILL) and reap it, the last started
+        first: a run starts what others depend on first (engines, buffer), so the components that use
+        them (workers) stop while those still answer, instead of seeing their requests aborted."""
+        for child in self._children.values():
+            child.stopping = True  # none is restarted any more
+        for child in reversed(list(self._children.values())):
+            await self._stop(child)
 
     # ---- internals ------------------------------------------------------------------------
 

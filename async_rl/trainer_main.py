@@ -182,10 +182,9 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
             group = None
             if method == "distributed":
                 group = await stack.enter_async_context(broadcast_group(clients, trainer.device))
-            if trainer.version > 0:
-                # Resumed: the engines may serve newer weights (a trainer that crashed after this
-                # checkpoint synced them): they serve the checkpoint's again, then workers align to it.
-                await sync_weights(
+
+            def push_weights():
+                return sync_weights(
                     trainer,
                     clients,
                     method,
@@ -195,6 +194,11 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                     tracer,
                     timeout_s=sync_config.timeout_s,
                 )
+
+            if trainer.version > 0:
+                # Resumed: the engines may serve newer weights (a trainer that crashed after this
+                # checkpoint synced them): they serve the checkpoint's again, then workers align to it.
+                await push_weights()
                 await publisher.publish(WeightsPublished(version=trainer.version, method=method))
             last = time.perf_counter()
             while trainer.version < total:
@@ -225,16 +229,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                         WeightsPublished(version=trainer.version, method=method, dropped_groups=dict(dropped))
                     )
                     continue
-                sync = await sync_weights(
-                    trainer,
-                    clients,
-                    method,
-                    sync_config.pause_mode,
-                    weights_dir,
-                    group,
-                    tracer,
-                    timeout_s=sync_config.timeout_s,
-                )
+                sync = await push_weights()
                 await publisher.publish(
                     WeightsPublished(
                         version=step.version,

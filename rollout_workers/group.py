@@ -238,9 +238,10 @@ async def drive(group: GroupRollout, pool, metrics: RolloutMetrics) -> None:
             group.engine_url = client.url
             for i, result, extended_sample in zip(pending, results, extended):
                 group.samples[i] = extended_sample
-                if result.aborted:  # kept, not thrown away: these tokens are recycled
+                if result.aborted:
                     group.resumed = True
-                    metrics.counts["tokens_recycled"] += len(extended_sample.response_ids)
+                    if not group.dropped:  # kept to continue: recycled (a dropped group's tokens are waste)
+                        metrics.counts["tokens_recycled"] += len(extended_sample.response_ids)
         await asyncio.sleep(min(0.1 * 2**failures, MAX_BACKOFF_S))
 
 

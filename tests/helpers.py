@@ -117,12 +117,18 @@ def finish(process: subprocess.Popen, timeout_s: float = 150) -> tuple[int, str]
     return process.returncode, output
 
 
-def served_batches(buffer_dir: Path) -> list[list[Trajectory]]:
-    """The batches the buffer served, in order, rebuilt from its write-ahead log."""
+def served_at_versions(buffer_dir: Path) -> list[tuple[int, list[Trajectory]]]:
+    """(trainer version, trajectories) of every batch the buffer served, in order, from its write-ahead log."""
     records, _ = read_records(buffer_dir / WAL_NAME)
     stored = {}
     for record in records:
         if isinstance(record, Put):
             trajectory = decode(bytes(record.frame))
-            stored[trajectory.sample_id] = trajectory
-    return [[stored[sample_id] for sample_id in r.sample_ids] for r in records if isinstance(r, Served)]
+            if not trajectory.partial:  # a partial shares its sample id with the finished one
+                stored[trajectory.sample_id] = trajectory
+    return [(r.trainer_version, [stored[s] for s in r.sample_ids]) for r in records if isinstance(r, Served)]
+
+
+def served_batches(buffer_dir: Path) -> list[list[Trajectory]]:
+    """The batches the buffer served, in order."""
+    return [batch for _, batch in served_at_versions(buffer_dir)]

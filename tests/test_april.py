@@ -13,13 +13,12 @@ import pytest
 from async_rl.messages import decode, encode
 from async_rl.metrics import read_metrics
 from async_rl.trace import Tracer, read_events
-from buffer.service import WAL_NAME
-from buffer.wal import Put, Served, read_records
 from rollout_workers.april import AprilController, AprilPlan
 from rollout_workers.group import GroupRollout, drive
 from rollout_workers.rollout_metrics import COUNTERS, RolloutMetrics
 from rollout_workers.tasks import TaskSample
 from rollout_workers.worker import EnginePool
+from tests.helpers import served_at_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTH = 1500  # long enough on CPU to be caught mid-generation
@@ -160,18 +159,6 @@ def run(run_dir: Path, recipe: str, *overrides: str, timeout_s: float = 150) -> 
     return completed.stdout
 
 
-def served(buffer_dir: Path) -> list[tuple[int, list]]:
-    """(trainer version, trajectories) of every batch the buffer served, from its write-ahead log."""
-    records, _ = read_records(buffer_dir / WAL_NAME)
-    stored = {}
-    for record in records:
-        if isinstance(record, Put):
-            trajectory = decode(bytes(record.frame))
-            if not trajectory.partial:
-                stored[trajectory.sample_id] = trajectory
-    return [(r.trainer_version, [stored[s] for s in r.sample_ids]) for r in records if isinstance(r, Served)]
-
-
 ETA = 1
 
 
@@ -200,7 +187,7 @@ def test_april_run_never_trains_beyond_eta(long_tail_runs):
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 11))
     assert max(r["staleness/max"] for r in records) <= ETA
-    batches = served(run_dir / "buffer")
+    batches = served_at_versions(run_dir / "buffer")
     assert len(batches) == 10
     for version, trajectories in batches:
         assert all(version - min(t.token_versions) <= ETA for t in trajectories)
@@ -241,7 +228,7 @@ def test_april_at_eta_0_recycles_every_round_tail_without_stalling(tmp_path):
     assert max(r["staleness/max"] for r in records) == 0
     last = read_metrics(tmp_path / "rollout_metrics.jsonl")[-1]
     assert last["rollout/tokens_recycled"] > 0
-    resumed = [t for _, batch in served(tmp_path / "buffer") for t in batch if t.attempt > 1]
+    resumed = [t for _, batch in served_at_versions(tmp_path / "buffer") for t in batch if t.attempt > 1]
     assert resumed or last["rollout/partials_dropped_stale"] > 0
     worker = read_events(tmp_path / "trace" / "worker0-v0.json")
     assert sum(e.get("name") == "retract" for e in worker) >= steps // 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from async_rl.metrics import read_metrics
-from tests.helpers import finish, served_batches, start_run
+from tests.helpers import finish, served_at_versions, served_batches, start_run
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +149,81 @@ def test_a_killed_trainer_resumes_from_its_checkpoint_and_the_workers_follow(tmp
     assert max(r["staleness/max"] for r in resumed) <= 1
     worker_log = (tmp_path / "logs" / "worker0.log").read_text()
     assert "the trainer went back from version" in worker_log and "aligned to the trainer's version" in worker_log
+
+
+def test_chaos_every_kind_of_component_killed_once_and_the_run_completes(tmp_path):
+    """kill -9 of an engine, the buffer, the worker and the trainer, in a random order a few steps
+    apart: the run completes total_steps, no sample is trained twice, every one within eta."""
+    order = ["engine", "buffer", "worker", "trainer"]
+    random.Random().shuffle(order)
+    steps = 60
+    process = start_run(
+        tmp_path,
+        "--set",
+        f"trainer.total_steps={steps}",
+        "--set",
+        "trainer.checkpoint_interval=5",
+        "--set",
+        "engine.count=2",
+        "--set",
+        "buffer.fsync=batch",
+    )
+    metrics, config = tmp_path / "metrics.jsonl", str(tmp_path / "config.json")
+    argv = {
+        "buffer": ("buffer", "serve", config),
+        "worker": ("rollout_workers.worker", config),
+        "trainer": ("async_rl.trainer_main", config),
+    }
+    reached = 0
+    for kind in order:
+        reached += 8
+        wait_for_step(process, metrics, reached)
+        if kind == "engine":
+            port = re.search(r"on http://127\.0\.0\.1:(\d+)", (tmp_path / "logs" / "engine1.log").read_text()).group(1)
+            os.kill(pid_of("engine", "serve", port), signal.SIGKILL)
+        else:
+            os.kill(pid_of(*argv[kind]), signal.SIGKILL)
+        reached = max(r["step"] for r in read_metrics(metrics))  # a resumed trainer starts lower
+    code, output = finish(process, timeout_s=200)
+    assert code == 0, (order, output)
+    for name in ("engine1", "buffer", "worker0", "trainer"):
+        assert f"restarting {name}" in output, (order, output)
+    records = read_metrics(metrics)
+    assert records[-1]["step"] == steps and max(r["staleness/max"] for r in records) <= 1
+    batches = served_at_versions(tmp_path / "buffer")
+    served = [t.sample_id for _, batch in batches for t in batch]
+    assert len(served) == len(set(served)), "a sample was served (and trained) twice"
+    for version, batch in batches:
+        assert all(version - min(t.token_versions) <= 1 for t in batch)
+
+
+def test_an_engine_that_stops_answering_is_killed_restarted_and_routed_again(tmp_path):
+    """SIGSTOP: the engine is alive but hung. The health monitor notices the missed deadlines."""
+    process = start_run(
+        tmp_path,
+        "--set",
+        "trainer.total_steps=1000",
+        "--set",
+        "engine.count=2",
+        "--set",
+        "engine.health_interval_s=0.5",
+        "--set",
+        "engine.health_timeout_s=2",
+        "--set",
+        "engine.health_failures=2",
+    )
+    metrics, worker_log = tmp_path / "metrics.jsonl", tmp_path / "logs" / "worker0.log"
+    wait_for_step(process, metrics, 5)
+    port = re.search(r"on http://127\.0\.0\.1:(\d+)", (tmp_path / "logs" / "engine0.log").read_text()).group(1)
+    os.kill(pid_of("engine", "serve", port), signal.SIGSTOP)
+    deadline = time.monotonic() + 90
+    while not (worker_log.exists() and f"engine 0 (http://127.0.0.1:{port}) is back" in worker_log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "the engine never came back"
+        time.sleep(0.1)
+    wait_for_step(process, metrics, max(r["step"] for r in read_metrics(metrics)) + 5)
+    process.send_signal(signal.SIGINT)
+    code, output = finish(process)
+    assert code == 130, output
+    assert "engine0" in output and "/health_generate deadlines" in output and "restarting engine0" in output, output
+    records = read_metrics(metrics)
+    assert max(r["staleness/max"] for r in records) <= 1

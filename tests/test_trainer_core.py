@@ -3,6 +3,7 @@ an unpadded reference, NaN guard, bad input, determinism and checkpoint/resume."
 
 import copy
 import json
+import logging
 import os
 import random
 import subprocess
@@ -268,7 +269,7 @@ def test_same_seed_and_data_give_identical_weights(model_dir):
     assert_same_weights(*runs)
 
 
-def test_resume_continues_bit_exactly(model_dir, tmp_path):
+def test_resume_continues_bit_exactly(model_dir, tmp_path, caplog):
     config = setup(
         model_dir,
         ckpt_dir=str(tmp_path / "ckpt"),
@@ -305,6 +306,19 @@ def test_resume_continues_bit_exactly(model_dir, tmp_path):
     # the step folder is what an engine loads for a disk weight sync
     engine_model = AutoModelForCausalLM.from_pretrained(ckpt / "step_3", dtype=torch.float32)
     assert_same_weights(uninterrupted, dict(engine_model.named_parameters()))
+
+    # Damaged after it was written: found by its checksums, reported, the older one used.
+    shard = next((ckpt / "step_3").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR):
+        assert latest_checkpoint(ckpt) == ckpt / "step_2"
+    assert "step_3" in caplog.text and "does not match its checksum" in caplog.text
+    assert Trainer.resume_or_new(*config).version == 2
+    (ckpt / "step_2" / "trainer_state" / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="no intact checkpoint.*optimizer.pt is missing"):
+        latest_checkpoint(ckpt)
 
 
 def test_weights_for_sync_use_hf_names(model_dir, tmp_path):

@@ -8,17 +8,23 @@ ckpt_dir/
 
 A step folder is written under a temporary name and renamed into place, and
 `latest` is replaced atomically after it, so a crash mid-save leaves the
-previous checkpoint as the one resumed from.
+previous checkpoint as the one resumed from. meta.json holds a CRC32 of every
+other file: a checkpoint damaged later (a disk error, a partial copy) is found
+at resume, reported, and the newest intact one is used instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_DIR = "trainer_state"
@@ -41,14 +47,41 @@ def step_dir(ckpt_dir: str | Path, version: int) -> Path:
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The step folder `latest` names, or None when there is no complete checkpoint."""
-    pointer = Path(ckpt_dir) / LATEST
+    """The newest intact checkpoint: the one `latest` names unless it is damaged, else the newest
+    other step folder that verifies (each damaged one is logged); None before the first checkpoint;
+    FileNotFoundError, with every reason, when there are checkpoints but none is intact."""
+    folder = Path(ckpt_dir)
+    pointer = folder / LATEST
     if not pointer.is_file():
         return None
-    path = Path(ckpt_dir) / pointer.read_text().strip()
-    if not (path / STATE_DIR / META).is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+    named = folder / pointer.read_text().strip()
+    others = sorted(folder.glob("step_*"), key=lambda p: int(p.name.removeprefix("step_")), reverse=True)
+    problems = []
+    for candidate in [named, *(p for p in others if p != named)]:
+        problem = damage(candidate)
+        if problem is None:
+            return candidate
+        log.error("checkpoint %s is not usable (%s); trying an older one", candidate, problem)
+        problems.append(f"{candidate.name}: {problem}")
+    raise FileNotFoundError(f"no intact checkpoint in {folder}: {'; '.join(problems)}")
+
+
+def damage(step_folder: Path) -> str | None:
+    """Why `step_folder` is not an intact checkpoint, or None if it is."""
+    meta_path = step_folder / STATE_DIR / META
+    if not meta_path.is_file():
+        return "no trainer_state/meta.json: incomplete"
+    try:
+        expected = json.loads(meta_path.read_text()).get("crc32", {})
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"meta.json unreadable: {exc}"
+    for name, crc in expected.items():
+        path = step_folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _crc32(path) != crc:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def read_meta(step_folder: Path) -> dict[str, Any]:
@@ -57,7 +90,18 @@ def read_meta(step_folder: Path) -> dict[str, Any]:
 
 
 def write_meta(staging: Path, meta: dict[str, Any]) -> None:
-    (staging / STATE_DIR / META).write_text(json.dumps(meta))
+    """Last, once every other file is written: it carries their checksums."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != META)
+    checksums = {str(p.relative_to(staging)): _crc32(p) for p in files}
+    (staging / STATE_DIR / META).write_text(json.dumps({**meta, "crc32": checksums}))
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def publish(tmp: Path, final: Path) -> None:
