@@ -300,6 +300,7 @@ async def run(config: RunConfig) -> int:
                     ProcessSpec(
                         name=f"worker{w}",
                         env=env,
+                        stop_early=True,
                         max_restarts=restarts,  # it aligns to the trainer's version at start
                         backoff_s=backoff,
                         argv=[

@@ -43,6 +43,9 @@ class ProcessSpec(msgspec.Struct, frozen=True, kw_only=True):
     # True for the component whose clean exit means the run is done (the trainer after its
     # last step); any other exit, of any child, is a failure.
     finishes_run: bool = False
+    # Stopped (and gone) before the others: a component that uses them (a rollout worker) then does
+    # not see its requests aborted by engines going down first.
+    stop_early: bool = False
     max_restarts: int = 0  # unexpected exits survived by starting it again; one more ends the run
     backoff_s: float = 1.0  # wait before the first restart; doubles with each one (at most 30 s)
 
@@ -212,13 +215,15 @@ class Supervisor:
         _signal_group(self._children[name].process.pid, signal.SIGKILL)
 
     async def stop_all(self) -> None:
-        """Stop every child (SIGTERM to its group, grace period, SIGKILL) and reap it, the last started
-        first: a run starts what others depend on first (engines, buffer), so the components that use
-        them (workers) stop while those still answer, instead of seeing their requests aborted."""
+        """Stop every child (SIGTERM to its group, grace period, SIGKILL) and reap it: first, together,
+        those marked stop_early, then the rest together."""
         for child in self._children.values():
             child.stopping = True  # none is restarted any more
-        for child in reversed(list(self._children.values())):
-            await self._stop(child)
+        for early in (True, False):
+            async with asyncio.TaskGroup() as group:
+                for child in self._children.values():
+                    if child.spec.stop_early == early:
+                        group.create_task(self._stop(child))
 
     # ---- internals ------------------------------------------------------------------------
 

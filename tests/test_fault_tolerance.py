@@ -72,21 +72,6 @@ def test_a_killed_engine_is_restarted_and_routed_again_at_the_current_version(tm
     assert any(t.engine_id.endswith(f":{port}") for t in late), {t.engine_id for t in late}
 
 
-def test_a_killed_buffer_restarts_from_its_log_and_serves_every_sample_once(tmp_path):
-    steps = 30
-    process = start_run(tmp_path, "--set", f"trainer.total_steps={steps}", "--set", "buffer.fsync=batch")
-    wait_for_step(process, tmp_path / "metrics.jsonl", 5)
-    os.kill(pid_of("buffer", "serve", str(tmp_path / "config.json")), signal.SIGKILL)
-    code, output = finish(process)
-    assert code == 0, output
-    assert "restarting buffer" in output, output
-    records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, steps + 1))
-    assert max(r["staleness/max"] for r in records) <= 1
-    served = [t.sample_id for batch in served_batches(tmp_path / "buffer") for t in batch]
-    assert len(served) == len(set(served)), "a sample was served twice"
-
-
 HANGING_TASKS = '''
 """Hands out `count` tasks, then never answers: the rollout worker hangs inside this generator."""
 import time
@@ -128,27 +113,6 @@ def test_a_hung_run_dumps_every_stack_names_the_stuck_call_and_ends(tmp_path):
     dumps = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "run" / "stacks").glob("*.txt")}
     assert dumps == {"engine0", "buffer", "trainer", "worker0"}
     assert "run hung" in output
-
-
-def test_a_killed_trainer_resumes_from_its_checkpoint_and_the_workers_follow(tmp_path):
-    steps = 40
-    process = start_run(tmp_path, "--set", f"trainer.total_steps={steps}", "--set", "trainer.checkpoint_interval=5")
-    metrics = tmp_path / "metrics.jsonl"
-    wait_for_step(process, metrics, 12)
-    os.kill(pid_of("async_rl.trainer_main", str(tmp_path / "config.json")), signal.SIGKILL)
-    code, output = finish(process)
-    assert code == 0, output
-    assert "restarting trainer" in output, output
-    records = read_metrics(metrics)
-    steps_logged = [r["step"] for r in records]
-    back = next(i for i in range(1, len(steps_logged)) if steps_logged[i] <= steps_logged[i - 1])
-    resumed = records[back:]
-    # It resumed from a checkpoint (a multiple of 5) and trained on to the end within the bound.
-    assert (resumed[0]["step"] - 1) % 5 == 0 and resumed[-1]["step"] == steps
-    assert [r["step"] for r in resumed] == list(range(resumed[0]["step"], steps + 1))
-    assert max(r["staleness/max"] for r in resumed) <= 1
-    worker_log = (tmp_path / "logs" / "worker0.log").read_text()
-    assert "the trainer went back from version" in worker_log and "aligned to the trainer's version" in worker_log
 
 
 def test_chaos_every_kind_of_component_killed_once_and_the_run_completes(tmp_path):
@@ -195,6 +159,11 @@ def test_chaos_every_kind_of_component_killed_once_and_the_run_completes(tmp_pat
     assert len(served) == len(set(served)), "a sample was served (and trained) twice"
     for version, batch in batches:
         assert all(version - min(t.token_versions) <= 1 for t in batch)
+    # The trainer resumed from a checkpoint (a multiple of 5) and the restarted worker aligned to it.
+    steps_logged = [r["step"] for r in records]
+    back = [steps_logged[i] - 1 for i in range(1, len(steps_logged)) if steps_logged[i] <= steps_logged[i - 1]]
+    assert all(step % 5 == 0 for step in back)  # none when it was killed just after a checkpoint
+    assert "aligned to the trainer's version" in (tmp_path / "logs" / "worker0.log").read_text()
 
 
 def test_an_engine_that_stops_answering_is_killed_restarted_and_routed_again(tmp_path):
