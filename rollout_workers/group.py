@@ -83,6 +83,22 @@ class GroupRollout:
             "round": self.round,
         }
 
+    def _member(self, i: int, sample: Sample, **fields: Any) -> Trajectory:
+        """Sample i as a Trajectory: what a partial and a finished member share, plus `fields`."""
+        return Trajectory(
+            sample_id=f"{self.group_id}-{i}",
+            group_id=self.group_id,
+            group_size=self.size,
+            prompt_ids=TokenArray(self.prompt_ids),
+            response_ids=TokenArray(sample.response_ids),
+            behavior_logprobs=LogprobArray(sample.behavior_logprobs),
+            token_versions=TokenArray(sample.token_versions),
+            finish_reason=sample.finish_reason,
+            engine_id=self.engine_url,
+            attempt=self.attempt,
+            **fields,
+        )
+
     def partial_trajectories(self) -> list[Trajectory]:
         """Every member with tokens, finished or not, so the group can be rebuilt whole from the pool.
 
@@ -90,17 +106,9 @@ class GroupRollout:
         it is not sent; the others list its sampling params under "missing"."""
         missing = {str(i): self.params[i] for i, s in enumerate(self.samples) if s is None or not s.response_ids}
         return [
-            Trajectory(
-                sample_id=f"{self.group_id}-{i}",
-                group_id=self.group_id,
-                group_size=self.size,
-                prompt_ids=TokenArray(self.prompt_ids),
-                response_ids=TokenArray(sample.response_ids),
-                behavior_logprobs=LogprobArray(sample.behavior_logprobs),
-                token_versions=TokenArray(sample.token_versions),
-                finish_reason=sample.finish_reason,
-                engine_id=self.engine_url,
-                attempt=self.attempt,
+            self._member(
+                i,
+                sample,
                 partial=True,
                 timings=Timings(submitted=self.submitted),
                 metadata={**self.metadata(i), "text": sample.text, "resumed": self.resumed, "missing": missing},
@@ -127,19 +135,11 @@ class GroupRollout:
     ) -> list[Trajectory]:
         """The one place a finished group becomes trajectories for the buffer (both rollout paths)."""
         return [
-            Trajectory(
-                sample_id=f"{self.group_id}-{i}",
-                group_id=self.group_id,
-                group_size=self.size,
-                prompt_ids=TokenArray(self.prompt_ids),
-                response_ids=TokenArray(sample.response_ids),
-                behavior_logprobs=LogprobArray(sample.behavior_logprobs),
-                token_versions=TokenArray(sample.token_versions),
+            self._member(
+                i,
+                sample,
                 reward=reward.reward,
-                finish_reason=sample.finish_reason,
                 loss_mask=None if sample.loss_mask is None else TokenArray(sample.loss_mask),
-                engine_id=self.engine_url,
-                attempt=self.attempt,
                 timings=Timings(submitted=self.submitted, finished=finished, reward_done=reward_done),
                 metadata={
                     "task": self.task.metadata.get("task", ""),
