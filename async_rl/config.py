@@ -53,14 +53,15 @@ class ModelConfig(_Table, frozen=True):
 
     spec: str = "tiny:llama"
     """A local Hugging Face folder, or tiny:llama / tiny:qwen2 (random-init char-level model, built once
-    into the model cache) or smollm2 (the bundled SmolLM2-135M-Instruct GGUF, dequantized). Hub ids are not fetched."""
+    into the model cache), qwen2-0.5b (random init, Qwen2-0.5B's shape and 151,936-token vocabulary) or
+    smollm2 (the bundled SmolLM2-135M-Instruct GGUF, dequantized). Hub ids are not fetched."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights/compute dtype of engines and trainer forward passes."""
     device: str = "auto"
     """auto (cuda if present, else cpu) | cpu | cuda | cuda:N: the default of engine.device and trainer.device."""
 
     def __post_init__(self) -> None:
-        check_field(bool(self.spec), "spec", self.spec, "a model folder, tiny:llama, tiny:qwen2 or smollm2")
+        check_field(bool(self.spec), "spec", self.spec, "a model folder, tiny:llama, tiny:qwen2, qwen2-0.5b or smollm2")
         check_device("device", self.device)
 
 
@@ -207,10 +208,6 @@ class AprilConfig(_Table, frozen=True):
     """Run rollouts in APRIL rounds instead of plain asynchronous admission."""
     alpha: float = 0.5
     """Over-provisioning: a round launches (1 + alpha) x its share of the batch."""
-    pause_mode: Literal["abort", "retract", "in_place"] = "retract"
-    """How engines stop the tail: abort (the pause returns every request, the ones not retracted are
-    continued at once), retract (requests leave the batch, KV dropped) or in_place (they stay put);
-    with retract and in_place the tail's requests are then aborted one by one."""
 
     def __post_init__(self) -> None:
         check_field(self.alpha >= 0, "alpha", self.alpha, ">= 0")

@@ -1,13 +1,14 @@
-"""Rollout throughput with APRIL vs plain async on a long-tail length distribution, one run.
+"""Rollout throughput with APRIL vs plain async vs the synchronous baseline on a long-tail length distribution, one run.
 
-Both sides are real `async-rl run` jobs of the same recipe (engines, buffer, worker,
+All three sides are real `async-rl run` jobs of the same recipe (engines, buffer, worker,
 trainer as processes), response lengths forced from a heavy-tailed log-normal
-(recipes/long_tail.py); only april.enabled differs. Throughput is complete groups per
+(recipes/long_tail.py); only april.enabled differs, and `sync` is plain async run with --sync
+(staleness.eta = 0, strictly on-policy: what APRIL's paper compares against). Throughput is complete groups per
 second, counted two ways between the 3rd and the last trainer version: groups the
 trainer trained on (metrics.jsonl), and groups the rollout worker completed
 (rollout_metrics.jsonl, which also gives tokens generated / recycled / wasted).
-With --repeats N the two modes alternate N times (order flipped each time, so a
-machine whose load drifts favours neither) and the ratio of the summed rates is printed.
+With --repeats N the sides alternate N times (order reversed each time, so a
+machine whose load drifts favours none) and the ratios of the summed rates are printed.
 
     .venv/bin/python benchmarks/april.py [--steps 30] [--max-new-tokens 64] [--eta 1] [--alpha 0.25] [--repeats 2]
     .venv/bin/python benchmarks/april.py --device cuda --model qwen2-folder --max-new-tokens 512
@@ -65,8 +66,8 @@ def measure(run_dir: Path, group_size: int) -> Side:
     )
 
 
-def run(recipe: str, output: Path, overrides: list[str]) -> None:
-    command = run_argv(recipe, output, overrides)
+def run(recipe: str, output: Path, overrides: list[str], sync: bool) -> None:
+    command = run_argv(recipe, output, overrides, sync=sync)
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(
@@ -82,9 +83,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eta", type=int, default=1)
     parser.add_argument("--alpha", type=float, default=0.25)
-    parser.add_argument("--pause-mode", default="retract", choices=["abort", "retract", "in_place"])
     parser.add_argument("--device", default="cpu", help="model.device: cpu, cuda, cuda:N")
-    parser.add_argument("--model", default=None, help="model.spec: a model folder, tiny:llama, tiny:qwen2, smollm2")
+    parser.add_argument(
+        "--model", default=None, help="model.spec: a model folder, tiny:llama, tiny:qwen2, qwen2-0.5b, smollm2"
+    )
     parser.add_argument("--engines", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -96,19 +98,18 @@ def main() -> None:
         f"model.device={args.device!r}",
         f"engine.count={args.engines}",
         f"april.alpha={args.alpha}",
-        f"april.pause_mode={args.pause_mode!r}",
         "run.max_wall_s=600",
     ]
     if args.model:
         common.append(f"model.spec={args.model!r}")
     common += args.overrides
-    sides: dict[str, list[Side]] = {"april": [], "async": []}
+    sides: dict[str, list[Side]] = {"april": [], "async": [], "sync": []}
     with tempfile.TemporaryDirectory(prefix="april-bench-") as scratch:
         for repeat in range(args.repeats):
-            order = [("april", "true"), ("async", "false")]
-            for label, enabled in order if repeat % 2 == 0 else order[::-1]:
+            order = [("april", "true", False), ("async", "false", False), ("sync", "false", True)]
+            for label, enabled, sync in order if repeat % 2 == 0 else order[::-1]:
                 run_dir = Path(scratch) / f"{label}{repeat}"
-                run(args.recipe, run_dir, [*common, f"april.enabled={enabled}"])
+                run(args.recipe, run_dir, [*common, f"april.enabled={enabled}"], sync)
                 sides[label].append(measure(run_dir, group_size=_group_size(run_dir)))
                 side = sides[label][-1]
                 print(
@@ -119,13 +120,16 @@ def main() -> None:
                     f"staleness max {side.staleness_max}",
                     flush=True,
                 )
-    april, plain = (sum(s.trained_groups_s for s in sides[k]) / args.repeats for k in ("april", "async"))
-    april_done, plain_done = (sum(s.completed_groups_s for s in sides[k]) for k in ("april", "async"))
+    trained = {k: sum(s.trained_groups_s for s in v) / args.repeats for k, v in sides.items()}
+    completed = {k: sum(s.completed_groups_s for s in v) / args.repeats for k, v in sides.items()}
     print(
         f"RESULT april recipe={args.recipe} device={args.device} model={args.model or 'recipe'} steps={args.steps} "
-        f"max_new_tokens={args.max_new_tokens} eta={args.eta} alpha={args.alpha} pause_mode={args.pause_mode} "
-        f"repeats={args.repeats} april_groups_s={april:.2f} async_groups_s={plain:.2f} ratio={april / plain:.2f} "
-        f"completed_ratio={april_done / plain_done:.2f}"
+        f"max_new_tokens={args.max_new_tokens} eta={args.eta} alpha={args.alpha} repeats={args.repeats} "
+        f"april_groups_s={trained['april']:.2f} async_groups_s={trained['async']:.2f} "
+        f"sync_groups_s={trained['sync']:.2f} april/async={trained['april'] / trained['async']:.2f} "
+        f"april/sync={trained['april'] / trained['sync']:.2f} "
+        f"completed april/async={completed['april'] / completed['async']:.2f} "
+        f"april/sync={completed['april'] / completed['sync']:.2f}"
     )
 
 

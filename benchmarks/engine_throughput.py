@@ -22,18 +22,12 @@ from pathlib import Path
 
 MODEL_CHOICES = "tiny (= tiny:llama), tiny:qwen2, qwen2-0.5b, or a Hugging Face model folder"
 # Qwen2's real vocabulary: its tied embedding / LM head is a quarter of the 0.5B model's weights and compute.
-QWEN2_VOCAB_SIZE = 151936
 
 
 def model_folder(name: str) -> Path:
-    from rollout_workers.engine.model import create_qwen2_0_5b, model_cache_dir, resolve_model_spec
+    from rollout_workers.engine.model import resolve_model_spec
 
-    if name == "tiny":
-        return resolve_model_spec("tiny:llama")
-    if name == "qwen2-0.5b":
-        folder = model_cache_dir() / "qwen2-0.5b-random"
-        return folder if (folder / "config.json").exists() else create_qwen2_0_5b(folder, vocab_size=QWEN2_VOCAB_SIZE)
-    return resolve_model_spec(name)
+    return resolve_model_spec("tiny:llama" if name == "tiny" else name)
 
 
 def make_prompts(count: int, length: int, vocab_size: int, special_ids: set[int], seed: int = 0) -> list[list[int]]:

@@ -8,10 +8,8 @@ b = groups_per_step / workers of every batch:
 - Round r closes when this worker's accepted groups (sent to the buffer, minus those the
   trainer reported dropped) reach (r + 1) * b. Its unfinished tail moves to round r + 1: if
   that round already runs, the tail keeps generating in it; otherwise it is retracted
-  (each engine holding tail requests: pause(mode) -> /abort_request of the tail rids ->
-  continue; with mode abort the pause itself returns every request, and the ones that were
-  not asked to stop are simply continued) and its partial responses go to the buffer's
-  partial pool. When round r + 1 starts it first takes them back and resumes them, on any
+  (/abort_request of the tail's rids: a running request finishes after its current step and
+  returns every token it made) and its partial responses go to the buffer's partial pool. When round r + 1 starts it first takes them back and resumes them, on any
   engine; groups whose oldest token is older than r + 1 - eta are dropped (counted, wasted).
 - In flight, any group whose oldest token falls behind v - eta is dropped at once: it could
   never be trained.
@@ -29,10 +27,8 @@ too stale to resume once round r + 1 starts, and those tokens count as wasted; a
 trainer is the bottleneck, retraction frees engines that would idle anyway. Small alpha keeps
 APRIL about even with plain async there; its gain needs an engine-bound loop.
 
-Engines are shared: the trainer's weight sync pauses them too, and pause/continue are not
-counted, so a retraction's continue can end a sync's pause early. The embedded engine applies
-an update between decode steps and tags every token with the version that produced it, so
-versions stay truthful either way.
+Retraction never pauses an engine: engines are shared with the trainer's weight sync, whose
+pause a retraction's continue would end early (pause and continue are not counted).
 
 The partial pool is shared by all workers; each takes back only its own groups' partials
 (TakePartials.group_prefix), so every worker's admission accounts for exactly what it retracted.
@@ -48,8 +44,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from async_rl.trace import Tracer
-from rollout_workers.client import EngineClientError, PauseMode
-from rollout_workers.group import GroupRollout, stop_group
+from rollout_workers.group import GroupRollout, abort_requests, stop_group
 from staleness.admission import AdmissionController
 
 log = logging.getLogger("april")
@@ -104,12 +99,9 @@ class GroupHost(Protocol):
 class AprilController:
     """Owns the rounds; its host worker starts groups, admits new ones and reports completions."""
 
-    def __init__(
-        self, plan: AprilPlan, pool, pause_mode: PauseMode, tracer: Tracer, *, host: GroupHost, group_size: int
-    ):
+    def __init__(self, plan: AprilPlan, pool, tracer: Tracer, *, host: GroupHost, group_size: int):
         self.plan = plan
         self.pool = pool
-        self.pause_mode = pause_mode
         self.tracer = tracer
         self.host = host
         self.group_size = group_size
@@ -250,23 +242,10 @@ class AprilController:
             "retract",
             TRACK,
             groups=len(tail),
-            mode=self.pause_mode,
             tokens=sum(g.tokens for g in tail),
             engines=len(live),
         ):
             async with asyncio.TaskGroup() as tasks:
                 for engine, rids in live.items():
-                    tasks.create_task(self._stop_on_engine(self.pool.clients[engine], rids))
+                    tasks.create_task(abort_requests(self.pool.clients[engine], rids))
         self.retracting.extend(tail)
-
-    async def _stop_on_engine(self, client, rids: list[str]) -> None:
-        """Failures are logged, not raised: a dead engine returns its requests as errors anyway."""
-        try:
-            await client.pause(self.pause_mode)
-            try:
-                if self.pause_mode != "abort":
-                    await asyncio.gather(*(client.abort_request(rid) for rid in rids))
-            finally:
-                await client.continue_generation()
-        except EngineClientError as exc:
-            log.warning("retraction on %s failed: %s", client.url, exc)

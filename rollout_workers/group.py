@@ -250,10 +250,14 @@ async def stop_group(group: GroupRollout, pool) -> None:
     if group.dropped:
         return
     group.dropped = True
-    if group.live is None:
-        return
-    engine, rids = group.live
-    client = pool.clients[engine]
+    if group.live is not None:
+        engine, rids = group.live
+        await abort_requests(pool.clients[engine], rids)
+
+
+async def abort_requests(client, rids: list[str]) -> None:
+    """Abort each rid: a running request ends after its current step and returns what it made.
+    Engine failures are logged, not raised: a dead engine returns its requests as errors anyway."""
     outcomes = await asyncio.gather(*(client.abort_request(rid) for rid in rids), return_exceptions=True)
     for rid, outcome in zip(rids, outcomes):
         if isinstance(outcome, EngineClientError):

@@ -88,9 +88,13 @@ def engine_env(spec: EngineSpec) -> dict[str, str]:
 
     SGLang's /health generates a token by default (a second or more, and a 503 after 20 s while
     paused): the project uses /health as liveness and /health_generate when it means generation,
-    as the contract describes.
+    as the contract describes. SGLang hands a non-streamed request's tokens to its HTTP side only
+    every 50 tokens, and a request aborted while waiting (after a retract-mode pause, which an
+    abort-mode pause starts with) returns only what was handed over: at interval 1 it returns all.
     """
-    return {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"} if spec.kind == "sglang" else {}
+    if spec.kind != "sglang":
+        return {}
+    return {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false", "SGLANG_FORCE_STREAM_INTERVAL": "1"}
 
 
 def probe_health(url: str, api_key: str | None = None) -> bool:

@@ -225,7 +225,6 @@ class RolloutWorker:
         return AprilController(
             AprilPlan(share=self.share, alpha=april.alpha, eta=eta),
             self.pool,
-            april.pause_mode,
             self.tracer,
             host=self,
             group_size=self.config.rollout.group_size,

@@ -28,9 +28,15 @@ from safetensors.torch import load_file
 
 from async_rl.dist_group import broadcast, destroy, init_weight_update_group
 from async_rl.messages import Trajectory
+from async_rl.trace import Tracer
+from rollout_workers.april import AprilController, AprilPlan
 from rollout_workers.client import EngineClient, EngineError, GenerateResult, InvalidRequest, SamplingParams
 from rollout_workers.engine.model import create_tiny_model, resolve_model_spec, vocab_size_of
+from rollout_workers.group import GroupRollout, drive
 from rollout_workers.launcher import EngineProcess, EngineSpec, free_port
+from rollout_workers.rollout_metrics import RolloutMetrics
+from rollout_workers.tasks import TaskSample
+from rollout_workers.worker import EnginePool
 from staleness import StalenessBoundError
 from staleness.metrics import check_staleness_bound
 
@@ -282,6 +288,68 @@ async def test_abort_all(client):
         await second.wait_tokens(2)
         await client.abort_request(abort_all=True)
     assert first.task.result().aborted and second.task.result().aborted
+
+
+PACE_TOKENS = 75  # between two of SGLang's default 50-token hand-overs of a non-streamed request
+
+
+@pytest.mark.parametrize("how", ["retract, then abort the rid", "in_place, then abort the rid", "client.pause abort"])
+async def test_a_batched_request_stopped_while_paused_returns_every_token_it_made(client, how):
+    """What the worker sends (non-streamed, batched) loses nothing when stopped during a pause.
+    A streamed request started just after it paces the test: when that one has k tokens, the
+    batched one has at least k - 1 (they share every decode step)."""
+    rid = f"batched-{how.split(',')[0].replace(' ', '-')}/"
+    async with asyncio.TaskGroup() as group:
+        batched = group.create_task(client.generate_batch([PROMPT], sampling_params=LONG, rid=[rid]))
+        pace = StreamWatcher(group, client, rid=f"pace-{rid}")
+        await pace.wait_tokens(PACE_TOKENS)
+        seen = pace.tokens
+        if how == "client.pause abort":  # ends both requests
+            await client.pause("abort")
+        else:
+            await client.pause("retract" if how.startswith("retract") else "in_place")
+            await client.abort_request(rid)
+            await client.abort_request(f"pace-{rid}")
+            await client.continue_generation()
+    (result,) = batched.result()
+    assert result.aborted and seen - 1 <= len(result.output_ids) < LONG.max_new_tokens
+    assert_parallel(result)
+    await client.continue_generation()
+
+
+async def test_a_retracted_group_resumes_from_its_partial_and_counts_it_recycled(client, tmp_path):
+    """APRIL's retraction (abort of the tail's rids, no pause) on this engine, then the resume as
+    the next round does it: every token made before the retraction is kept and counted recycled."""
+    pool = EnginePool([client.url])
+    metrics = RolloutMetrics(tmp_path, 0, 1, 1, Tracer(None))
+    params = {"max_new_tokens": 400, "ignore_eos": True, "temperature": 1.0}
+    group = GroupRollout(
+        group_id="w0-april-g0",
+        task=TaskSample(prompt="", metadata={}),
+        prompt_ids=PROMPT,
+        params=[dict(params), dict(params)],
+        samples=[None, None],
+    )
+    controller = AprilController(AprilPlan(share=1, alpha=0.0, eta=1), pool, Tracer(None), host=None, group_size=2)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            running = tasks.create_task(drive(group, pool, metrics))
+            pace = StreamWatcher(tasks, client, rid="pace-april")
+            await pace.wait_tokens(PACE_TOKENS)
+            seen = pace.tokens
+            await controller.retract([group])
+            await running
+            await client.abort_request("pace-april")
+        partial = [list(sample.response_ids) for sample in group.samples]
+        assert all(seen - 1 <= len(ids) < 400 for ids in partial), (seen, list(map(len, partial)))
+        resumed = GroupRollout.from_partials(group.partial_trajectories(), round_=1)
+        await asyncio.wait_for(drive(resumed, pool, metrics), WAIT_S)
+        assert resumed.complete
+        for sample, old in zip(resumed.samples, partial):
+            assert len(sample.response_ids) == 400 and sample.response_ids[: len(old)] == old
+        assert metrics.counts["tokens_recycled"] == sum(map(len, partial))
+    finally:
+        await pool.close()
 
 
 # ------------------------------------------------- pause, update, continue

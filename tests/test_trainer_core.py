@@ -166,8 +166,8 @@ def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, terms: in
 
 @pytest.mark.parametrize("correction", ["none", "decoupled_ppo"])
 def test_step_matches_unpadded_single_sequence_reference(model_dir, correction):
-    """Padding, micro-batching (budget forces several) and gradient accumulation change nothing
-    beyond float32 accumulation order.
+    """Padding, micro-batching (budget forces several), LM-head chunks recomputed in backward and
+    gradient accumulation change nothing beyond float32 accumulation order.
 
     The gradients are compared, not the weights after the AdamW step: a first Adam step moves each
     weight by about lr * g / (|g| + eps), so a weight whose gradient is near zero moves by an amount
@@ -180,6 +180,7 @@ def test_step_matches_unpadded_single_sequence_reference(model_dir, correction):
         lr=1e-3,
         max_grad_norm=1e9,
         max_tokens_per_microbatch=24,
+        logprob_chunk_tokens=5,
         loss=LossConfig(correction=correction),
         gradient_checkpointing=correction == "decoupled_ppo",
     )
@@ -390,6 +391,7 @@ def test_fsdp_two_cpu_ranks_match_one_process(model_dir, tmp_path):
         device="cpu",
         lr=1e-2,
         max_tokens_per_microbatch=24,
+        logprob_chunk_tokens=7,  # the chunked LM head inside FSDP's root unit
         num_minibatches=2,
     )
     command = [

@@ -75,6 +75,9 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     """Optimizer updates per step (one version); > 1 makes decoupled PPO's proximal policy differ from the current one."""
     max_tokens_per_microbatch: int = 16384
     """Padded tokens (rows x longest row) per forward pass; bounds activation memory."""
+    logprob_chunk_tokens: int = 1024
+    """Positions per LM-head chunk when computing token logprobs (recomputed in backward): memory for
+    logits is chunk x vocabulary instead of micro-batch x vocabulary; 0 = the whole micro-batch at once."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     total_steps: int = 100
@@ -124,6 +127,7 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         check_field(
             self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch", self.max_tokens_per_microbatch, ">= 1"
         )
+        check_field(self.logprob_chunk_tokens >= 0, "logprob_chunk_tokens", self.logprob_chunk_tokens, ">= 0")
         check_field(self.total_steps >= 1, "total_steps", self.total_steps, ">= 1")
         check_field(self.checkpoint_interval >= 0, "checkpoint_interval", self.checkpoint_interval, ">= 0")
         check_field(self.checkpoint_interval_s >= 0, "checkpoint_interval_s", self.checkpoint_interval_s, ">= 0")

@@ -11,6 +11,7 @@ synchronous reference for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from async_rl.messages import Trajectory
 from async_rl.trainer import checkpoint
@@ -77,14 +79,52 @@ class StepResult(msgspec.Struct, kw_only=True):
 
 
 def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 0,
 ) -> torch.Tensor:
-    """log p(token at j+1 | tokens <= j) under softmax(logits / temperature), in float32: [B, L-1]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    """log p(token at j+1 | tokens <= j) under softmax(logits / temperature), in float32: [B, L-1].
+
+    With chunk_tokens > 0 the LM head runs on that many positions at a time and each chunk's
+    logits are recomputed in the backward pass, so full-vocabulary float32 logits never exist for
+    more than one chunk (a 150k vocabulary makes them ~0.6 MB per token). The head is swapped for
+    the call only, inside the model's own forward, so FSDP's hooks gather its weight as usual.
+    """
+    head = model.get_output_embeddings()
+    targets = input_ids[:, 1:]
+
+    def logprobs_head(hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        n = flat.shape[0]
+        step = chunk_tokens if 0 < chunk_tokens < n else n
+        run = (
+            _chunk_logprobs
+            if step == n
+            else functools.partial(recompute_in_backward, _chunk_logprobs, use_reentrant=False)
+        )
+        parts = [
+            run(flat[i : i + step], flat_targets[i : i + step], head.weight, head.bias, temperature)
+            for i in range(0, n, step)
+        ]
+        return torch.cat(parts).view(targets.shape)
+
+    head.forward = logprobs_head  # an instance attribute, deleted below
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        del head.forward
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def load_model(path: str | Path, device: torch.device) -> PreTrainedModel:
@@ -254,7 +294,13 @@ class Trainer:
         for micro, weight in self._microbatches_of_this_rank(rows, batch.lengths):
             part = batch.rows(micro)
             with self._autocast():
-                cur = token_logprobs(self.model, part.input_ids, part.attention_mask, self.context.logprob_temperature)
+                cur = token_logprobs(
+                    self.model,
+                    part.input_ids,
+                    part.attention_mask,
+                    self.context.logprob_temperature,
+                    self.config.logprob_chunk_tokens,
+                )
             token_loss, diagnostics = policy_token_loss(
                 cur,
                 part.behav,
@@ -313,7 +359,13 @@ class Trainer:
         for micro, weight in self._microbatches_of_this_rank(list(range(batch.size)), batch.lengths):
             part = batch.rows(micro)
             with self._autocast():
-                logprobs = token_logprobs(model, part.input_ids, part.attention_mask, self.context.logprob_temperature)
+                logprobs = token_logprobs(
+                    model,
+                    part.input_ids,
+                    part.attention_mask,
+                    self.context.logprob_temperature,
+                    self.config.logprob_chunk_tokens,
+                )
             if weight:
                 result[micro, : logprobs.shape[1]] = logprobs
         return all_reduce_sum(result)

@@ -153,8 +153,12 @@ def create_tiny_model(
     return _save_folder(Path(path), model, tiny_tokenizer())
 
 
-def create_qwen2_0_5b(path: str | os.PathLike, vocab_size: int | None = None, seed: int = 0) -> Path:
-    """A random-init model of Qwen2-0.5B's shape with the tiny tokenizer (vocab padded to `vocab_size`)."""
+QWEN2_VOCAB_SIZE = 151936
+
+
+def create_qwen2_0_5b(path: str | os.PathLike, vocab_size: int | None = QWEN2_VOCAB_SIZE, seed: int = 0) -> Path:
+    """A random-init model of Qwen2-0.5B's shape with the tiny tokenizer (vocab padded to `vocab_size`,
+    by default Qwen2's own 151,936, whose LM head is what stresses trainer memory)."""
     return create_tiny_model(path, "qwen2", seed=seed, vocab_size=vocab_size, tie_word_embeddings=True, **QWEN2_0_5B)
 
 
@@ -237,7 +241,8 @@ def model_cache_dir() -> Path:
 
 
 def resolve_model_spec(spec: str) -> Path:
-    """`tiny:llama`, `tiny:qwen2` and `smollm2` are built once into the model cache; anything else is a folder."""
+    """`tiny:llama`, `tiny:qwen2`, `qwen2-0.5b` (random init) and `smollm2` are built once into the model
+    cache; anything else is a folder."""
     if spec.startswith("tiny:"):
         family = spec.removeprefix("tiny:")
         if family not in TINY_FAMILIES:
@@ -245,9 +250,11 @@ def resolve_model_spec(spec: str) -> Path:
         return _cached(model_cache_dir() / f"tiny-{family}", lambda target: create_tiny_model(target, family))
     if spec == "smollm2":
         return _cached(model_cache_dir() / "smollm2-135m-instruct", save_smollm2)
+    if spec == "qwen2-0.5b":
+        return _cached(model_cache_dir() / "qwen2-0.5b-random", create_qwen2_0_5b)
     folder = Path(spec)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
-            f"model {spec!r} is neither a model folder (no config.json) nor one of tiny:llama, tiny:qwen2, smollm2"
+            f"model {spec!r} is neither a model folder (no config.json) nor one of tiny:llama, tiny:qwen2, qwen2-0.5b, smollm2"
         )
     return folder

@@ -563,7 +563,11 @@ class EngineServer:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", "--model-path", dest="model", required=True, help="model folder, or tiny:llama, tiny:qwen2, smollm2"
+        "--model",
+        "--model-path",
+        dest="model",
+        required=True,
+        help="model folder, or tiny:llama, tiny:qwen2, qwen2-0.5b, smollm2",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
