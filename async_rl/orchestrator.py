@@ -54,6 +54,13 @@ def run_argv(
     return argv + (["--sync"] if sync else [])
 
 
+def _aborts_waiting_requests(config: RunConfig) -> bool:
+    """Whether requests may be aborted while they wait in an engine's queue with tokens made: every
+    abort-mode sync (a retract, then abort_all), and an APRIL retraction that lands in a retract-mode sync."""
+    mode = config.weight_sync.pause_mode
+    return mode == "abort" or (config.april.enabled and mode == "retract")
+
+
 def check_supported(config: RunConfig) -> None:
     """What `async-rl run` refuses before starting anything (the sweep checks every point with it too)."""
     if config.trainer.groups_per_step % config.rollout.workers:
@@ -224,6 +231,7 @@ async def run(config: RunConfig) -> int:
             host=host,
             device=device if config.engine.kind == "embedded" else config.engine.device,
             extra_args=_engine_args(config, version, seed=config.trainer.seed + i),
+            hand_over_every_token=_aborts_waiting_requests(config),
         )
         return ProcessSpec(
             name=f"engine{i}",

@@ -73,9 +73,9 @@ case "${1:?stage}" in
     echo "smollm2 exit $?"; tail -2 "$RUNS/smollm2.log"
     python3 benchmarks/summarize_runs.py $RUNS/smollm2 | tee "$OUT/runs-summary.txt"
     timeout 330 python3 benchmarks/e2e_async_vs_sync.py --pause-modes abort,in_place --max-new-tokens 512 --eta 2 \
-      --steps 20 "${common[@]}" --keep $RUNS/e2e 2>&1 | tee "$OUT/e2e.txt" | tail -8; pack stage4 ;;
+      --steps 15 "${common[@]}" --keep $RUNS/e2e 2>&1 | tee "$OUT/e2e.txt" | tail -8; pack stage4 ;;
   april)
-    timeout 560 python3 benchmarks/april.py --device cuda --max-new-tokens 512 --eta 2 --alpha 0.25 --steps 15 \
+    timeout 380 python3 benchmarks/april.py --device cuda --max-new-tokens 512 --eta 2 --alpha 0.25 --steps 10 \
       "${common[@]}" 2>&1 | tee "$OUT/april.txt" | tail -8 ;;
   contract)
     contract 560; pack contract ;;

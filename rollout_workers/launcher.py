@@ -34,6 +34,9 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_key: str | None = None
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free port is picked at start
+    # SGLang: hand every token of a non-streamed request to the HTTP side (see engine_env); the run
+    # turns it off where no request is ever aborted while waiting, since it costs per-token work.
+    hand_over_every_token: bool = True
 
 
 class EngineStartError(RuntimeError):
@@ -94,7 +97,8 @@ def engine_env(spec: EngineSpec) -> dict[str, str]:
     """
     if spec.kind != "sglang":
         return {}
-    return {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false", "SGLANG_FORCE_STREAM_INTERVAL": "1"}
+    env = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"}
+    return env | ({"SGLANG_FORCE_STREAM_INTERVAL": "1"} if spec.hand_over_every_token else {})
 
 
 def probe_health(url: str, api_key: str | None = None) -> bool:

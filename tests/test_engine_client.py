@@ -23,7 +23,14 @@ from rollout_workers.client import (
     _WireGenerate,
     serialize_named_tensors,
 )
-from rollout_workers.launcher import EngineProcess, EngineSpec, EngineStartError, engine_command, free_port
+from rollout_workers.launcher import (
+    EngineProcess,
+    EngineSpec,
+    EngineStartError,
+    engine_command,
+    engine_env,
+    free_port,
+)
 
 # What real SGLang answers: no per-token versions, string weight_version, logprob triples.
 SGLANG_REPLY = {
@@ -199,6 +206,21 @@ def test_sglang_command_line():
         "0.7",
         "--enable-memory-saver",
     ]
+
+
+@pytest.mark.parametrize(
+    "pause_mode, april, every_token",
+    [("abort", False, True), ("retract", True, True), ("retract", False, False), ("in_place", True, False)],
+)
+def test_sglang_hands_over_every_token_where_a_waiting_request_may_be_aborted(pause_mode, april, every_token):
+    from async_rl.config import load_config
+    from async_rl.orchestrator import _aborts_waiting_requests
+
+    config = load_config(
+        "recipes/tiny.toml", [f"weight_sync.pause_mode={pause_mode}", f"april.enabled={str(april).lower()}"]
+    )
+    spec = EngineSpec(kind="sglang", model="/m", hand_over_every_token=_aborts_waiting_requests(config))
+    assert ("SGLANG_FORCE_STREAM_INTERVAL" in engine_env(spec)) == every_token
 
 
 def test_embedded_command_line():
