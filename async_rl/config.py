@@ -225,12 +225,15 @@ class RunOptions(_Table, frozen=True):
     max_wall_s: float | None = None
     """Stop cleanly after this long; None = no limit."""
     max_restarts: int = 3
-    """Unexpected exits each component survives: it is started again (an engine from the newest
+    """Unexpected exits each component survives within restart_window_s: it is started again (an engine from the newest
     weights, the buffer from its log, the trainer from its latest checkpoint, a worker aligned to
     the trainer's version); one more ends the run with its log tail. Engines are not restarted under
     weight_sync.method = "distributed" (the broadcast group cannot take a new member)."""
     restart_backoff_s: float = 1.0
-    """Wait before a component's first restart; it doubles with each further one (at most 30 s)."""
+    """Wait before a component's first restart; it doubles with each further one in the window (at most 30 s)."""
+    restart_window_s: float = 3600.0
+    """Restarts longer ago than this no longer count against max_restarts (nor lengthen the backoff):
+    a long job survives a crash a day, a component that keeps dying still ends the run."""
     watchdog_s: float = 600.0
     """No trainer step, trajectory or weight sync for this long: every component dumps its stacks
     into RUN_DIR/stacks/, the console says where each one is, and the run ends (exit code 3); 0 = off."""
@@ -242,6 +245,7 @@ class RunOptions(_Table, frozen=True):
         check_field(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", self.max_wall_s, "> 0")
         check_field(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
         check_field(self.restart_backoff_s >= 0, "restart_backoff_s", self.restart_backoff_s, ">= 0")
+        check_field(self.restart_window_s > 0, "restart_window_s", self.restart_window_s, "> 0")
         check_field(self.watchdog_s >= 0, "watchdog_s", self.watchdog_s, ">= 0")
 
 

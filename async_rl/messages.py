@@ -176,6 +176,9 @@ class BatchRequest(Message, tag="batch_request"):
     request_id: str = ""
     # Serve groups beyond max_staleness too (buffer kept them for importance-weighted use).
     include_stale: bool = False
+    # The trainer can never go back below this version (its newest checkpoint): the buffer forgets
+    # the batches it served for older versions. A version asked for again gets its batch again.
+    durable_version: int = 0
 
 
 class BatchResponse(Message, tag="batch_response"):

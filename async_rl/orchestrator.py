@@ -16,6 +16,8 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+import msgspec
+
 from async_rl import stacks
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
 
@@ -189,7 +191,7 @@ def _resume_point(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
 async def run(config: RunConfig) -> int:
     from async_rl.engine_monitor import monitor_engines
     from async_rl.metrics import ProgressDisplay
-    from async_rl.supervisor import ProcessSpec, RunEnded, Supervisor
+    from async_rl.supervisor import ProcessSpec, RestartPolicy, RunEnded, Supervisor
     from rollout_workers.engine.model import resolve_model_spec
     from rollout_workers.launcher import EngineSpec, engine_command, engine_env, free_port
 
@@ -219,9 +221,15 @@ async def run(config: RunConfig) -> int:
         stacks.STACKS_ENV: str(stacks_dir),
     }
     host = config.engine.host
-    restarts = config.run.max_restarts
-    engine_restarts = 0 if config.weight_sync.method == "distributed" else restarts
-    backoff = config.run.restart_backoff_s
+    # Every component's restart policy; engines get none under distributed sync (see run.max_restarts).
+    restart = RestartPolicy(
+        max_restarts=config.run.max_restarts,
+        backoff_s=config.run.restart_backoff_s,
+        window_s=config.run.restart_window_s,
+    )
+    engine_restart_policy = (
+        msgspec.structs.replace(restart, max_restarts=0) if config.weight_sync.method == "distributed" else restart
+    )
 
     def engine_process(i: int, port: int, weights: Path, version: int) -> ProcessSpec:
         spec = EngineSpec(
@@ -237,8 +245,7 @@ async def run(config: RunConfig) -> int:
             name=f"engine{i}",
             argv=engine_command(spec, port, python),
             env={**env, **engine_env(spec)},
-            max_restarts=engine_restarts,
-            backoff_s=backoff,
+            restart=engine_restart_policy,
         )
 
     def engine_restart(i: int, port: int) -> Callable[[], ProcessSpec]:
@@ -269,8 +276,7 @@ async def run(config: RunConfig) -> int:
                 ProcessSpec(
                     name="buffer",
                     env=env,
-                    max_restarts=restarts,  # it recovers from its write-ahead log
-                    backoff_s=backoff,
+                    restart=restart,  # it recovers from its write-ahead log
                     argv=[
                         python,
                         "-m",
@@ -291,8 +297,7 @@ async def run(config: RunConfig) -> int:
                     name="trainer",
                     finishes_run=True,
                     env=env,
-                    max_restarts=restarts,  # it resumes from its latest checkpoint; the workers follow
-                    backoff_s=backoff,
+                    restart=restart,  # it resumes from its latest checkpoint; the workers follow
                     argv=[
                         *_trainer_launcher(python, config.trainer.processes),
                         *common,
@@ -309,8 +314,7 @@ async def run(config: RunConfig) -> int:
                         name=f"worker{w}",
                         env=env,
                         stop_early=True,
-                        max_restarts=restarts,  # it aligns to the trainer's version at start
-                        backoff_s=backoff,
+                        restart=restart,  # it aligns to the trainer's version at start
                         argv=[
                             python,
                             "-m",
@@ -335,7 +339,7 @@ async def run(config: RunConfig) -> int:
             with ProgressDisplay(config.trainer.total_steps) as display:
                 follower = MetricsFollower(run_dir / "metrics.jsonl", display)
                 following = [asyncio.create_task(follower.follow())]
-                if config.engine.health_failures and engine_restarts:
+                if config.engine.health_failures and engine_restart_policy.max_restarts:
                     following.append(asyncio.create_task(monitor_engines(config.engine, engine_urls, supervisor.kill)))
                 try:
                     outcome = await _wait_unless_hung(supervisor, config, stacks_dir)

@@ -81,10 +81,10 @@ def registered(directory: Path) -> dict[str, int]:
     """NAME-PID -> pid of every process registered in `directory` that is still alive."""
     found = {}
     for path in directory.glob("*.pid"):
-        pid = int(path.read_text())
         try:
+            pid = int(path.read_text())
             os.kill(pid, 0)
-        except OSError:
+        except (OSError, ValueError):  # gone, or being written
             continue
         found[path.stem] = pid
     return found

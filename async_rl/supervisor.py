@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -35,6 +36,14 @@ RESTARTS_ENV = "ASYNC_RL_RESTARTS"  # and how often it was started again (0 on i
 T = TypeVar("T")
 
 
+class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How a child that exits unexpectedly is started again (run.max_restarts and its neighbours)."""
+
+    max_restarts: int = 0  # unexpected exits survived within window_s; one more ends the run
+    backoff_s: float = 1.0  # wait before the first restart; doubles with each recent one (at most 30 s)
+    window_s: float = 3600.0  # restarts longer ago than this no longer count
+
+
 class ProcessSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str  # unique; also the log file's name
     argv: list[str]
@@ -46,8 +55,7 @@ class ProcessSpec(msgspec.Struct, frozen=True, kw_only=True):
     # Stopped (and gone) before the others: a component that uses them (a rollout worker) then does
     # not see its requests aborted by engines going down first.
     stop_early: bool = False
-    max_restarts: int = 0  # unexpected exits survived by starting it again; one more ends the run
-    backoff_s: float = 1.0  # wait before the first restart; doubles with each one (at most 30 s)
+    restart: RestartPolicy = RestartPolicy()
 
 
 class ChildExit(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,8 +109,16 @@ class _Child:
         self.process = process
         self.log_path = log_path
         self.stopping = False  # set when the supervisor itself asked it to stop
-        self.restarts = 0
+        self.restarts = 0  # in all: restarted processes are told their number (fresh ids, seeds)
+        self.restarted_at: deque[float] = deque()  # monotonic times of the restarts in the window
         self.respec: Callable[[], ProcessSpec] | None = None
+
+    def recent_restarts(self) -> int:
+        """Restarts within the spec's window: a component that fails once a day lives for ever."""
+        horizon = time.monotonic() - self.spec.restart.window_s
+        while self.restarted_at and self.restarted_at[0] < horizon:
+            self.restarted_at.popleft()
+        return len(self.restarted_at)
 
 
 class Supervisor:
@@ -241,19 +257,24 @@ class Supervisor:
                 log_path=str(child.log_path),
                 log_tail=log_tail(child.log_path),
             )
-            if child.restarts >= child.spec.max_restarts:
-                budget = f" (after {child.restarts} restarts)" if child.restarts else ""
+            recent = child.recent_restarts()
+            if recent >= child.spec.restart.max_restarts:
+                window = f"{child.spec.restart.window_s:g} s"
+                budget = f" (after {recent} restarts within {window})" if recent else ""
                 self._end(RunOutcome(status="failed", message=exit_.describe() + budget, child=exit_))
                 return
             await self._restart(child, exit_)
 
     async def _restart(self, child: _Child, exit_: ChildExit) -> None:
-        delay = min(child.spec.backoff_s * 2**child.restarts, MAX_BACKOFF_S)
+        recent = child.recent_restarts()
+        policy = child.spec.restart
+        delay = min(policy.backoff_s * 2**recent, MAX_BACKOFF_S)
         child.restarts += 1
+        child.restarted_at.append(time.monotonic())
         _signal_group(child.process.pid, signal.SIGKILL)  # what it spawned goes with it
         print(
-            f"restarting {child.spec.name} in {delay:g} s ({child.restarts} of {child.spec.max_restarts}): "
-            f"{exit_.describe().splitlines()[0]}",
+            f"restarting {child.spec.name} in {delay:g} s ({recent + 1} of {policy.max_restarts} "
+            f"within {policy.window_s:g} s): {exit_.describe().splitlines()[0]}",
             flush=True,
         )
         with child.log_path.open("ab") as log:
@@ -262,7 +283,7 @@ class Supervisor:
         if child.stopping or (self._ended is not None and self._ended.done()):
             return
         if child.respec is not None:
-            child.spec = msgspec.structs.replace(child.respec(), max_restarts=child.spec.max_restarts)
+            child.spec = child.respec()
         child.process = await _spawn(child.spec, child.log_path, child.restarts)
         if self.on_restart is not None:
             await self.on_restart(child.spec.name, exit_)

@@ -18,6 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import msgspec
+
 from async_rl import stacks
 from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import BatchResponse, Trajectory, WeightsPublished, encode, make_decoder
@@ -49,7 +51,9 @@ def trainer_context(config: RunConfig, model_dir: Path):
     )
 
 
-async def get_batch(buffer: BufferClient, version: int, config: RunConfig) -> tuple[BatchResponse, Counter[str]]:
+async def get_batch(
+    buffer: BufferClient, version: int, config: RunConfig, durable_version: int
+) -> tuple[BatchResponse, Counter[str]]:
     """Block until the buffer serves a batch; a timeout only means generation is slower than training.
 
     Groups outside [0, eta] staleness are dropped with a warning rather than failing the step:
@@ -61,7 +65,11 @@ async def get_batch(buffer: BufferClient, version: int, config: RunConfig) -> tu
 
     while True:
         response = await buffer.get_batch(
-            version, config.trainer.groups_per_step, config.staleness.eta, timeout=BATCH_WAIT_S
+            version,
+            config.trainer.groups_per_step,
+            config.staleness.eta,
+            timeout=BATCH_WAIT_S,
+            durable_version=durable_version,
         )
         dropped: Counter[str] = Counter(response.dropped_groups)  # the buffer's own stale drops
         if response.error or not response.trajectories:
@@ -83,6 +91,45 @@ async def get_batch(buffer: BufferClient, version: int, config: RunConfig) -> tu
             response.trajectories = [t for t in response.trajectories if t.group_id not in bad_groups]
             response.dropped_stale += len(offenders)
         return response, dropped
+
+
+TRAINED_NAME = "trained_samples.jsonl"
+
+
+class TrainedLog:
+    """RUN_DIR/trained_samples.jsonl: per step, the version trained at, the trainer start (restarts) and
+    the sample ids. A resumed trainer writes its versions again; the last line of a version is the one
+    the model's history holds. Read by benchmarks/soak.py and the fault-tolerance tests."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("ab")
+
+    def write(self, version: int, start: int, trajectories: list[Trajectory]) -> None:
+        line = {"version": version, "start": start, "sample_ids": [t.sample_id for t in trajectories]}
+        self.file.write(msgspec.json.encode(line) + b"\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def trained_history(path: Path) -> dict[int, list[str]]:
+    """version -> the sample ids the final model's history trained on at that version: a line for a
+    version already seen (a trainer resumed below where the last one got) replaces that version and
+    every later one. A torn last line, from a crash while writing it, is skipped."""
+    history: dict[int, list[str]] = {}
+    newest = -1
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            continue
+        version = line["version"]
+        for later in range(version, newest + 1):
+            history.pop(later, None)
+        history[version] = line["sample_ids"]
+        newest = version
+    return history
 
 
 async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serve: str, versions: str) -> None:
@@ -175,6 +222,11 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     dropped: Counter[str] = Counter()
     dropped_batches = 0
     clock = CheckpointClock(trainer, config)
+    # The newest version a restarted trainer resumes at (its checkpoint, or with none kept its current
+    # version): the buffer keeps every batch it served since, to serve each again after a crash.
+    checkpoints = bool(trainer.context.ckpt_dir)
+    durable = trainer.version
+    trained_log = TrainedLog(run_dir / TRAINED_NAME)
     try:
         async with contextlib.AsyncExitStack() as stack:
             await wait_until_healthy(clients, config.engine.start_timeout_s)
@@ -203,7 +255,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
             last = time.perf_counter()
             while trainer.version < total:
                 with tracer.span("batch wait", TRACK, version=trainer.version) as span:
-                    batch, stale = await get_batch(buffer, trainer.version, config)
+                    batch, stale = await get_batch(buffer, trainer.version, config, durable)
                     span["samples"] = len(batch.trajectories)
                 dropped.update(stale)
                 step = None
@@ -240,6 +292,9 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                     )
                 )
                 dropped.clear()
+                trained_log.write(step.version - 1, restarts, batch.trajectories)
+                if not checkpoints:
+                    durable = step.version
                 now = time.perf_counter()
                 metrics = dict(step.metrics)
                 metrics.update({f"staleness/hist/{k}": v for k, v in step.staleness_histogram.items()})
@@ -260,7 +315,9 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                 if await asyncio.to_thread(clock.due, step.version):
                     with tracer.span("checkpoint", TRACK, step=step.version):
                         await asyncio.to_thread(trainer.save_checkpoint)
+                    durable = step.version
     finally:
+        trained_log.close()
         tracer.close()
         sink.close()
         publisher.close()

@@ -219,15 +219,18 @@ class BufferClient:
         max_staleness: int,
         timeout: float = 30.0,
         include_stale: bool = False,
+        durable_version: int = 0,
     ) -> BatchResponse:
         """`num_groups` complete groups with staleness <= max_staleness, or an empty batch with `error`
-        (at timeout, or at once after dropping stale groups: their ids are in `dropped_groups`)."""
+        (at timeout, or at once after dropping stale groups: their ids are in `dropped_groups`); for a
+        version served before (above `durable_version`), the same batch again."""
         request = BatchRequest(
             trainer_version=trainer_version,
             num_groups=num_groups,
             max_staleness=max_staleness,
             timeout_s=timeout,
             include_stale=include_stale,
+            durable_version=durable_version,
             request_id=uuid.uuid4().hex,
         )
         raw = await self._request(request, RawBatchResponse, timeout + self.reply_grace_s)

@@ -1,4 +1,10 @@
-"""The versioned replay buffer's state: groups, partial pool, served/dropped ids.
+"""The versioned replay buffer's state: groups, partial pool, served/dropped ids, retained batches.
+
+A served batch belongs to its trainer version: it is kept (`retained`) until the trainer reports a
+checkpoint at a later version, and a trainer asking again for a version it was served (one resumed
+from a checkpoint after a crash) gets the very same samples. So a trainer crash loses no
+acknowledged trajectory, none is trained twice in the model's history, and a resumed run
+replays exactly.
 
 Pure and synchronous. Every change goes through `apply(record)` with a WAL
 record, both live and during recovery, so the state rebuilt from the log is
@@ -18,7 +24,7 @@ import msgspec
 
 from async_rl.messages import BufferStats, TrajectoryAck
 from buffer.frames import TrajectoryHeader, read_header
-from buffer.wal import Dropped, PartialsTaken, Put, Served, WalRecord
+from buffer.wal import Dropped, PartialsTaken, Put, Released, Served, WalRecord
 
 StalePolicy = Literal["drop", "keep"]
 Sampling = Literal["fifo", "stalest_first", "freshest_first"]
@@ -50,6 +56,13 @@ class BatchPlan:
     dropped: Dropped | None = None
     served: Served | None = None
     frames: list[msgspec.Raw] = field(default_factory=list)
+    replayed: bool = False  # the batch this version was served before: no record, the same frames
+
+
+@dataclass(slots=True)
+class RetainedBatch:
+    served: Served
+    entries: list[Entry]
 
 
 _SAMPLING_KEYS = {
@@ -76,6 +89,8 @@ class ReplayBuffer:
         self.dropped_ids: set[str] = set()
         self.dropped_groups: set[str] = set()
         self.taken_partials: set[str] = set()
+        self.retained: dict[int, RetainedBatch] = {}  # trainer version -> the batch served for it
+        self.released_below = 0
         self.trainer_version = 0
         self.live_bytes = 0
         self.counts = Counter(served=0, dropped_stale=0, duplicates=0, rejected=0)
@@ -109,7 +124,10 @@ class ReplayBuffer:
         return None
 
     def plan_batch(self, trainer_version: int, num_groups: int, max_staleness: int, include_stale: bool) -> BatchPlan:
-        """Drop (per policy) what is stale at `trainer_version`; pick `num_groups` complete groups if there are enough."""
+        """The batch served before for `trainer_version`, if any; else drop (per policy) what is stale at
+        `trainer_version` and pick `num_groups` complete groups if there are enough."""
+        if (batch := self.retained.get(trainer_version)) is not None:
+            return BatchPlan(frames=[entry.frame for entry in batch.entries], replayed=True)
         plan = BatchPlan()
         stale = {gid for gid, group in self.groups.items() if trainer_version - group.oldest_version > max_staleness}
         if stale and self.stale_policy == "drop":
@@ -159,7 +177,14 @@ class ReplayBuffer:
                 self.counts["served"] += len(record.sample_ids)
                 self.served_ids.update(record.sample_ids)
                 self.served_groups.update(record.group_ids)
-                self._remove(record.sample_ids)
+                entries = self._remove(record.sample_ids)
+                if entries and record.trainer_version >= self.released_below:  # compaction's summary removes none
+                    self.retained[record.trainer_version] = RetainedBatch(record, entries)
+                    self.live_bytes += sum(len(entry.frame) for entry in entries)
+            case Released(below_version=below):
+                self.released_below = max(self.released_below, below)
+                for version in [v for v in self.retained if v < below]:
+                    self.live_bytes -= sum(len(entry.frame) for entry in self.retained.pop(version).entries)
             case Dropped():
                 self.counts["dropped_stale"] += len(record.sample_ids)
                 self.dropped_ids.update(record.sample_ids)
@@ -186,15 +211,18 @@ class ReplayBuffer:
         if group.complete:
             group.completed_seq = next(self._completion)
 
-    def _remove(self, sample_ids: list[str]) -> None:
+    def _remove(self, sample_ids: list[str]) -> list[Entry]:
+        removed = []
         for sid in sample_ids:
             gid = self._group_of.pop(sid, None)
             if gid is None:
                 continue
             group = self.groups[gid]
-            self.live_bytes -= len(group.members.pop(sid).frame)
+            removed.append(group.members.pop(sid))
+            self.live_bytes -= len(removed[-1].frame)
             if not group.members:
                 del self.groups[gid]
+        return removed
 
     def _duplicate(self, key: str) -> TrajectoryAck:
         self.counts["duplicates"] += 1
@@ -229,13 +257,20 @@ class ReplayBuffer:
 
     def live_records(self) -> Iterator[WalRecord]:
         """The smallest log that rebuilds this state (for compaction)."""
+        yield Released(below_version=self.released_below)
+        retained_ids = {entry.header.sample_id for batch in self.retained.values() for entry in batch.entries}
         yield Served(
             trainer_version=self.trainer_version,
-            sample_ids=sorted(self.served_ids),
+            sample_ids=sorted(self.served_ids - retained_ids),
             group_ids=sorted(self.served_groups),
         )
         yield Dropped(sample_ids=sorted(self.dropped_ids), group_ids=sorted(self.dropped_groups))
         yield PartialsTaken(keys=sorted(self.taken_partials))
+        for version in sorted(self.retained):
+            batch = self.retained[version]
+            for entry in batch.entries:
+                yield Put(frame=entry.frame)
+            yield batch.served
         complete_last = sorted(self.groups.values(), key=lambda group: (group.complete, group.completed_seq))
         for group in complete_last:
             for entry in group.members.values():

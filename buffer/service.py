@@ -49,7 +49,7 @@ from async_rl.transport import DEFAULT_SERVE, DEFAULT_SUBMIT
 from buffer.config import BufferConfig
 from buffer.frames import read_header
 from buffer.replay import ReplayBuffer
-from buffer.wal import Put, WriteAheadLog
+from buffer.wal import Put, Released, WriteAheadLog
 
 log = logging.getLogger("buffer.service")
 
@@ -213,6 +213,11 @@ class BufferService:
             return
         match request:
             case BatchRequest():
+                if request.durable_version > self.buffer.released_below:
+                    released = Released(below_version=request.durable_version)
+                    self.wal.append(released)
+                    self._commit()
+                    self.buffer.apply(released)
                 self.buffer.trainer_version = max(self.buffer.trainer_version, request.trainer_version)
                 if request_id in self._pending:  # a repeat: answer the newest connection, keep the count
                     self._pending[request_id].identity = identity
@@ -256,7 +261,7 @@ class BufferService:
                 for record in records:
                     self.buffer.apply(record)
             reply: Message
-            if plan.served is not None:
+            if plan.served is not None or plan.replayed:
                 # The frames are encoded Trajectories: msgspec.Raw embeds them without re-encoding.
                 reply = RawBatchResponse(
                     trainer_version=request.trainer_version,

@@ -52,12 +52,19 @@ class Dropped(msgspec.Struct, tag="dropped"):
     reason: str = "stale"
 
 
+class Released(msgspec.Struct, tag="released"):
+    """Served batches of versions below this are forgotten: the trainer has a checkpoint at it and
+    can never ask for them again."""
+
+    below_version: int
+
+
 class PartialsTaken(msgspec.Struct, tag="partials_taken"):
     keys: list[str]
     dropped_keys: list[str] = msgspec.field(default_factory=list)
 
 
-WalRecord = Put | Served | Dropped | PartialsTaken
+WalRecord = Put | Served | Dropped | PartialsTaken | Released
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(WalRecord)
 

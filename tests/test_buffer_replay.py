@@ -5,6 +5,7 @@ import pytest
 from async_rl.messages import MessageError, Trajectory, encode
 from buffer.frames import read_header
 from buffer.replay import ReplayBuffer
+from buffer.wal import Released
 from tests.helpers import fill_group, make_trajectory, put, take
 
 
@@ -34,6 +35,25 @@ def test_duplicates_are_acked_not_stored_even_after_serving():
     take(buffer, 0, 1, 4)
     ack = put(buffer, make_trajectory("g-1", "g"))
     assert ack.accepted and ack.reason == "duplicate" and buffer.stored == 0
+
+
+def test_a_version_asked_for_again_gets_its_batch_again_until_released():
+    """A trainer resumed from a checkpoint asks again for versions it was served: the same samples
+    come back (nothing acknowledged is lost, nothing else is trained at that version) until the
+    trainer reports a checkpoint beyond them."""
+    buffer = ReplayBuffer(capacity=100)
+    for group in ("a", "b", "c"):
+        fill_group(buffer, group, version=0)
+    first = take(buffer, trainer_version=0, num_groups=1, max_staleness=2)
+    second = take(buffer, trainer_version=1, num_groups=1, max_staleness=2)
+    again = take(buffer, trainer_version=0, num_groups=1, max_staleness=2)
+    assert again.replayed and again.served is None and again.frames == first.frames
+    assert take(buffer, 1, 1, 2).frames == second.frames
+    assert buffer.stats().served == 4 and buffer.stats().complete_groups == 1
+    buffer.apply(Released(below_version=1))
+    fresh = take(buffer, trainer_version=0, num_groups=1, max_staleness=2)  # released: version 0 is new again
+    assert not fresh.replayed and fresh.served.group_ids == ["c"]
+    assert take(buffer, 1, 1, 2).replayed
 
 
 def test_full_buffer_asks_to_retry_but_admits_members_of_open_groups():

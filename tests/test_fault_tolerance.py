@@ -11,26 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from async_rl.chaos import signal_component
 from async_rl.metrics import read_metrics
 from tests.helpers import finish, served_at_versions, served_batches, start_run
 
 pytestmark = pytest.mark.slow
-
-
-def pid_of(*parts: str) -> int:
-    """The pid of the one python process whose command line holds every one of `parts` (scanned from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if all(part in argv for part in parts) and "python" in argv[0]:
-            found.append(int(entry.name))
-    assert len(found) == 1, (parts, found)
-    return found[0]
 
 
 def wait_for_step(process, metrics: Path, step: int, timeout_s: float = 90) -> None:
@@ -47,9 +32,8 @@ def test_a_killed_engine_is_restarted_and_routed_again_at_the_current_version(tm
     process = start_run(tmp_path, "--set", "trainer.total_steps=1000", "--set", "engine.count=2")
     metrics, worker_log = tmp_path / "metrics.jsonl", tmp_path / "logs" / "worker0.log"
     wait_for_step(process, metrics, 5)
-    header = (tmp_path / "logs" / "engine0.log").read_text()
-    port = re.search(r"on http://127\.0\.0\.1:(\d+)", header).group(1)
-    os.kill(pid_of("engine", "serve", port), signal.SIGKILL)
+    port = re.search(r"on http://127\.0\.0\.1:(\d+)", (tmp_path / "logs" / "engine0.log").read_text()).group(1)
+    assert signal_component(tmp_path, "engine0")
     deadline = time.monotonic() + 90
     while not (worker_log.exists() and "engine 0 (http://127.0.0.1:" + port + ") is back" in worker_log.read_text()):
         assert process.poll() is None and time.monotonic() < deadline, "the engine never came back"
@@ -132,21 +116,12 @@ def test_chaos_every_kind_of_component_killed_once_and_the_run_completes(tmp_pat
         "--set",
         "buffer.fsync=batch",
     )
-    metrics, config = tmp_path / "metrics.jsonl", str(tmp_path / "config.json")
-    argv = {
-        "buffer": ("buffer", "serve", config),
-        "worker": ("rollout_workers.worker", config),
-        "trainer": ("async_rl.trainer_main", config),
-    }
+    metrics = tmp_path / "metrics.jsonl"
     reached = 0
     for kind in order:
         reached += 8
         wait_for_step(process, metrics, reached)
-        if kind == "engine":
-            port = re.search(r"on http://127\.0\.0\.1:(\d+)", (tmp_path / "logs" / "engine1.log").read_text()).group(1)
-            os.kill(pid_of("engine", "serve", port), signal.SIGKILL)
-        else:
-            os.kill(pid_of(*argv[kind]), signal.SIGKILL)
+        assert signal_component(tmp_path, {"engine": "engine1", "worker": "worker0"}.get(kind, kind))
         reached = max(r["step"] for r in read_metrics(metrics))  # a resumed trainer starts lower
     code, output = finish(process, timeout_s=200)
     assert code == 0, (order, output)
@@ -184,7 +159,7 @@ def test_an_engine_that_stops_answering_is_killed_restarted_and_routed_again(tmp
     metrics, worker_log = tmp_path / "metrics.jsonl", tmp_path / "logs" / "worker0.log"
     wait_for_step(process, metrics, 5)
     port = re.search(r"on http://127\.0\.0\.1:(\d+)", (tmp_path / "logs" / "engine0.log").read_text()).group(1)
-    os.kill(pid_of("engine", "serve", port), signal.SIGSTOP)
+    assert signal_component(tmp_path, "engine0", signal.SIGSTOP)
     deadline = time.monotonic() + 90
     while not (worker_log.exists() and f"engine 0 (http://127.0.0.1:{port}) is back" in worker_log.read_text()):
         assert process.poll() is None and time.monotonic() < deadline, "the engine never came back"

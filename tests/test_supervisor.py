@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from async_rl.supervisor import ChildFailed, ProcessSpec, Supervisor, log_tail
+from async_rl.supervisor import ChildFailed, ProcessSpec, RestartPolicy, Supervisor, log_tail
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent
@@ -196,7 +196,11 @@ async def test_a_dying_child_is_restarted_within_its_budget_then_ends_the_run(tm
 
     async with asyncio.timeout(30):
         async with Supervisor(tmp_path / "logs", handle_signals=False, on_restart=on_restart) as supervisor:
-            await supervisor.start(ProcessSpec(name="flaky", argv=[PY, "-c", script], max_restarts=2, backoff_s=0.05))
+            await supervisor.start(
+                ProcessSpec(
+                    name="flaky", argv=[PY, "-c", script], restart=RestartPolicy(max_restarts=2, backoff_s=0.05)
+                )
+            )
             await async_wait_for(lambda: counter.exists() and counter.read_text() == "3")
             assert supervisor.restarts == {"flaky": 2} and restarted == ["flaky:1", "flaky:1"]
             assert supervisor.returncodes["flaky"] is None  # the third start is running
@@ -205,6 +209,14 @@ async def test_a_dying_child_is_restarted_within_its_budget_then_ends_the_run(tm
 
         counter.unlink()
         async with Supervisor(tmp_path / "logs2", handle_signals=False) as supervisor:
-            await supervisor.start(ProcessSpec(name="flaky", argv=[PY, "-c", script], max_restarts=1, backoff_s=0.05))
+            await supervisor.start(
+                ProcessSpec(
+                    name="flaky", argv=[PY, "-c", script], restart=RestartPolicy(max_restarts=1, backoff_s=0.05)
+                )
+            )
             outcome = await supervisor.wait()
-    assert outcome.status == "failed" and "after 1 restarts" in outcome.message and "start 2" in outcome.message
+    assert (
+        outcome.status == "failed"
+        and "after 1 restarts within 3600 s" in outcome.message
+        and "start 2" in outcome.message
+    )

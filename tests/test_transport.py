@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 from pathlib import Path
@@ -35,14 +36,15 @@ async def test_kill_9_mid_stream_loses_no_acked_trajectory_and_serves_none_twice
     ]
     acked: set[str] = set()
     served: list[str] = []
+    versions = itertools.count()  # as a trainer asks: one version per batch
 
     async def take_batches(client: BufferClient, count: int):
         for _ in range(count):
-            batch = await client.get_batch(trainer_version=0, num_groups=2, max_staleness=4, timeout=10)
+            batch = await client.get_batch(trainer_version=next(versions), num_groups=2, max_staleness=99, timeout=10)
             assert not batch.error
             served.extend(t.sample_id for t in batch.trajectories)
 
-    with buffer_process(tmp_path, submit, serve, "--set", "fsync=batch") as first:
+    with buffer_process(tmp_path, submit, serve, "--set", "fsync=batch", "--max-staleness", "99") as first:
         sender = TrajectorySender(
             submit, max_in_flight=16, ack_timeout_s=0.5, on_ack=lambda ack: acked.add(ack.sample_id)
         )
@@ -54,7 +56,7 @@ async def test_kill_9_mid_stream_loses_no_acked_trajectory_and_serves_none_twice
             os.kill(first.pid, signal.SIGKILL)  # mid-stream: the last sends are still unacked
             first.wait(10)
             acked_before_kill = set(acked)
-            with buffer_process(tmp_path, submit, serve, "--set", "fsync=batch"):
+            with buffer_process(tmp_path, submit, serve, "--set", "fsync=batch", "--max-staleness", "99"):
                 await _send_all(sender, second_half)
                 await sender.flush(30)
                 await take_batches(client, groups // 2 - 5)
