@@ -234,6 +234,18 @@ class RunOptions(_Table, frozen=True):
     restart_window_s: float = 3600.0
     """Restarts longer ago than this no longer count against max_restarts (nor lengthen the backoff):
     a long job survives a crash a day, a component that keeps dying still ends the run."""
+    wandb: Literal["off", "offline", "online"] = "off"
+    """Also log every step to Weights & Biases (beside metrics.jsonl and TensorBoard); offline needs
+    no network (RUN_DIR/wandb, upload later with `wandb sync`). Needs `pip install wandb`."""
+    wandb_project: str = "async-rl"
+    """The W&B project; the run is named after run.output_dir and resumed by every restart."""
+    prometheus: bool = True
+    """Serve the orchestrator's Prometheus endpoint (/metrics: per-component up and restarts, version,
+    staleness, throughput, buffer depth; its address is printed at start)."""
+    prometheus_port: int = 0
+    """Its port; 0 = a free one."""
+    prometheus_host: str = "127.0.0.1"
+    """Where that endpoint binds; loopback unless a scraper elsewhere needs it."""
     watchdog_s: float = 600.0
     """No trainer step, trajectory or weight sync for this long: every component dumps its stacks
     into RUN_DIR/stacks/, the console says where each one is, and the run ends (exit code 3); 0 = off."""
@@ -245,6 +257,7 @@ class RunOptions(_Table, frozen=True):
         check_field(self.max_wall_s is None or self.max_wall_s > 0, "max_wall_s", self.max_wall_s, "> 0")
         check_field(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
         check_field(self.restart_backoff_s >= 0, "restart_backoff_s", self.restart_backoff_s, ">= 0")
+        check_field(0 <= self.prometheus_port < 65536, "prometheus_port", self.prometheus_port, "a TCP port or 0")
         check_field(self.restart_window_s > 0, "restart_window_s", self.restart_window_s, "> 0")
         check_field(self.watchdog_s >= 0, "watchdog_s", self.watchdog_s, ">= 0")
 

@@ -1,4 +1,4 @@
-"""Where a run's numbers go: metrics.jsonl, TensorBoard, and the live console line.
+"""Where a run's numbers go: metrics.jsonl, TensorBoard, Weights & Biases if asked, the live console line.
 
 Metric names are slash-separated (TensorBoard groups them by prefix); the console
 shows the handful in `DISPLAY_KEYS`. Both files are flushed every step so a
@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import msgspec
 
@@ -25,9 +26,18 @@ DISPLAY_KEYS = {REWARD: "reward", VERSION: "version", STALENESS: "staleness", TO
 class MetricsSink:
     """Appends one JSON object per step to `run_dir/metrics.jsonl` and writes the numeric
     values as TensorBoard scalars under `run_dir/tensorboard` (tensorboard's own event
-    writer: no torch import). NaN/inf are written as null in JSON, as-is to TensorBoard."""
+    writer: no torch import) and, with `wandb` "offline" or "online", to a Weights & Biases run
+    under `run_dir/wandb` (one run per output folder: a restarted trainer resumes it; offline
+    runs upload later with `wandb sync`). NaN/inf are written as null in JSON, as-is elsewhere."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        wandb: Literal["off", "offline", "online"] = "off",
+        wandb_project: str = "async-rl",
+        config: dict[str, Any] | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
@@ -37,6 +47,7 @@ class MetricsSink:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             self._events = EventFileWriter(str(self.run_dir / "tensorboard"))
+        self._wandb = _wandb_run(self.run_dir, wandb, wandb_project, config) if wandb != "off" else None
 
     def log(self, step: int, metrics: dict[str, Any], wall_time: float | None = None) -> None:
         wall_time = time.time() if wall_time is None else wall_time
@@ -55,17 +66,40 @@ class MetricsSink:
             ]
             self._events.add_event(Event(wall_time=wall_time, step=step, summary=Summary(value=values)))
             self._events.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         self._jsonl.close()
         if self._events is not None:
             self._events.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def __enter__(self) -> MetricsSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wandb_run(run_dir: Path, mode: Literal["offline", "online"], project: str, config: dict[str, Any] | None):
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(f'run.wandb = "{mode}" needs Weights & Biases: pip install wandb') from None
+    id_file = run_dir / "wandb_id"  # the same W&B run for every start of this output folder
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:16])
+    return wandb.init(
+        project=project,
+        mode=mode,
+        dir=str(run_dir),
+        id=id_file.read_text().strip(),
+        name=run_dir.name,
+        resume="allow",
+        config=config,
+    )
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -124,8 +158,10 @@ class ProgressDisplay:
             self._task = self._progress.add_task("run", total=total_steps, stats="")
             self._progress.start()
 
-    def update(self, step: int, metrics: dict[str, Any]) -> None:
+    def update(self, step: int, metrics: dict[str, Any], restarts: dict[str, int] | None = None) -> None:
         stats = format_metrics(metrics)
+        if restarted := {name: n for name, n in (restarts or {}).items() if n}:
+            stats += "  restarts " + " ".join(f"{name} {n}" for name, n in sorted(restarted.items()))
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         else:

@@ -191,9 +191,11 @@ def _resume_point(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
 async def run(config: RunConfig) -> int:
     from async_rl.engine_monitor import monitor_engines
     from async_rl.metrics import ProgressDisplay
+    from async_rl.prometheus import RunCollector
     from async_rl.supervisor import ProcessSpec, RestartPolicy, RunEnded, Supervisor
     from rollout_workers.engine.model import resolve_model_spec
     from rollout_workers.launcher import EngineSpec, engine_command, engine_env, free_port
+    from rollout_workers.rollout_metrics import METRICS_NAME as ROLLOUT_METRICS_NAME
 
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
@@ -266,7 +268,9 @@ async def run(config: RunConfig) -> int:
             flush=True,
         )
         return 0
-    async with _merged_trace(run_dir), Supervisor(run_dir / "logs") as supervisor:
+    collector = RunCollector()
+    # The endpoint binds first, so that no port picked for a child takes the one asked for.
+    async with _merged_trace(run_dir), _prometheus(config, collector), Supervisor(run_dir / "logs") as supervisor:
         try:
             # Everything starts at once: the trainer and the workers wait for the engines themselves,
             # so their imports and model loading overlap the engines' start-up.
@@ -336,9 +340,22 @@ async def run(config: RunConfig) -> int:
             await supervisor.guard(
                 _wait_ready(engine_urls, config.engine.api_key, serve, run_dir / "logs", config.engine.start_timeout_s)
             )
+            collector.components = lambda: {
+                name: (code is None, supervisor.restarts[name]) for name, code in supervisor.returncodes.items()
+            }
             with ProgressDisplay(config.trainer.total_steps) as display:
-                follower = MetricsFollower(run_dir / "metrics.jsonl", display)
-                following = [asyncio.create_task(follower.follow())]
+
+                def on_step(record: dict) -> None:
+                    display.update(int(record.get("step", 0)), record, supervisor.restarts)
+                    collector.on_step(record)
+
+                followers = [
+                    JsonlFollower(run_dir / "metrics.jsonl", on_step),
+                    JsonlFollower(run_dir / ROLLOUT_METRICS_NAME, collector.on_rollout),
+                ]
+                following = [asyncio.create_task(follower.follow()) for follower in followers]
+                if config.run.prometheus:
+                    following.append(asyncio.create_task(collector.poll_buffer(serve)))
                 if config.engine.health_failures and engine_restart_policy.max_restarts:
                     following.append(asyncio.create_task(monitor_engines(config.engine, engine_urls, supervisor.kill)))
                 try:
@@ -346,7 +363,8 @@ async def run(config: RunConfig) -> int:
                 finally:
                     for task in following:
                         task.cancel()
-                    follower.poll()
+                    for follower in followers:
+                        follower.poll()
         except RunEnded as ended:
             outcome = ended.outcome
         except TimeoutError as exc:
@@ -354,6 +372,22 @@ async def run(config: RunConfig) -> int:
             return 1
     print(f"run {outcome.status}: {outcome.message}", file=sys.stderr if outcome.exit_code else sys.stdout, flush=True)
     return outcome.exit_code
+
+
+@contextlib.asynccontextmanager
+async def _prometheus(config: RunConfig, collector) -> AsyncIterator[None]:
+    """The run's Prometheus endpoint while the run lives, unless run.prometheus is off."""
+    from async_rl.prometheus import serve_metrics
+
+    if not config.run.prometheus:
+        yield
+        return
+    stop, port = serve_metrics(collector, config.run.prometheus_host, config.run.prometheus_port)
+    print(f"prometheus http://{config.run.prometheus_host}:{port}/metrics", flush=True)
+    try:
+        yield
+    finally:
+        stop()
 
 
 @contextlib.asynccontextmanager
@@ -447,33 +481,35 @@ async def _wait_ready(engine_urls: list[str], api_key: str | None, serve: str, l
         raise TimeoutError(f"not ready within {timeout_s:g} s (engine.start_timeout_s): {', '.join(silent)}{tails}")
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
+class JsonlFollower:
+    """Hands each new line of a JSONL file (metrics.jsonl, rollout_metrics.jsonl) to `on_record` as it
+    is appended, reading only what was added; lines already there at start are skipped."""
 
-
-class MetricsFollower:
-    """Shows each new metrics.jsonl line as the trainer appends it (lines already there are skipped)."""
-
-    def __init__(self, path: Path, display):
+    def __init__(self, path: Path, on_record: Callable[[dict], None]):
         self.path = path
-        self.display = display
-        self.offset = len(_read(path))
+        self.on_record = on_record
+        self.offset = self._size()
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
 
     def poll(self) -> None:
-        import msgspec
-
-        data = _read(self.path)
-        end = data.rfind(b"\n") + 1
-        for line in data[self.offset : end].splitlines():
+        if self._size() <= self.offset:
+            return
+        with self.path.open("rb") as file:
+            file.seek(self.offset)
+            data = file.read()
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        for line in data[:end].splitlines():
             try:
                 record = msgspec.json.decode(line)
             except msgspec.DecodeError:
                 continue
-            self.display.update(int(record.get("step", 0)), record)
-        self.offset = max(self.offset, end)
+            self.on_record(record)
+        self.offset += end
 
     async def follow(self, interval_s: float = 0.5) -> None:
         while True:

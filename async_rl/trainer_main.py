@@ -211,7 +211,9 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     weights_dir = config.output_path(config.weight_sync.dir, "weights")
     clients = [EngineClient(url, api_key=config.engine.api_key) for url in engine_urls]
     publisher = VersionPublisher(versions)
-    sink = MetricsSink(run_dir)
+    sink = MetricsSink(
+        run_dir, wandb=config.run.wandb, wandb_project=config.run.wandb_project, config=msgspec.to_builtins(config)
+    )
     # One file per start: a resumed run's trace keeps the stretch before the restart.
     restarts = int(os.environ.get(RESTARTS_ENV, "0"))  # a restart at the same version keeps the earlier file
     suffix = f"r{restarts}" if restarts else ""

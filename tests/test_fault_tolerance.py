@@ -7,15 +7,25 @@ import random
 import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from async_rl.chaos import signal_component
 from async_rl.metrics import read_metrics
+from async_rl.trainer_main import TRAINED_NAME, trained_history
+from rollout_workers.launcher import free_port
 from tests.helpers import finish, served_at_versions, served_batches, start_run
 
 pytestmark = pytest.mark.slow
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The run's /metrics as {'name{labels}': value} (comment lines skipped)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and line[0] != "#"}
 
 
 def wait_for_step(process, metrics: Path, step: int, timeout_s: float = 90) -> None:
@@ -29,7 +39,16 @@ def test_a_killed_engine_is_restarted_and_routed_again_at_the_current_version(tm
     """Two engines: the workers route around the dead one at once; it restarts from the newest weights
     snapshot and is routed again only once it serves the trainer's version. The run (1000 steps) is
     stopped once the restarted engine has served 10 more steps."""
-    process = start_run(tmp_path, "--set", "trainer.total_steps=1000", "--set", "engine.count=2")
+    metrics_port = free_port()
+    process = start_run(
+        tmp_path,
+        "--set",
+        "trainer.total_steps=1000",
+        "--set",
+        "engine.count=2",
+        "--set",
+        f"run.prometheus_port={metrics_port}",
+    )
     metrics, worker_log = tmp_path / "metrics.jsonl", tmp_path / "logs" / "worker0.log"
     wait_for_step(process, metrics, 5)
     port = re.search(r"on http://127\.0\.0\.1:(\d+)", (tmp_path / "logs" / "engine0.log").read_text()).group(1)
@@ -40,6 +59,13 @@ def test_a_killed_engine_is_restarted_and_routed_again_at_the_current_version(tm
         time.sleep(0.1)
     back_at = max(r["step"] for r in read_metrics(metrics))
     wait_for_step(process, metrics, back_at + 10)
+    scraped = scrape(metrics_port)  # the run's Prometheus endpoint says what happened
+    assert scraped['async_rl_component_restarts_total{component="engine0"}'] == 1
+    assert all(
+        scraped[f'async_rl_component_up{{component="{name}"}}'] == 1 for name in ("engine0", "engine1", "trainer")
+    )
+    assert scraped["async_rl_trainer_version"] >= back_at and "async_rl_buffer_stored_samples" in scraped
+    assert scraped['async_rl_rollout_tokens_generated_total{worker="worker0"}'] > 0
     process.send_signal(signal.SIGINT)
     code, output = finish(process)
     assert code == 130, output
@@ -101,7 +127,9 @@ def test_a_hung_run_dumps_every_stack_names_the_stuck_call_and_ends(tmp_path):
 
 def test_chaos_every_kind_of_component_killed_once_and_the_run_completes(tmp_path):
     """kill -9 of an engine, the buffer, the worker and the trainer, in a random order a few steps
-    apart: the run completes total_steps, no sample is trained twice, every one within eta."""
+    apart: the run completes total_steps; from the buffer's log and the trainer's records, no
+    acknowledged sample is lost (every served batch is in the final model's history), none is
+    trained twice, every one within eta."""
     order = ["engine", "buffer", "worker", "trainer"]
     random.Random().shuffle(order)
     steps = 60
@@ -131,9 +159,14 @@ def test_chaos_every_kind_of_component_killed_once_and_the_run_completes(tmp_pat
     assert records[-1]["step"] == steps and max(r["staleness/max"] for r in records) <= 1
     batches = served_at_versions(tmp_path / "buffer")
     served = [t.sample_id for _, batch in batches for t in batch]
-    assert len(served) == len(set(served)), "a sample was served (and trained) twice"
+    assert len(served) == len(set(served)), "a sample was served for two versions"
     for version, batch in batches:
         assert all(version - min(t.token_versions) <= 1 for t in batch)
+    # The trainer's records: the final model's history trained every served batch at its version
+    # (a resumed trainer got the batches it had lost again), none twice.
+    history = trained_history(tmp_path / TRAINED_NAME)
+    assert sorted(history) == list(range(steps))
+    assert {version: [t.sample_id for t in batch] for version, batch in batches} == history
     # The trainer resumed from a checkpoint (a multiple of 5) and the restarted worker aligned to it.
     steps_logged = [r["step"] for r in records]
     back = [steps_logged[i] - 1 for i in range(1, len(steps_logged)) if steps_logged[i] <= steps_logged[i - 1]]

@@ -29,6 +29,28 @@ def test_sink_writes_jsonl_and_tensorboard_per_step(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, 1.5)]
 
 
+def test_wandb_offline_needs_no_network_and_a_restart_resumes_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for steps in ([1, 2], [3]):  # a trainer restart opens the sink again
+        with MetricsSink(tmp_path, tensorboard=False, wandb="offline", config={"trainer": {"lr": 0.125}}) as sink:
+            for step in steps:
+                sink.log(step, {REWARD: step / 8, "note": "not a number"})
+    run_id = (tmp_path / "wandb_id").read_text()
+    logs = [
+        path.read_bytes() for path in sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    ]
+    # The offline log (protobuf records, values as JSON) that `wandb sync` uploads: one per start, one run id.
+    assert len(logs) == 2 and b'"lr":0.125' in logs[0] and REWARD.encode() in logs[1]
+    assert b"0.25" in logs[0] and b"0.375" in logs[1] and b"not a number" not in logs[1]
+
+
+def test_progress_display_shows_restarts():
+    stream = io.StringIO()
+    with ProgressDisplay(total_steps=10, stream=stream) as display:
+        display.update(3, {VERSION: 3}, {"engine0": 2, "buffer": 0, "trainer": 1})
+    assert "restarts engine0 2 trainer 1" in stream.getvalue()
+
+
 def test_progress_display_prints_plain_lines_when_not_a_tty():
     stream = io.StringIO()
     with ProgressDisplay(total_steps=10, stream=stream) as display:
