@@ -237,6 +237,25 @@ class TakePartials(Message, tag="take_partials"):
     request_id: str = ""
 
 
+class RecoverWorker(Message, tag="recover_worker"):
+    """A (re)starting rollout worker asks what the buffer holds of its groups (ids starting with
+    `group_prefix`), so that it neither loses nor generates twice a prompt group."""
+
+    group_prefix: str
+    request_id: str = ""
+
+
+class WorkerRecovery(Message, tag="worker_recovery"):
+    # Samples of the worker's groups the trainer has been served or that wait in the buffer: its
+    # admission's accepted count.
+    accepted_samples: int
+    # Groups never to generate again: complete, served, dropped, or parked as partials (APRIL resumes them).
+    done_groups: list[str]
+    # Groups with some members stored: generated again, the stored members deduplicated by sample id.
+    open_groups: list[str]
+    request_id: str = ""
+
+
 class PartialsResponse(Message, tag="partials"):
     trajectories: list[Trajectory]
     dropped_stale: int = 0
@@ -280,6 +299,8 @@ AnyMessage = (
     | BufferStats
     | TakePartials
     | PartialsResponse
+    | RecoverWorker
+    | WorkerRecovery
     | Rejected
     | WeightsPublished
 )

@@ -37,12 +37,14 @@ from async_rl.messages import (
     MessageError,
     RawBatchResponse,
     RawPartialsResponse,
+    RecoverWorker,
     Rejected,
     StatsRequest,
     TakePartials,
     Trajectory,
     TrajectoryAck,
     WeightsPublished,
+    WorkerRecovery,
     decode,
     encode,
     make_decoder,
@@ -50,7 +52,7 @@ from async_rl.messages import (
 
 log = logging.getLogger(__name__)
 
-_Request = BatchRequest | StatsRequest | TakePartials
+_Request = BatchRequest | StatsRequest | TakePartials | RecoverWorker
 _Reply = TypeVar("_Reply", bound=Message)
 
 DEFAULT_SUBMIT = "tcp://127.0.0.1:5601"
@@ -246,6 +248,11 @@ class BufferClient:
     async def stats(self, trainer_version: int | None = None, timeout: float = 5.0) -> BufferStats:
         request = StatsRequest(trainer_version=trainer_version, request_id=uuid.uuid4().hex)
         return await self._request(request, BufferStats, timeout)
+
+    async def recover_worker(self, group_prefix: str, timeout: float = 30.0) -> WorkerRecovery:
+        """What the buffer holds of the groups whose ids start with `group_prefix` (RecoverWorker)."""
+        request = RecoverWorker(group_prefix=group_prefix, request_id=uuid.uuid4().hex)
+        return await self._request(request, WorkerRecovery, timeout)
 
     async def take_partials(
         self, max_n: int, min_version: int, timeout: float = 5.0, group_prefix: str = ""

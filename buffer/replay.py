@@ -22,7 +22,7 @@ from typing import Literal
 
 import msgspec
 
-from async_rl.messages import BufferStats, TrajectoryAck
+from async_rl.messages import BufferStats, TrajectoryAck, WorkerRecovery
 from buffer.frames import TrajectoryHeader, read_header
 from buffer.wal import Dropped, PartialsTaken, Put, Released, Served, WalRecord
 
@@ -253,6 +253,24 @@ class ReplayBuffer:
             dropped_stale=self.counts["dropped_stale"],
             duplicates=self.counts["duplicates"],
             rejected=self.counts["rejected"],
+        )
+
+    def worker_recovery(self, group_prefix: str) -> WorkerRecovery:
+        """What a restarted worker needs to resume its prompt stream and its admission (sample ids
+        start with their group id)."""
+
+        def mine(group_id: str) -> bool:
+            return group_id.startswith(group_prefix)
+
+        mine_stored = {gid: group for gid, group in self.groups.items() if mine(gid)}
+        served = sum(1 for sid in self.served_ids if mine(sid))
+        done = {gid for gid in itertools.chain(self.served_groups, self.dropped_groups) if mine(gid)}
+        done.update(gid for gid, group in mine_stored.items() if group.complete)
+        done.update(entry.header.group_id for entry in self.partials.values() if mine(entry.header.group_id))
+        return WorkerRecovery(
+            accepted_samples=served + sum(len(group.members) for group in mine_stored.values()),
+            done_groups=sorted(done),
+            open_groups=sorted(gid for gid, group in mine_stored.items() if not group.complete and gid not in done),
         )
 
     def live_records(self) -> Iterator[WalRecord]:

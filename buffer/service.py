@@ -38,6 +38,7 @@ from async_rl.messages import (
     MessageError,
     RawBatchResponse,
     RawPartialsResponse,
+    RecoverWorker,
     Rejected,
     StatsRequest,
     TakePartials,
@@ -227,6 +228,10 @@ class BufferService:
                 stats = self.buffer.stats(request.trainer_version)
                 stats.request_id = request_id
                 await serve.send_multipart([identity, encode(stats)])
+            case RecoverWorker():
+                recovery = self.buffer.worker_recovery(request.group_prefix)
+                recovery.request_id = request_id
+                await serve.send_multipart([identity, encode(recovery)])
             case TakePartials():
                 taken, frames_out = self.buffer.plan_partials(request.max_n, request.min_version, request.group_prefix)
                 self.wal.append(taken)

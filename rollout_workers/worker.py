@@ -45,7 +45,6 @@ from rollout_workers.reward import Reward
 from rollout_workers.rollout_metrics import RolloutMetrics
 from rollout_workers.tasks import TaskSample, task_samples
 from staleness.admission import AdmissionController
-from staleness.config import StalenessConfig
 
 log = logging.getLogger("rollout_worker")
 
@@ -129,8 +128,8 @@ class RolloutWorker:
     ):
         self.config = config
         self.index = worker_index
-        # A restarted worker must not repeat its earlier starts: not their group ids (the buffer
-        # dedupes on them), their trace file or their prompts.
+        # Group ids are the prompt's place in this worker's task stream (the same on every start):
+        # a restarted worker asks the buffer which it has, and generates the others (run()).
         self.restarts = int(os.environ.get(RESTARTS_ENV, "0"))
         start = f"v{start_version}" + (f"r{self.restarts}" if self.restarts else "")
         self.tokenizer = load_tokenizer(model_dir)
@@ -144,11 +143,11 @@ class RolloutWorker:
         # APRIL over-provisions by ceil(alpha * b) groups beyond AReaL's limit (rollout_workers/april.py).
         extra = math.ceil(config.april.alpha) if self.april else 0
         staleness = msgspec.structs.replace(config.staleness, eta=config.staleness.eta + extra)
-        self.admission = self._admission_at(start_version, staleness)
-        # Workers draw different prompts: each offsets the task seed by its index (and its restarts).
-        seed = config.task.seed + worker_index + self.restarts * config.rollout.workers
-        self.samples: Iterator[TaskSample] = task_samples(msgspec.structs.replace(config.task, seed=seed))
-        self.group_ids = (f"w{worker_index}-{start}-g{i}" for i in itertools.count())
+        batch = self.share * config.rollout.group_size
+        self.admission = AdmissionController.from_counts(
+            staleness, batch, version=start_version, accepted=start_version * batch
+        )  # until run() has asked the buffer
+        self.tasks: Iterator[tuple[str, TaskSample]] = self._task_stream(set())
         self.counts: Counter[str] = Counter()
         rollout = config.rollout
         self.sampling_params = {
@@ -170,22 +169,44 @@ class RolloutWorker:
         self.buffer: BufferClient  # with APRIL only
         self._tasks: asyncio.TaskGroup
 
-    def _admission_at(self, version: int, staleness: StalenessConfig) -> AdmissionController:
-        """Everything before `version` was trained on; in-buffer leftovers are re-generated."""
-        batch = self.share * self.config.rollout.group_size
-        return AdmissionController.from_counts(staleness, batch, version=version, accepted=version * batch)
+    def _task_stream(self, done: set[str]) -> Iterator[tuple[str, TaskSample]]:
+        """(group id, prompt) in this worker's order, without the groups in `done`. Workers draw
+        different prompts: each offsets the task seed by its index."""
+        seed = self.config.task.seed + self.index
+        for n, task in enumerate(task_samples(msgspec.structs.replace(self.config.task, seed=seed))):
+            if (group_id := f"w{self.index}-g{n}") not in done:
+                yield group_id, task
 
-    async def _align_to_trainer(self, subscriber: VersionSubscriber) -> None:
+    async def _trainer_version(self, subscriber: VersionSubscriber) -> int:
         """A restarted worker starts from the trainer's current version (the publisher repeats its
         latest notice), not from the version the run began at."""
         try:
             async with asyncio.timeout(REALIGN_WAIT_S):
                 notice = await subscriber.next()
         except TimeoutError:  # nothing published yet: the trainer is still at the start version
-            return
+            return self.admission.version
         log.info("restart %d: aligned to the trainer's version %d", self.restarts, notice.version)
-        self.admission = self._admission_at(notice.version, self.admission.config)
-        self.pool.note_version(notice.version)
+        return notice.version
+
+    async def _recover(self, serve: str, version: int) -> None:
+        """Resume from what the buffer holds of this worker's groups: its admission counts every sample
+        trained or waiting, its prompt stream skips the groups done and generates the rest again (one
+        in flight at a crash, or with only some members stored, whose stored members are deduplicated)."""
+        async with BufferClient(serve) as buffer:
+            recovery = await buffer.recover_worker(f"w{self.index}-")
+        self.admission = AdmissionController.from_counts(
+            self.admission.config, self.admission.batch_size, version=version, accepted=recovery.accepted_samples
+        )
+        self.pool.note_version(version)
+        self.tasks = self._task_stream(set(recovery.done_groups))
+        if recovery.done_groups or recovery.open_groups:
+            log.info(
+                "recovered from the buffer at version %d: %d samples accepted, %d groups done, %d to finish",
+                version,
+                recovery.accepted_samples,
+                len(recovery.done_groups),
+                len(recovery.open_groups),
+            )
 
     @property
     def concurrency(self) -> int:
@@ -196,8 +217,9 @@ class RolloutWorker:
         subscriber = VersionSubscriber(versions)
         try:
             await wait_until_healthy(self.pool.clients, self.config.engine.start_timeout_s)
-            if self.restarts:
-                await self._align_to_trainer(subscriber)
+            version = await self._trainer_version(subscriber) if self.restarts else self.admission.version
+            if serve is not None:
+                await self._recover(serve, version)
             async with contextlib.AsyncExitStack() as stack:
                 self.sender = await stack.enter_async_context(TrajectorySender(submit))
                 if self.april:
@@ -286,26 +308,27 @@ class RolloutWorker:
             await self._run_group(group)
         log.info("the task source is exhausted: this group task stops")
 
-    async def _admitted_task(self) -> TaskSample | None:
-        """Admit a group's samples (waits for budget) and draw its prompt; None once the tasks run out."""
+    async def _admitted_task(self) -> tuple[str, TaskSample] | None:
+        """Admit a group's samples (waits for budget) and draw its (group id, prompt); None once the tasks run out."""
         group_size = self.config.rollout.group_size
         await self.admission.admit(group_size)
-        task = next(self.samples, None)
+        task = next(self.tasks, None)
         if task is None:
             self.admission.on_dropped(group_size)
         return task
 
     async def new_group(self, round_: int) -> GroupRollout | None:
         """Admit (waits for budget) and return a fresh group; None once the task source is exhausted."""
-        task = await self._admitted_task()
-        if task is None:
+        drawn = await self._admitted_task()
+        if drawn is None:
             return None
+        group_id, task = drawn
         group_size = self.config.rollout.group_size
         prompt_ids = encode_prompt(self.tokenizer, task.prompt, self.config.rollout.chat_template)
         plan = self.plugins.plan
         assert plan is not None, "resumable groups come from a sample plan"
         return GroupRollout(
-            group_id=next(self.group_ids),
+            group_id=group_id,
             task=task,
             prompt_ids=prompt_ids,
             params=plan(self.sampling_params, group_size),
@@ -371,10 +394,10 @@ class RolloutWorker:
 
     # ---- a custom generate function (multi-turn, tools): no resumption --------
     async def _custom_generate_loop(self) -> None:
-        while (task := await self._admitted_task()) is not None:
+        while (drawn := await self._admitted_task()) is not None:
             self.metrics.group_started()
             try:
-                group = await self._generate_group(task, next(self.group_ids))
+                group = await self._generate_group(drawn[1], drawn[0])
             finally:
                 self.metrics.group_ended()
             await self._submit(group)

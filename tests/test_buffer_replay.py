@@ -56,6 +56,22 @@ def test_a_version_asked_for_again_gets_its_batch_again_until_released():
     assert take(buffer, 1, 1, 2).replayed
 
 
+def test_a_restarted_worker_learns_which_of_its_groups_are_done_and_which_to_finish():
+    buffer = ReplayBuffer(capacity=100)
+    for group in ("w0-g0", "w0-g1", "w0-g2", "w1-g0"):
+        fill_group(buffer, group, version=0)
+    take(buffer, trainer_version=0, num_groups=1, max_staleness=2)  # serves w0-g0 (FIFO)
+    take(buffer, trainer_version=5, num_groups=1, max_staleness=4)  # drops every group left as stale
+    fill_group(buffer, "w0-g3", version=5)
+    put(buffer, make_trajectory("w0-g4-0", "w0-g4", version=5))  # one of two members stored
+    put(buffer, make_trajectory("w0-g5-0", "w0-g5", version=5, partial=True))  # parked by APRIL
+    put(buffer, make_trajectory("w01-g0-0", "w01-g0", version=5))  # another worker's prefix
+    recovery = buffer.worker_recovery("w0-")
+    assert recovery.done_groups == ["w0-g0", "w0-g1", "w0-g2", "w0-g3", "w0-g5"]
+    assert recovery.open_groups == ["w0-g4"]
+    assert recovery.accepted_samples == 2 + 2 + 1  # served w0-g0, stored w0-g3 and one of w0-g4
+
+
 def test_full_buffer_asks_to_retry_but_admits_members_of_open_groups():
     buffer = ReplayBuffer(capacity=2)
     fill_group(buffer, "a", 0)

@@ -171,7 +171,8 @@ def test_chaos_every_kind_of_component_killed_once_and_the_run_completes(tmp_pat
     steps_logged = [r["step"] for r in records]
     back = [steps_logged[i] - 1 for i in range(1, len(steps_logged)) if steps_logged[i] <= steps_logged[i - 1]]
     assert all(step % 5 == 0 for step in back)  # none when it was killed just after a checkpoint
-    assert "aligned to the trainer's version" in (tmp_path / "logs" / "worker0.log").read_text()
+    worker_log = (tmp_path / "logs" / "worker0.log").read_text()
+    assert "aligned to the trainer's version" in worker_log and "recovered from the buffer" in worker_log
 
 
 def test_an_engine_that_stops_answering_is_killed_restarted_and_routed_again(tmp_path):

@@ -240,6 +240,17 @@ async def test_partials_round_trip_and_repeated_requests_get_the_same_batch(tmp_
         assert (await client.stats()).served == 2
 
 
+async def test_a_worker_recovers_its_groups_over_the_serve_socket(tmp_path):
+    stored = [make_trajectory(f"w0-g0-{i}", "w0-g0") for i in range(2)] + [
+        make_trajectory("w0-g1-0", "w0-g1"),
+        make_trajectory("w1-g0-0", "w1-g0"),
+    ]
+    async with _holding(tmp_path, stored) as (_, client):
+        recovery = await client.recover_worker("w0-")
+    assert recovery.done_groups == ["w0-g0"] and recovery.open_groups == ["w0-g1"]
+    assert recovery.accepted_samples == 3
+
+
 async def test_groups_dropped_as_stale_are_named_in_the_batch_response(tmp_path):
     """The worker that generated them counted them as accepted: the trainer hands the ids back to it."""
     stored = [make_trajectory(f"o{i}", "old", version=0) for i in range(2)] + [
