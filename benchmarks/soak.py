@@ -3,11 +3,12 @@
 One `async-rl run` (two engines, the buffer, a worker, the trainer) with kill -9 of a randomly chosen
 component every --kill-every-s seconds (async_rl.chaos). Every 5 s the resident memory of each
 component and of the orchestrator is sampled (psutil). At the end (SIGINT) it reports, per component,
-the RSS slope in MB/hour of its longest-lived process (after a warm-up), the restarts, and the
+the RSS slope in MB/hour of its longest-lived process (after its first two minutes), the restarts, and the
 invariants from the buffer's write-ahead log and the trainer's records (trained_samples.jsonl):
 acknowledged trajectories neither trained, dropped as stale, stored nor kept for a resume (lost: 0),
 samples trained twice in the final model's history (0), trained samples staler than eta (0).
-Not in CI (it runs for --minutes).
+Not in CI (it runs for --minutes). --kill-every-s 0 runs without chaos, where every process lives
+the whole run and the slopes say whether memory grows.
 
     .venv/bin/python benchmarks/soak.py --minutes 30 [--kill-every-s 45] [--keep DIR]
 """
@@ -119,7 +120,7 @@ def main() -> None:
                 except psutil.Error:
                     continue
                 series[(name, pid)].append((now - started, rss))
-            if now >= next_kill:
+            if args.kill_every_s and now >= next_kill:
                 victim = rng.choice(COMPONENTS)
                 if signal_component(run_dir, victim) is not None:
                     kills[victim] += 1
@@ -137,7 +138,8 @@ def main() -> None:
         print(f"{'component':<13} {'kills':>5} {'restarts':>8} {'RSS MB first/last':>18} {'slope MB/h':>10}")
         for name in ("orchestrator", *COMPONENTS):
             lifetimes = [samples for (n, _), samples in series.items() if n == name]
-            longest = [s for s in max(lifetimes, key=len, default=[]) if s[0] >= WARMUP_S]
+            life = max(lifetimes, key=len, default=[])
+            longest = [s for s in life if s[0] >= life[0][0] + WARMUP_S]
             first_last = f"{longest[0][1] / 2**20:.0f} / {longest[-1][1] / 2**20:.0f}" if longest else "-"
             print(
                 f"{name:<13} {kills[name]:>5} {restarts[name]:>8} {first_last:>18} "

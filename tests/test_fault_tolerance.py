@@ -21,6 +21,9 @@ from tests.helpers import finish, served_at_versions, served_batches, start_run
 pytestmark = pytest.mark.slow
 
 
+LONG_RUN_TWO_ENGINES = ("--set", "trainer.total_steps=1000", "--set", "engine.count=2")  # stopped by the test
+
+
 def scrape(port: int) -> dict[str, float]:
     """The run's /metrics as {'name{labels}': value} (comment lines skipped)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
@@ -42,10 +45,7 @@ def test_a_killed_engine_is_restarted_and_routed_again_at_the_current_version(tm
     metrics_port = free_port()
     process = start_run(
         tmp_path,
-        "--set",
-        "trainer.total_steps=1000",
-        "--set",
-        "engine.count=2",
+        *LONG_RUN_TWO_ENGINES,
         "--set",
         f"run.prometheus_port={metrics_port}",
     )
@@ -179,10 +179,7 @@ def test_an_engine_that_stops_answering_is_killed_restarted_and_routed_again(tmp
     """SIGSTOP: the engine is alive but hung. The health monitor notices the missed deadlines."""
     process = start_run(
         tmp_path,
-        "--set",
-        "trainer.total_steps=1000",
-        "--set",
-        "engine.count=2",
+        *LONG_RUN_TWO_ENGINES,
         "--set",
         "engine.health_interval_s=0.5",
         "--set",
