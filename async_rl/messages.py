@@ -177,8 +177,10 @@ class BatchRequest(Message, tag="batch_request"):
     # Serve groups beyond max_staleness too (buffer kept them for importance-weighted use).
     include_stale: bool = False
     # The trainer can never go back below this version (its newest checkpoint): the buffer forgets
-    # the batches it served for older versions. A version asked for again gets its batch again.
+    # the batches it served for older versions. A version asked for again gets its batch again...
     durable_version: int = 0
+    # ...unless the trainer refused that batch (a malformed trajectory): then it gets a fresh one.
+    refused_served: bool = False
 
 
 class BatchResponse(Message, tag="batch_response"):

@@ -15,11 +15,15 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from async_rl import stacks
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
+
+if TYPE_CHECKING:
+    from rollout_workers.launcher import EngineSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,7 +198,7 @@ async def run(config: RunConfig) -> int:
     from async_rl.prometheus import RunCollector
     from async_rl.supervisor import ProcessSpec, RestartPolicy, RunEnded, Supervisor
     from rollout_workers.engine.model import resolve_model_spec
-    from rollout_workers.launcher import EngineSpec, engine_command, engine_env, free_port
+    from rollout_workers.launcher import engine_command, engine_env, free_port
     from rollout_workers.rollout_metrics import METRICS_NAME as ROLLOUT_METRICS_NAME
 
     run_dir = Path(config.run.output_dir)
@@ -211,13 +215,12 @@ async def run(config: RunConfig) -> int:
     except FileNotFoundError as exc:  # checkpoints, none intact: never a silent fresh start
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    device = _device(config.engine.device or config.model.device)
     python = sys.executable
     stacks_dir = run_dir / "stacks"
     for stale in stacks_dir.glob("*.pid"):  # registrations of an earlier start of this run
         stale.unlink()
     env = {
-        **_thread_env(config.engine.count),
+        **thread_env(config.engine.count),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         stacks.STACKS_ENV: str(stacks_dir),
@@ -234,15 +237,7 @@ async def run(config: RunConfig) -> int:
     )
 
     def engine_process(i: int, port: int, weights: Path, version: int) -> ProcessSpec:
-        spec = EngineSpec(
-            kind=config.engine.kind,
-            model=str(weights),
-            api_key=config.engine.api_key,
-            host=host,
-            device=device if config.engine.kind == "embedded" else config.engine.device,
-            extra_args=_engine_args(config, version, seed=config.trainer.seed + i),
-            hand_over_every_token=_aborts_waiting_requests(config),
-        )
+        spec = engine_spec(config, weights, version, i)
         return ProcessSpec(
             name=f"engine{i}",
             argv=engine_command(spec, port, python),
@@ -422,13 +417,31 @@ def _trainer_launcher(python: str, processes: int) -> list[str]:
     ]
 
 
-def _thread_env(engine_count: int) -> dict[str, str]:
+def thread_env(engine_count: int) -> dict[str, str]:
     """Split the cores between the engines and the trainer (the heavy processes); one thread each on a
-    2-core box, so they do not oversubscribe the CPU. A user's own OMP_NUM_THREADS wins."""
+    2-core box, so they do not oversubscribe the CPU. A user's own OMP_NUM_THREADS wins. Benchmarks
+    that measure a component alone give it the same threads."""
     if "OMP_NUM_THREADS" in os.environ:
         return {}
     threads = str(max(1, (os.cpu_count() or 1) // (engine_count + 1)))
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def engine_spec(config: RunConfig, weights: Path, version: int, index: int) -> EngineSpec:
+    """How engine `index` of a run starts, serving `weights` at `version` (benchmarks that measure the
+    engines alone start them the same way)."""
+    from rollout_workers.launcher import EngineSpec
+
+    embedded = config.engine.kind == "embedded"
+    return EngineSpec(
+        kind=config.engine.kind,
+        model=str(weights),
+        api_key=config.engine.api_key,
+        host=config.engine.host,
+        device=_device(config.engine.device or config.model.device) if embedded else config.engine.device,
+        extra_args=_engine_args(config, version, seed=config.trainer.seed + index),
+        hand_over_every_token=_aborts_waiting_requests(config),
+    )
 
 
 def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:

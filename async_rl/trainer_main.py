@@ -27,7 +27,7 @@ from async_rl.metrics import MetricsSink
 from async_rl.supervisor import RESTARTS_ENV
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
-from async_rl.weight_sync import broadcast_group, sync_weights
+from async_rl.weight_sync import broadcast_group, export_weights, load_weights, sync_weights
 from rollout_workers.client import EngineClient, wait_until_healthy
 
 log = logging.getLogger("trainer")
@@ -52,7 +52,7 @@ def trainer_context(config: RunConfig, model_dir: Path):
 
 
 async def get_batch(
-    buffer: BufferClient, version: int, config: RunConfig, durable_version: int
+    buffer: BufferClient, version: int, config: RunConfig, durable_version: int, refused_served: bool = False
 ) -> tuple[BatchResponse, Counter[str]]:
     """Block until the buffer serves a batch; a timeout only means generation is slower than training.
 
@@ -70,7 +70,9 @@ async def get_batch(
             config.staleness.eta,
             timeout=BATCH_WAIT_S,
             durable_version=durable_version,
+            refused_served=refused_served,
         )
+        refused_served = False
         dropped: Counter[str] = Counter(response.dropped_groups)  # the buffer's own stale drops
         if response.error or not response.trajectories:
             if dropped:  # announced at once: the workers need that budget back to fill a batch
@@ -255,48 +257,30 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                 await push_weights()
                 await publisher.publish(WeightsPublished(version=trainer.version, method=method))
             last = time.perf_counter()
-            while trainer.version < total:
-                with tracer.span("batch wait", TRACK, version=trainer.version) as span:
-                    batch, stale = await get_batch(buffer, trainer.version, config, durable)
-                    span["samples"] = len(batch.trajectories)
-                dropped.update(stale)
-                step = None
-                if batch.trajectories:
-                    with tracer.span("train step", TRACK, step=trainer.version + 1) as span:
-                        span["samples"] = len(batch.trajectories)
-                        try:
-                            shared = await asyncio.to_thread(share_batch, trainer, batch.trajectories)
-                            step = await asyncio.to_thread(trainer.train_step, shared)
-                        except BatchError as exc:  # a malformed trajectory: drop this batch, keep the run going
-                            span["dropped"] = str(exc)
-                            dropped_batches += 1
-                            dropped.update(t.group_id for t in batch.trajectories)
-                            log.error(
-                                "dropped a batch of %d at version %d (%d dropped so far): %s",
-                                len(batch.trajectories),
-                                trainer.version,
-                                dropped_batches,
-                                exc,
-                            )
-                if step is None:
-                    await publisher.publish(
-                        WeightsPublished(version=trainer.version, method=method, dropped_groups=dict(dropped))
-                    )
-                    continue
-                sync = await push_weights()
+
+            async def publish(step, batch: BatchResponse, export, dropped_now: dict[str, int]) -> None:
+                """The engines load the step's weights, then its notice goes out and its metrics line is
+                written: meanwhile the trainer waits for the next batch (and with disk sync trains on it)."""
+                nonlocal last
+                sync = await load_weights(
+                    export,
+                    clients,
+                    method,
+                    sync_config.pause_mode,
+                    weights_dir,
+                    group,
+                    tracer,
+                    timeout_s=sync_config.timeout_s,
+                )
                 await publisher.publish(
                     WeightsPublished(
                         version=step.version,
                         method=method,
                         path=sync.path,
                         sync_seconds=sync.seconds,
-                        dropped_groups=dict(dropped),
+                        dropped_groups=dropped_now,
                     )
                 )
-                dropped.clear()
-                trained_log.write(step.version - 1, restarts, batch.trajectories)
-                if not checkpoints:
-                    durable = step.version
                 now = time.perf_counter()
                 metrics = dict(step.metrics)
                 metrics.update({f"staleness/hist/{k}": v for k, v in step.staleness_histogram.items()})
@@ -310,14 +294,66 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                     }
                 )
                 last = now
-                if step.skipped:
-                    log.warning("step %d skipped its update: %s", step.version, step.skip_reason)
                 if step.version % config.run.log_interval == 0 or step.version == total:
                     sink.log(step.version, metrics)
-                if await asyncio.to_thread(clock.due, step.version):
-                    with tracer.span("checkpoint", TRACK, step=step.version):
-                        await asyncio.to_thread(trainer.save_checkpoint)
-                    durable = step.version
+
+            async with asyncio.TaskGroup() as background:
+                publishing: asyncio.Task | None = None
+
+                async def published() -> None:
+                    """The newest step's notice is out (versions go out in order, one sync at a time)."""
+                    nonlocal publishing
+                    if publishing is not None:
+                        await publishing
+                        publishing = None
+
+                refused = False  # the batch served for this version is never trained: ask for another
+                while trainer.version < total:
+                    with tracer.span("batch wait", TRACK, version=trainer.version) as span:
+                        batch, stale = await get_batch(buffer, trainer.version, config, durable, refused)
+                        refused = not batch.trajectories and bool(stale)  # a served batch wholly dropped
+                        span["samples"] = len(batch.trajectories)
+                    dropped.update(stale)
+                    step = None
+                    if batch.trajectories:
+                        if method != "disk":  # tensor and distributed send the live parameters
+                            await published()
+                        with tracer.span("train step", TRACK, step=trainer.version + 1) as span:
+                            span["samples"] = len(batch.trajectories)
+                            try:
+                                shared = await asyncio.to_thread(share_batch, trainer, batch.trajectories)
+                                step = await asyncio.to_thread(trainer.train_step, shared)
+                            except BatchError as exc:  # a malformed trajectory: drop this batch, keep the run going
+                                refused = True
+                                span["dropped"] = str(exc)
+                                dropped_batches += 1
+                                dropped.update(t.group_id for t in batch.trajectories)
+                                log.error(
+                                    "dropped a batch of %d at version %d (%d dropped so far): %s",
+                                    len(batch.trajectories),
+                                    trainer.version,
+                                    dropped_batches,
+                                    exc,
+                                )
+                    await published()
+                    if step is None:
+                        await publisher.publish(
+                            WeightsPublished(version=trainer.version, method=method, dropped_groups=dict(dropped))
+                        )
+                        continue
+                    export = await export_weights(trainer, method, weights_dir, tracer)
+                    publishing = background.create_task(publish(step, batch, export, dict(dropped)))
+                    dropped.clear()
+                    trained_log.write(step.version - 1, restarts, batch.trajectories)
+                    if not checkpoints:
+                        durable = step.version
+                    if step.skipped:
+                        log.warning("step %d skipped its update: %s", step.version, step.skip_reason)
+                    if await asyncio.to_thread(clock.due, step.version):
+                        with tracer.span("checkpoint", TRACK, step=step.version):
+                            await asyncio.to_thread(trainer.save_checkpoint)
+                        durable = step.version
+                await published()
     finally:
         trained_log.close()
         tracer.close()

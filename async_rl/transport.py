@@ -222,10 +222,11 @@ class BufferClient:
         timeout: float = 30.0,
         include_stale: bool = False,
         durable_version: int = 0,
+        refused_served: bool = False,
     ) -> BatchResponse:
         """`num_groups` complete groups with staleness <= max_staleness, or an empty batch with `error`
         (at timeout, or at once after dropping stale groups: their ids are in `dropped_groups`); for a
-        version served before (above `durable_version`), the same batch again."""
+        version served before (above `durable_version`), the same batch again, unless `refused_served`."""
         request = BatchRequest(
             trainer_version=trainer_version,
             num_groups=num_groups,
@@ -233,6 +234,7 @@ class BufferClient:
             timeout_s=timeout,
             include_stale=include_stale,
             durable_version=durable_version,
+            refused_served=refused_served,
             request_id=uuid.uuid4().hex,
         )
         raw = await self._request(request, RawBatchResponse, timeout + self.reply_grace_s)

@@ -78,8 +78,9 @@ async def broadcast_group(clients: list[EngineClient], device) -> AsyncIterator[
 class SyncResult:
     """What one sync cost. Each phase is the slowest engine's: the sync waits for all of them."""
 
-    seconds: float  # trainer state -> every engine serving it, snapshot writing included
+    seconds: float  # trainer state -> every engine serving it, the export included
     path: str  # the disk snapshot, or ""
+    export_s: float  # writing the snapshot (disk) or gathering the tensors
     pause_s: float
     update_s: float
     continue_s: float
@@ -89,6 +90,7 @@ class SyncResult:
         return {
             "weight_sync/engines_missed": float(len(self.missed)),
             "weight_sync/seconds": self.seconds,
+            "weight_sync/export_s": self.export_s,
             "weight_sync/pause_s": self.pause_s,
             "weight_sync/update_s": self.update_s,
             "weight_sync/continue_s": self.continue_s,
@@ -97,6 +99,41 @@ class SyncResult:
 
 async def sync_weights(
     trainer,
+    clients: list[EngineClient],
+    method: str,
+    pause_mode: PauseMode,
+    weights_dir: Path,
+    group: WeightUpdateGroup | None = None,
+    tracer: Tracer | None = None,
+    *,
+    timeout_s: float | None = None,
+) -> SyncResult:
+    """Export the trainer's weights, then load them into every engine (`export_weights`, `load_weights`)."""
+    export = await export_weights(trainer, method, weights_dir, tracer)
+    return await load_weights(export, clients, method, pause_mode, weights_dir, group, tracer, timeout_s=timeout_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncExport:
+    version: int
+    path: str  # disk: the snapshot folder
+    tensors: dict  # tensor, distributed: name -> whole tensor (the live parameters: do not train meanwhile)
+    seconds: float
+    started_wall: float
+
+
+async def export_weights(trainer, method: str, weights_dir: Path, tracer: Tracer | None = None) -> SyncExport:
+    """The trainer's weights in the form `method` sends. Once this returns, a disk snapshot is an
+    immutable folder: the trainer may train on while the engines load it."""
+    tracer = tracer or Tracer(None)
+    started_wall, started = time.time(), time.perf_counter()
+    with tracer.span("save snapshot" if method == "disk" else "gather weights", SYNC_TRACK, version=trainer.version):
+        export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
+    return SyncExport(export.version, export.path, export.tensors, time.perf_counter() - started, started_wall)
+
+
+async def load_weights(
+    export: SyncExport,
     clients: list[EngineClient],
     method: str,
     pause_mode: PauseMode,
@@ -121,12 +158,9 @@ async def sync_weights(
     client's default if None); a missed deadline names the engine.
     """
     tracer = tracer or Tracer(None)
-    started_wall, started = time.time(), time.perf_counter()
-    version = trainer.version
+    started = time.perf_counter()
+    version, path, tensors = export.version, export.path, export.tensors
     send = None
-    with tracer.span("save snapshot" if method == "disk" else "gather weights", SYNC_TRACK, version=version):
-        export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
-    path, tensors = export.path, export.tensors
     if method == "disk":
         update = lambda client: client.update_weights_from_disk(  # noqa: E731
             path, flush_cache=False, weight_version=str(version), timeout_s=timeout_s
@@ -186,12 +220,12 @@ async def sync_weights(
             tasks.create_task(asyncio.to_thread(send))
     if method == "disk":
         _prune_snapshots(weights_dir, version)
-    elapsed = time.perf_counter() - started
+    elapsed = export.seconds + time.perf_counter() - started
     tracer.complete(
         "weight sync",
         SYNC_TRACK,
-        started_wall,
-        started_wall + elapsed,
+        export.started_wall,
+        export.started_wall + elapsed,
         version=version,
         method=method,
         pause_mode=pause_mode,
@@ -201,6 +235,7 @@ async def sync_weights(
     return SyncResult(
         seconds=elapsed,
         path=path,
+        export_s=export.seconds,
         pause_s=slowest["pause"],
         update_s=slowest["update"],
         continue_s=slowest["continue"],

@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import saturation  # benchmarks/saturation.py, beside this file
+
 from async_rl.metrics import read_metrics
 from async_rl.orchestrator import run_argv
 
@@ -59,6 +61,11 @@ def main() -> None:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders (traces, logs) here")
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="after each async run, its engine- and trainer-saturated rates and run / bound (benchmarks/saturation.py)",
+    )
     args = parser.parse_args()
     common = [
         "rollout.sample_plan='recipes.long_tail:forced_lengths'",
@@ -84,6 +91,9 @@ def main() -> None:
                 f"ratio={rate / sync_rate:.2f} async_pause_s={pause:.3f}",
                 flush=True,
             )
+            if args.limits:
+                limits = saturation.measure(root / f"async-{mode}", groups=8 * args.steps, steps=args.steps - 1)
+                print(f"limits (eta={args.eta}, {mode}): {limits.describe()}", flush=True)
 
 
 if __name__ == "__main__":

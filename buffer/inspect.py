@@ -11,9 +11,23 @@ from pathlib import Path
 
 import msgspec
 
+from async_rl.messages import Trajectory, make_decoder
 from buffer.replay import ReplayBuffer
 from buffer.service import WAL_NAME
-from buffer.wal import read_records
+from buffer.wal import Put, Served, read_records
+
+
+def served_at_versions(buffer_dir: Path) -> list[tuple[int, list[Trajectory]]]:
+    """(trainer version, trajectories) of every batch the buffer served, in order, from its write-ahead log."""
+    records, _ = read_records(buffer_dir / WAL_NAME)
+    decoder = make_decoder(Trajectory)
+    stored = {}
+    for record in records:
+        if isinstance(record, Put):
+            trajectory = decoder.decode(record.frame)
+            if not trajectory.partial:  # a partial shares its sample id with the finished one
+                stored[trajectory.sample_id] = trajectory
+    return [(r.trainer_version, [stored[s] for s in r.sample_ids]) for r in records if isinstance(r, Served)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -181,9 +181,9 @@ class ReplayBuffer:
                 if entries and record.trainer_version >= self.released_below:  # compaction's summary removes none
                     self.retained[record.trainer_version] = RetainedBatch(record, entries)
                     self.live_bytes += sum(len(entry.frame) for entry in entries)
-            case Released(below_version=below):
+            case Released(below_version=below, versions=refused):
                 self.released_below = max(self.released_below, below)
-                for version in [v for v in self.retained if v < below]:
+                for version in [v for v in self.retained if v < below or v in refused]:
                     self.live_bytes -= sum(len(entry.frame) for entry in self.retained.pop(version).entries)
             case Dropped():
                 self.counts["dropped_stale"] += len(record.sample_ids)

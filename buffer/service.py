@@ -214,8 +214,11 @@ class BufferService:
             return
         match request:
             case BatchRequest():
-                if request.durable_version > self.buffer.released_below:
-                    released = Released(below_version=request.durable_version)
+                refused = [request.trainer_version] if request.refused_served else []
+                if request.durable_version > self.buffer.released_below or refused:
+                    released = Released(
+                        below_version=max(request.durable_version, self.buffer.released_below), versions=refused
+                    )
                     self.wal.append(released)
                     self._commit()
                     self.buffer.apply(released)

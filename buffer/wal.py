@@ -53,10 +53,11 @@ class Dropped(msgspec.Struct, tag="dropped"):
 
 
 class Released(msgspec.Struct, tag="released"):
-    """Served batches of versions below this are forgotten: the trainer has a checkpoint at it and
-    can never ask for them again."""
+    """Served batches of versions below `below_version` are forgotten (the trainer has a checkpoint
+    there and can never ask for them again), and those of `versions` (batches the trainer refused)."""
 
     below_version: int
+    versions: list[int] = msgspec.field(default_factory=list)
 
 
 class PartialsTaken(msgspec.Struct, tag="partials_taken"):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import msgspec
 
-from async_rl.messages import Trajectory, decode, encode
+from async_rl.messages import Trajectory, encode
 from buffer.frames import read_header
+from buffer.inspect import served_at_versions
 from buffer.replay import ReplayBuffer
-from buffer.service import WAL_NAME
-from buffer.wal import Put, Served, read_records
+from buffer.wal import Put
 from rollout_workers.launcher import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,18 +115,6 @@ def start_run(run_dir: Path, *args: str, recipe: str = "recipes/tiny.toml", env=
 def finish(process: subprocess.Popen, timeout_s: float = 150) -> tuple[int, str]:
     output, _ = process.communicate(timeout=timeout_s)
     return process.returncode, output
-
-
-def served_at_versions(buffer_dir: Path) -> list[tuple[int, list[Trajectory]]]:
-    """(trainer version, trajectories) of every batch the buffer served, in order, from its write-ahead log."""
-    records, _ = read_records(buffer_dir / WAL_NAME)
-    stored = {}
-    for record in records:
-        if isinstance(record, Put):
-            trajectory = decode(bytes(record.frame))
-            if not trajectory.partial:  # a partial shares its sample id with the finished one
-                stored[trajectory.sample_id] = trajectory
-    return [(r.trainer_version, [stored[s] for s in r.sample_ids]) for r in records if isinstance(r, Served)]
 
 
 def served_batches(buffer_dir: Path) -> list[list[Trajectory]]:

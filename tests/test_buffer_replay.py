@@ -54,6 +54,8 @@ def test_a_version_asked_for_again_gets_its_batch_again_until_released():
     fresh = take(buffer, trainer_version=0, num_groups=1, max_staleness=2)  # released: version 0 is new again
     assert not fresh.replayed and fresh.served.group_ids == ["c"]
     assert take(buffer, 1, 1, 2).replayed
+    buffer.apply(Released(below_version=1, versions=[1]))  # the trainer refused version 1's batch
+    assert 1 not in buffer.retained and take(buffer, 1, 1, 2).served is None  # nothing left to serve
 
 
 def test_a_restarted_worker_learns_which_of_its_groups_are_done_and_which_to_finish():
