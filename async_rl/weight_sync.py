@@ -118,7 +118,8 @@ class SyncExport:
     version: int
     path: str  # disk: the snapshot folder
     tensors: dict  # tensor, distributed: name -> whole tensor (the live parameters: do not train meanwhile)
-    seconds: float
+    seconds: float  # the export itself
+    started: float  # perf_counter and wall clock at its start: a sync lasts from there to the last engine
     started_wall: float
 
 
@@ -129,7 +130,7 @@ async def export_weights(trainer, method: str, weights_dir: Path, tracer: Tracer
     started_wall, started = time.time(), time.perf_counter()
     with tracer.span("save snapshot" if method == "disk" else "gather weights", SYNC_TRACK, version=trainer.version):
         export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
-    return SyncExport(export.version, export.path, export.tensors, time.perf_counter() - started, started_wall)
+    return SyncExport(export.version, export.path, export.tensors, time.perf_counter() - started, started, started_wall)
 
 
 async def load_weights(
@@ -158,7 +159,6 @@ async def load_weights(
     client's default if None); a missed deadline names the engine.
     """
     tracer = tracer or Tracer(None)
-    started = time.perf_counter()
     version, path, tensors = export.version, export.path, export.tensors
     send = None
     if method == "disk":
@@ -220,7 +220,7 @@ async def load_weights(
             tasks.create_task(asyncio.to_thread(send))
     if method == "disk":
         _prune_snapshots(weights_dir, version)
-    elapsed = export.seconds + time.perf_counter() - started
+    elapsed = time.perf_counter() - export.started
     tracer.complete(
         "weight sync",
         SYNC_TRACK,
