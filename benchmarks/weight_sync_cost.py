@@ -2,11 +2,12 @@
 
 A real trainer and a real embedded engine process; each method syncs --syncs times after one
 warm-up (no request in flight: the phases themselves). The bound of a path is its bytes over the
-bandwidth measured here, on the same folder and tensors, in the same run:
+bandwidth measured just before each sync, on the same folder (disk bandwidth drifts with the page
+cache's writeback, so each sync is paired with its own measurement):
 - disk: write the snapshot (safetensors, as the export does) + read it back (as the engine does):
   bytes / write bandwidth + bytes / read bandwidth of a plain file of the same size;
 - tensor: the payload is encoded once and decoded once: 2 x bytes / copy bandwidth (torch clone).
-The ratio is (export + update) / bound; pause and continue are reported beside it.
+The ratio is (export + update) / bound, the median over the pairs; pause and continue beside it.
 
     .venv/bin/python benchmarks/weight_sync_cost.py [--model tiny:qwen2] [--methods disk,tensor] [--syncs 5]
 """
@@ -21,20 +22,25 @@ import tempfile
 import time
 from pathlib import Path
 
+PHASES = ("export", "pause", "update", "continue")
 
-def file_bandwidths(folder: Path, size: int) -> tuple[float, float]:
-    """(write, read) bytes/s of one plain file of `size` bytes in `folder` (page cache, as the sync sees it)."""
-    data = os.urandom(size)
+
+CHUNK = 64 << 20
+
+
+def file_seconds(folder: Path, size: int, chunk: memoryview, into: memoryview) -> float:
+    """Writing `size` bytes to a plain file in `folder` and reading them back, in 64 MiB chunks."""
     path = folder / "bandwidth.bin"
     started = time.perf_counter()
-    with path.open("wb") as out:
-        out.write(data)
-    written = time.perf_counter() - started
-    started = time.perf_counter()
-    assert len(path.read_bytes()) == size
-    read = time.perf_counter() - started
+    with path.open("wb", buffering=0) as out:
+        for offset in range(0, size, CHUNK):
+            out.write(chunk[: min(CHUNK, size - offset)])
+    with path.open("rb", buffering=0) as source:
+        while source.readinto(into):
+            pass
+    seconds = time.perf_counter() - started
     path.unlink()
-    return size / written, size / read
+    return seconds
 
 
 def copy_bandwidth(size: int) -> float:
@@ -47,21 +53,22 @@ def copy_bandwidth(size: int) -> float:
     return size / (time.perf_counter() - started)
 
 
-async def measure(method: str, trainer, url: str, weights_dir: Path, syncs: int) -> dict[str, float]:
+async def measure(method: str, trainer, url: str, weights_dir: Path, syncs: int, bound) -> dict[str, float]:
+    """Median phase times and (export + update) / bound of `syncs` syncs, each after its own bound."""
     from async_rl.weight_sync import sync_weights
     from rollout_workers.client import EngineClient
 
-    results = []
+    rows = []
     async with EngineClient(url) as client:
         for i in range(syncs + 1):
             trainer.version += 1
+            seconds = bound()
             result = await sync_weights(trainer, [client], method, "in_place", weights_dir)
             if i:  # the first one warms up the allocator and the page cache
-                results.append(result)
-    return {
-        phase: statistics.median(getattr(r, f"{phase}_s") for r in results)
-        for phase in ("export", "pause", "update", "continue")
-    }
+                rows.append({**{p: getattr(result, f"{p}_s") for p in PHASES}, "bound": seconds})
+    medians = {name: statistics.median(row[name] for row in rows) for name in (*PHASES, "bound")}
+    medians["ratio"] = statistics.median((row["export"] + row["update"]) / row["bound"] for row in rows)
+    return medians
 
 
 def main() -> None:
@@ -83,25 +90,21 @@ def main() -> None:
     spec = EngineSpec(model=str(model_dir), device=args.device, extra_args=["--weight-version", "0"])
     with tempfile.TemporaryDirectory(prefix="sync-cost-") as scratch, EngineProcess(spec) as engine:
         weights_dir = Path(scratch)
-        write_bw, read_bw = file_bandwidths(weights_dir, size)
-        copy_bw = copy_bandwidth(size)
-        bounds = {"disk": size / write_bw + size / read_bw, "tensor": 2 * size / copy_bw}
+        chunk, into = memoryview(os.urandom(CHUNK)), memoryview(bytearray(CHUNK))
+        bounds = {
+            "disk": lambda: file_seconds(weights_dir, size, chunk, into),
+            "tensor": lambda: 2 * size / copy_bandwidth(size),
+        }
         print(f"model {args.model}, {size / 2**20:.1f} MiB of weights, {args.device}; medians of {args.syncs} syncs")
-        print(
-            f"measured: file write {write_bw / 2**30:.2f} GiB/s, read {read_bw / 2**30:.2f} GiB/s, "
-            f"copy {copy_bw / 2**30:.2f} GiB/s"
-        )
         print(
             f"{'method':<8} {'export ms':>9} {'pause ms':>8} {'update ms':>9} {'continue ms':>11} "
             f"{'bound ms':>8} {'(export+update)/bound':>22}"
         )
         for method in args.methods.split(","):
-            phases = asyncio.run(measure(method, trainer, engine.url, weights_dir, args.syncs))
-            ratio = (phases["export"] + phases["update"]) / bounds[method]
+            m = asyncio.run(measure(method, trainer, engine.url, weights_dir, args.syncs, bounds[method]))
             print(
-                f"{method:<8} {phases['export'] * 1e3:>9.1f} {phases['pause'] * 1e3:>8.1f} "
-                f"{phases['update'] * 1e3:>9.1f} {phases['continue'] * 1e3:>11.1f} "
-                f"{bounds[method] * 1e3:>8.1f} {ratio:>22.2f}"
+                f"{method:<8} {m['export'] * 1e3:>9.1f} {m['pause'] * 1e3:>8.1f} {m['update'] * 1e3:>9.1f} "
+                f"{m['continue'] * 1e3:>11.1f} {m['bound'] * 1e3:>8.1f} {m['ratio']:>22.2f}"
             )
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 PauseMode = Literal["abort", "retract", "in_place"]
+TENSOR_REQUEST_BYTES = 256 << 20
 
 # Status codes that mean "try again shortly" for an idempotent read.
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
@@ -637,14 +638,31 @@ class EngineClient:
         weight_version: str | int | None = None,
         timeout_s: float | None = None,
     ) -> str:
-        """Send tensors in the request body as base64 safetensors (never pickle)."""
-        serialized = await asyncio.to_thread(serialize_named_tensors, named_tensors)
-        payload: dict[str, Any] = {
-            "serialized_named_tensors": [serialized],
-            "load_format": "safetensors",
-            "flush_cache": flush_cache,
-        }
-        return await self._update("/update_weights_from_tensor", payload, weight_version, timeout_s)
+        """Send tensors in request bodies as base64 safetensors (never pickle), at most
+        TENSOR_REQUEST_BYTES of tensor data per request (a body has a size limit; base64 adds a
+        third); the version and the flush come with the last request, once every tensor is in."""
+        buckets: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in named_tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if buckets[-1] and size + nbytes > TENSOR_REQUEST_BYTES:
+                buckets.append({})
+                size = 0
+            buckets[-1][name] = tensor
+            size += nbytes
+        message = ""
+        for i, bucket in enumerate(buckets):
+            last = i == len(buckets) - 1
+            serialized = await asyncio.to_thread(serialize_named_tensors, bucket)
+            payload: dict[str, Any] = {
+                "serialized_named_tensors": [serialized],
+                "load_format": "safetensors",
+                "flush_cache": flush_cache and last,
+            }
+            message = await self._update(
+                "/update_weights_from_tensor", payload, weight_version if last else None, timeout_s
+            )
+        return message
 
     async def init_weights_update_group(
         self,

@@ -510,9 +510,13 @@ async def test_update_weights_from_distributed_over_gloo(client, other_weights):
 
 
 @pytest.mark.embedded_only(TENSOR_UPDATES)
-async def test_tensor_and_disk_updates_of_the_same_weights_agree(client, other_weights):
+@pytest.mark.parametrize("request_bytes", [None, 4096])  # 4096: the weights go in many requests
+async def test_tensor_and_disk_updates_of_the_same_weights_agree(client, other_weights, monkeypatch, request_bytes):
+    if request_bytes:
+        monkeypatch.setattr("rollout_workers.client.TENSOR_REQUEST_BYTES", request_bytes)
     version = await current_version(client)
     await client.update_weights_from_tensor(other_weights["tensors"], weight_version=version + 1)
+    assert await current_version(client) == version + 1
     by_tensor = await client.generate(PROMPT, sampling_params=SHORT)
     await client.update_weights_from_disk(str(other_weights["folder"]), weight_version=version + 2)
     by_disk = await client.generate(PROMPT, sampling_params=SHORT)
