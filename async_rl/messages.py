@@ -244,6 +244,7 @@ class RecoverWorker(Message, tag="recover_worker"):
     `group_prefix`), so that it neither loses nor generates twice a prompt group."""
 
     group_prefix: str
+    group_size: int
     request_id: str = ""
 
 

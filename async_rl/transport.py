@@ -251,9 +251,9 @@ class BufferClient:
         request = StatsRequest(trainer_version=trainer_version, request_id=uuid.uuid4().hex)
         return await self._request(request, BufferStats, timeout)
 
-    async def recover_worker(self, group_prefix: str, timeout: float = 30.0) -> WorkerRecovery:
+    async def recover_worker(self, group_prefix: str, group_size: int, timeout: float = 30.0) -> WorkerRecovery:
         """What the buffer holds of the groups whose ids start with `group_prefix` (RecoverWorker)."""
-        request = RecoverWorker(group_prefix=group_prefix, request_id=uuid.uuid4().hex)
+        request = RecoverWorker(group_prefix=group_prefix, group_size=group_size, request_id=uuid.uuid4().hex)
         return await self._request(request, WorkerRecovery, timeout)
 
     async def take_partials(

@@ -84,9 +84,9 @@ class ReplayBuffer:
         self.groups: dict[str, Group] = {}
         self.partials: dict[str, Entry] = {}  # insertion order = FIFO
         self._group_of: dict[str, str] = {}  # stored sample id -> group id
-        self.served_ids: set[str] = set()
+        # Groups leave whole (served or dropped), so their ids are enough to recognise any later
+        # member as a duplicate: one id per group, not per sample, for the whole run.
         self.served_groups: set[str] = set()
-        self.dropped_ids: set[str] = set()
         self.dropped_groups: set[str] = set()
         self.taken_partials: set[str] = set()
         self.retained: dict[int, RetainedBatch] = {}  # trainer version -> the batch served for it
@@ -108,13 +108,11 @@ class ReplayBuffer:
             if key in self.partials or key in self.taken_partials:
                 return self._duplicate(key)
             return self._full(key) if self.stored >= self.capacity else None
-        if key in self._group_of or key in self.served_ids or key in self.dropped_ids:
+        if key in self._group_of or header.group_id in self.served_groups:  # a served group was complete
             return self._duplicate(key)
         if header.group_id in self.dropped_groups:
             self.counts["dropped_stale"] += 1
             return TrajectoryAck(sample_id=key, accepted=True, reason="dropped: its group went stale")
-        if header.group_id in self.served_groups:
-            return self.reject(key, f"group {header.group_id} was already served complete")
         group = self.groups.get(header.group_id)
         if group is not None and group.size != header.group_size:
             return self.reject(key, f"group_size {header.group_size} != {group.size} of group {header.group_id}")
@@ -174,8 +172,7 @@ class ReplayBuffer:
                 self._store(header or read_header(frame), frame if header else frame.copy())
             case Served():
                 self.trainer_version = max(self.trainer_version, record.trainer_version)
-                self.counts["served"] += len(record.sample_ids)
-                self.served_ids.update(record.sample_ids)
+                self.counts["served"] += len(record.sample_ids) + record.summarized
                 self.served_groups.update(record.group_ids)
                 entries = self._remove(record.sample_ids)
                 if entries and record.trainer_version >= self.released_below:  # compaction's summary removes none
@@ -186,8 +183,7 @@ class ReplayBuffer:
                 for version in [v for v in self.retained if v < below or v in refused]:
                     self.live_bytes -= sum(len(entry.frame) for entry in self.retained.pop(version).entries)
             case Dropped():
-                self.counts["dropped_stale"] += len(record.sample_ids)
-                self.dropped_ids.update(record.sample_ids)
+                self.counts["dropped_stale"] += len(record.sample_ids) + record.summarized
                 self.dropped_groups.update(record.group_ids)
                 self._remove(record.sample_ids)
             case PartialsTaken():
@@ -255,15 +251,15 @@ class ReplayBuffer:
             rejected=self.counts["rejected"],
         )
 
-    def worker_recovery(self, group_prefix: str) -> WorkerRecovery:
-        """What a restarted worker needs to resume its prompt stream and its admission (sample ids
-        start with their group id)."""
+    def worker_recovery(self, group_prefix: str, group_size: int) -> WorkerRecovery:
+        """What a restarted worker needs to resume its prompt stream and its admission (its groups
+        have `group_size` members and are served whole)."""
 
         def mine(group_id: str) -> bool:
             return group_id.startswith(group_prefix)
 
         mine_stored = {gid: group for gid, group in self.groups.items() if mine(gid)}
-        served = sum(1 for sid in self.served_ids if mine(sid))
+        served = group_size * sum(1 for gid in self.served_groups if mine(gid))
         done = {gid for gid in itertools.chain(self.served_groups, self.dropped_groups) if mine(gid)}
         done.update(gid for gid, group in mine_stored.items() if group.complete)
         done.update(entry.header.group_id for entry in self.partials.values() if mine(entry.header.group_id))
@@ -276,13 +272,14 @@ class ReplayBuffer:
     def live_records(self) -> Iterator[WalRecord]:
         """The smallest log that rebuilds this state (for compaction)."""
         yield Released(below_version=self.released_below)
-        retained_ids = {entry.header.sample_id for batch in self.retained.values() for entry in batch.entries}
+        retained = sum(len(batch.entries) for batch in self.retained.values())  # their records follow
         yield Served(
             trainer_version=self.trainer_version,
-            sample_ids=sorted(self.served_ids - retained_ids),
+            sample_ids=[],
             group_ids=sorted(self.served_groups),
+            summarized=self.counts["served"] - retained,
         )
-        yield Dropped(sample_ids=sorted(self.dropped_ids), group_ids=sorted(self.dropped_groups))
+        yield Dropped(sample_ids=[], group_ids=sorted(self.dropped_groups), summarized=self.counts["dropped_stale"])
         yield PartialsTaken(keys=sorted(self.taken_partials))
         for version in sorted(self.retained):
             batch = self.retained[version]

@@ -232,7 +232,7 @@ class BufferService:
                 stats.request_id = request_id
                 await serve.send_multipart([identity, encode(stats)])
             case RecoverWorker():
-                recovery = self.buffer.worker_recovery(request.group_prefix)
+                recovery = self.buffer.worker_recovery(request.group_prefix, request.group_size)
                 recovery.request_id = request_id
                 await serve.send_multipart([identity, encode(recovery)])
             case TakePartials():

@@ -37,11 +37,12 @@ class Put(msgspec.Struct, tag="put"):
 
 
 class Served(msgspec.Struct, tag="served"):
-    """Written before the batch reply leaves: a served id is never served again."""
+    """Written before the batch reply leaves; the batch belongs to `trainer_version` (buffer/replay.py)."""
 
     trainer_version: int
     sample_ids: list[str]
     group_ids: list[str]
+    summarized: int = 0  # compaction's summary: samples counted beyond `sample_ids`
 
 
 class Dropped(msgspec.Struct, tag="dropped"):
@@ -50,6 +51,7 @@ class Dropped(msgspec.Struct, tag="dropped"):
     sample_ids: list[str]
     group_ids: list[str]
     reason: str = "stale"
+    summarized: int = 0  # compaction's summary: samples counted beyond `sample_ids`
 
 
 class Released(msgspec.Struct, tag="released"):

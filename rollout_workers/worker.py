@@ -193,7 +193,7 @@ class RolloutWorker:
         trained or waiting, its prompt stream skips the groups done and generates the rest again (one
         in flight at a crash, or with only some members stored, whose stored members are deduplicated)."""
         async with BufferClient(serve) as buffer:
-            recovery = await buffer.recover_worker(f"w{self.index}-")
+            recovery = await buffer.recover_worker(f"w{self.index}-", self.config.rollout.group_size)
         self.admission = AdmissionController.from_counts(
             self.admission.config, self.admission.batch_size, version=version, accepted=recovery.accepted_samples
         )

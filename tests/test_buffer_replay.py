@@ -68,7 +68,7 @@ def test_a_restarted_worker_learns_which_of_its_groups_are_done_and_which_to_fin
     put(buffer, make_trajectory("w0-g4-0", "w0-g4", version=5))  # one of two members stored
     put(buffer, make_trajectory("w0-g5-0", "w0-g5", version=5, partial=True))  # parked by APRIL
     put(buffer, make_trajectory("w01-g0-0", "w01-g0", version=5))  # another worker's prefix
-    recovery = buffer.worker_recovery("w0-")
+    recovery = buffer.worker_recovery("w0-", group_size=2)
     assert recovery.done_groups == ["w0-g0", "w0-g1", "w0-g2", "w0-g3", "w0-g5"]
     assert recovery.open_groups == ["w0-g4"]
     assert recovery.accepted_samples == 2 + 2 + 1  # served w0-g0, stored w0-g3 and one of w0-g4

@@ -246,7 +246,7 @@ async def test_a_worker_recovers_its_groups_over_the_serve_socket(tmp_path):
         make_trajectory("w1-g0-0", "w1-g0"),
     ]
     async with _holding(tmp_path, stored) as (_, client):
-        recovery = await client.recover_worker("w0-")
+        recovery = await client.recover_worker("w0-", group_size=2)
     assert recovery.done_groups == ["w0-g0"] and recovery.open_groups == ["w0-g1"]
     assert recovery.accepted_samples == 3
 
