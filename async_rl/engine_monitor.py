@@ -3,8 +3,10 @@
 The supervisor restarts what died, but a hung engine (deadlocked, stopped, its GPU wedged) does
 not die. Every `health_interval_s` each engine gets one /health_generate with a deadline; after
 `health_failures` missed deadlines in a row it is SIGKILLed, so the supervisor restarts it (from
-the newest weights) and the workers route around it until it serves the current version. A
-restarted engine is watched again once it has answered once: its start-up is not a hang.
+the newest weights) and the workers route around it until it serves the current version. Only
+missed deadlines count: an engine that refuses connections is dead or starting, which the
+supervisor handles, and like a restarted one it is watched again once it has answered once (its
+start-up is not a hang).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import logging
 
 from async_rl.config import EngineConfig
-from rollout_workers.client import EngineClient, EngineClientError
+from rollout_workers.client import EngineClient, EngineClientError, EngineConnectionError
 
 log = logging.getLogger("engine_monitor")
 
@@ -27,10 +29,12 @@ async def monitor_engines(config: EngineConfig, urls: list[str], kill) -> None:
         while True:
             await asyncio.sleep(config.health_interval_s)
             answers = await asyncio.gather(*(_answers(client, config.health_timeout_s) for client in clients))
-            for i, ok in enumerate(answers):
-                if ok:
+            for i, answer in enumerate(answers):
+                if answer == "ok":
                     missed[i], watched[i] = 0, True
                     continue
+                if answer == "unreachable":
+                    missed[i], watched[i] = 0, False
                 if not watched[i]:
                     continue
                 missed[i] += 1
@@ -47,10 +51,14 @@ async def monitor_engines(config: EngineConfig, urls: list[str], kill) -> None:
             await client.close()
 
 
-async def _answers(client: EngineClient, timeout_s: float) -> bool:
+async def _answers(client: EngineClient, timeout_s: float) -> str:
+    """ok | unreachable (nothing listens: dead or starting) | missed (no answer in time, or an error)."""
     try:
         await client.health_generate(timeout_s=timeout_s)
+    except EngineConnectionError as exc:
+        log.info("%s: %s", client.url, exc)
+        return "unreachable"
     except EngineClientError as exc:
         log.info("%s: %s", client.url, exc)
-        return False
-    return True
+        return "missed"
+    return "ok"

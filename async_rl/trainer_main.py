@@ -27,7 +27,7 @@ from async_rl.metrics import MetricsSink
 from async_rl.supervisor import RESTARTS_ENV
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
-from async_rl.weight_sync import broadcast_group, export_weights, load_weights, sync_weights
+from async_rl.weight_sync import broadcast_group, export_weights, load_weights
 from rollout_workers.client import EngineClient, wait_until_healthy
 
 log = logging.getLogger("trainer")
@@ -239,9 +239,9 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
             if method == "distributed":
                 group = await stack.enter_async_context(broadcast_group(clients, trainer.device))
 
-            def push_weights():
-                return sync_weights(
-                    trainer,
+            def load_into_engines(export):
+                return load_weights(
+                    export,
                     clients,
                     method,
                     sync_config.pause_mode,
@@ -254,7 +254,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
             if trainer.version > 0:
                 # Resumed: the engines may serve newer weights (a trainer that crashed after this
                 # checkpoint synced them): they serve the checkpoint's again, then workers align to it.
-                await push_weights()
+                await load_into_engines(await export_weights(trainer, method, weights_dir, tracer))
                 await publisher.publish(WeightsPublished(version=trainer.version, method=method))
             last = time.perf_counter()
 
@@ -262,16 +262,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
                 """The engines load the step's weights, then its notice goes out and its metrics line is
                 written: meanwhile the trainer waits for the next batch (and with disk sync trains on it)."""
                 nonlocal last
-                sync = await load_weights(
-                    export,
-                    clients,
-                    method,
-                    sync_config.pause_mode,
-                    weights_dir,
-                    group,
-                    tracer,
-                    timeout_s=sync_config.timeout_s,
-                )
+                sync = await load_into_engines(export)
                 await publisher.publish(
                     WeightsPublished(
                         version=step.version,
