@@ -264,6 +264,8 @@ async def run(config: RunConfig) -> int:
         )
         return 0
     collector = RunCollector()
+    # What an earlier start of this run wrote is not shown again; everything from this start is.
+    shown_from = {name: file_size(run_dir / name) for name in ("metrics.jsonl", ROLLOUT_METRICS_NAME)}
     # The endpoint binds first, so that no port picked for a child takes the one asked for.
     async with _merged_trace(run_dir), _prometheus(config, collector), Supervisor(run_dir / "logs") as supervisor:
         try:
@@ -345,8 +347,10 @@ async def run(config: RunConfig) -> int:
                     collector.on_step(record)
 
                 followers = [
-                    JsonlFollower(run_dir / "metrics.jsonl", on_step),
-                    JsonlFollower(run_dir / ROLLOUT_METRICS_NAME, collector.on_rollout),
+                    JsonlFollower(run_dir / "metrics.jsonl", on_step, shown_from["metrics.jsonl"]),
+                    JsonlFollower(
+                        run_dir / ROLLOUT_METRICS_NAME, collector.on_rollout, shown_from[ROLLOUT_METRICS_NAME]
+                    ),
                 ]
                 following = [asyncio.create_task(follower.follow()) for follower in followers]
                 if config.run.prometheus:
@@ -415,6 +419,13 @@ def _trainer_launcher(python: str, processes: int) -> list[str]:
         "-m",
         "async_rl.trainer_main",
     ]
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def thread_env(engine_count: int) -> dict[str, str]:
@@ -496,18 +507,15 @@ async def _wait_ready(engine_urls: list[str], api_key: str | None, serve: str, l
 
 class JsonlFollower:
     """Hands each new line of a JSONL file (metrics.jsonl, rollout_metrics.jsonl) to `on_record` as it
-    is appended, reading only what was added; lines already there at start are skipped."""
+    is appended, reading only what was added after `offset` (by default, what is there now)."""
 
-    def __init__(self, path: Path, on_record: Callable[[dict], None]):
+    def __init__(self, path: Path, on_record: Callable[[dict], None], offset: int | None = None):
         self.path = path
         self.on_record = on_record
-        self.offset = self._size()
+        self.offset = file_size(path) if offset is None else offset
 
     def _size(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except OSError:
-            return 0
+        return file_size(self.path)
 
     def poll(self) -> None:
         if self._size() <= self.offset:
