@@ -507,18 +507,15 @@ async def _wait_ready(engine_urls: list[str], api_key: str | None, serve: str, l
 
 class JsonlFollower:
     """Hands each new line of a JSONL file (metrics.jsonl, rollout_metrics.jsonl) to `on_record` as it
-    is appended, reading only what was added after `offset` (by default, what is there now)."""
+    is appended, reading only what was added after `offset`."""
 
-    def __init__(self, path: Path, on_record: Callable[[dict], None], offset: int | None = None):
+    def __init__(self, path: Path, on_record: Callable[[dict], None], offset: int):
         self.path = path
         self.on_record = on_record
-        self.offset = file_size(path) if offset is None else offset
-
-    def _size(self) -> int:
-        return file_size(self.path)
+        self.offset = offset
 
     def poll(self) -> None:
-        if self._size() <= self.offset:
+        if file_size(self.path) <= self.offset:
             return
         with self.path.open("rb") as file:
             file.seek(self.offset)

@@ -23,7 +23,7 @@ import msgspec
 from async_rl import stacks
 from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import BatchResponse, Trajectory, WeightsPublished, encode, make_decoder
-from async_rl.metrics import MetricsSink
+from async_rl.metrics import MetricsSink, read_metrics
 from async_rl.supervisor import RESTARTS_ENV
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
@@ -121,11 +121,7 @@ def trained_history(path: Path) -> dict[int, list[str]]:
     every later one. A torn last line, from a crash while writing it, is skipped."""
     history: dict[int, list[str]] = {}
     newest = -1
-    for raw in path.read_bytes().splitlines():
-        try:
-            line = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
-            continue
+    for line in read_metrics(path):  # a JSONL reader that skips a torn line
         version = line["version"]
         for later in range(version, newest + 1):
             history.pop(later, None)

@@ -24,6 +24,7 @@ from rollout_workers.client import EngineClient, EngineConnectionError, EngineEr
 
 if TYPE_CHECKING:
     from async_rl.dist_group import WeightUpdateGroup
+    from async_rl.trainer.trainer import WeightsExport
 
 log = logging.getLogger("weight_sync")
 
@@ -115,9 +116,7 @@ async def sync_weights(
 
 @dataclasses.dataclass(frozen=True)
 class SyncExport:
-    version: int
-    path: str  # disk: the snapshot folder
-    tensors: dict  # tensor, distributed: name -> whole tensor (the live parameters: do not train meanwhile)
+    weights: WeightsExport  # tensor, distributed: the live parameters (do not train meanwhile)
     seconds: float  # the export itself
     started: float  # perf_counter and wall clock at its start: a sync lasts from there to the last engine
     started_wall: float
@@ -130,7 +129,7 @@ async def export_weights(trainer, method: str, weights_dir: Path, tracer: Tracer
     started_wall, started = time.time(), time.perf_counter()
     with tracer.span("save snapshot" if method == "disk" else "gather weights", SYNC_TRACK, version=trainer.version):
         export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
-    return SyncExport(export.version, export.path, export.tensors, time.perf_counter() - started, started, started_wall)
+    return SyncExport(export, time.perf_counter() - started, started, started_wall)
 
 
 async def load_weights(
@@ -159,7 +158,7 @@ async def load_weights(
     client's default if None); a missed deadline names the engine.
     """
     tracer = tracer or Tracer(None)
-    version, path, tensors = export.version, export.path, export.tensors
+    version, path, tensors = export.weights
     send = None
     if method == "disk":
         update = lambda client: client.update_weights_from_disk(  # noqa: E731

@@ -214,7 +214,8 @@ class BufferService:
             return
         match request:
             case BatchRequest():
-                refused = [request.trainer_version] if request.refused_served else []
+                version = request.trainer_version  # a refused batch is forgotten, if one was served
+                refused = [version] if request.refused_served and version in self.buffer.retained else []
                 if request.durable_version > self.buffer.released_below or refused:
                     released = Released(
                         below_version=max(request.durable_version, self.buffer.released_below), versions=refused

@@ -9,7 +9,8 @@ b = groups_per_step / workers of every batch:
   trainer reported dropped) reach (r + 1) * b. Its unfinished tail moves to round r + 1: if
   that round already runs, the tail keeps generating in it; otherwise it is retracted
   (/abort_request of the tail's rids: a running request finishes after its current step and
-  returns every token it made) and its partial responses go to the buffer's partial pool. When round r + 1 starts it first takes them back and resumes them, on any
+  returns every token it made) and its partial responses go to the buffer's partial pool.
+  When round r + 1 starts it first takes them back and resumes them, on any
   engine; groups whose oldest token is older than r + 1 - eta are dropped (counted, wasted).
 - In flight, any group whose oldest token falls behind v - eta is dropped at once: it could
   never be trained.
