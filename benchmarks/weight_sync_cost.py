@@ -6,10 +6,14 @@ bandwidth measured just before each sync, on the same folder (disk bandwidth dri
 cache's writeback, so each sync is paired with its own measurement):
 - disk: write the snapshot (safetensors, as the export does) + read it back (as the engine does):
   bytes / write bandwidth + bytes / read bandwidth of a plain file of the same size;
-- tensor: the payload is encoded once and decoded once: 2 x bytes / copy bandwidth (torch clone).
-The ratio is (export + update) / bound, the median over the pairs; pause and continue beside it.
+- tensor: the payload is encoded once and decoded once: 2 x bytes / copy bandwidth (torch clone);
+- on CUDA both paths also cross the host once each way: + bytes / device-to-host + bytes /
+  host-to-device bandwidth (torch copies of the same size, measured beside the others).
+The ratio is (export + write + update) / bound, the median over the pairs (export: what the trainer
+waits for; write: the disk snapshot, written beside training); pause and continue beside it.
 
     .venv/bin/python benchmarks/weight_sync_cost.py [--model tiny:qwen2] [--methods disk,tensor] [--syncs 5]
+    python benchmarks/weight_sync_cost.py --device cuda --engine sglang --engine-args "..." --methods disk
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-PHASES = ("export", "pause", "update", "continue")
+PHASES = ("export", "write", "pause", "update", "continue")
 
 
 CHUNK = 64 << 20
@@ -43,6 +48,22 @@ def file_seconds(folder: Path, size: int, chunk: memoryview, into: memoryview) -
     return seconds
 
 
+def host_crossing_seconds(size: int, device: str) -> float:
+    """Seconds to copy `size` bytes from `device` to the host and back (0 on the CPU)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return 0.0
+    on_device = torch.empty(size, dtype=torch.uint8, device=device)
+    on_device.cpu()  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    on_host = on_device.cpu()
+    on_host.to(device)
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def copy_bandwidth(size: int) -> float:
     import torch
 
@@ -54,7 +75,7 @@ def copy_bandwidth(size: int) -> float:
 
 
 async def measure(method: str, trainer, url: str, weights_dir: Path, syncs: int, bound) -> dict[str, float]:
-    """Median phase times and (export + update) / bound of `syncs` syncs, each after its own bound."""
+    """Median phase times and (export + write + update) / bound of `syncs` syncs, each after its own bound."""
     from async_rl.weight_sync import sync_weights
     from rollout_workers.client import EngineClient
 
@@ -67,7 +88,7 @@ async def measure(method: str, trainer, url: str, weights_dir: Path, syncs: int,
             if i:  # the first one warms up the allocator and the page cache
                 rows.append({**{p: getattr(result, f"{p}_s") for p in PHASES}, "bound": seconds})
     medians = {name: statistics.median(row[name] for row in rows) for name in (*PHASES, "bound")}
-    medians["ratio"] = statistics.median((row["export"] + row["update"]) / row["bound"] for row in rows)
+    medians["ratio"] = statistics.median((row["export"] + row["write"] + row["update"]) / row["bound"] for row in rows)
     return medians
 
 
@@ -77,6 +98,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", default="disk,tensor")
     parser.add_argument("--syncs", type=int, default=5)
+    parser.add_argument("--engine", default="embedded", choices=("embedded", "sglang"))
+    parser.add_argument("--engine-args", default="", help="extra engine flags, one string")
     args = parser.parse_args()
 
     from async_rl.trainer.config import TrainerConfig, TrainerContext
@@ -87,24 +110,32 @@ def main() -> None:
     model_dir = resolve_model_spec(args.model)
     trainer = Trainer(TrainerConfig(), TrainerContext(model_path=str(model_dir), device=args.device))
     size = sum(t.numel() * t.element_size() for _, t in trainer.named_tensors())
-    spec = EngineSpec(model=str(model_dir), device=args.device, extra_args=["--weight-version", "0"])
+    spec = EngineSpec(
+        kind=args.engine,
+        model=str(model_dir),
+        device=args.device,
+        extra_args=["--weight-version", "0", *shlex.split(args.engine_args)],
+    )
     with tempfile.TemporaryDirectory(prefix="sync-cost-") as scratch, EngineProcess(spec) as engine:
         weights_dir = Path(scratch)
         chunk, into = memoryview(os.urandom(CHUNK)), memoryview(bytearray(CHUNK))
         bounds = {
-            "disk": lambda: file_seconds(weights_dir, size, chunk, into),
-            "tensor": lambda: 2 * size / copy_bandwidth(size),
+            "disk": lambda: file_seconds(weights_dir, size, chunk, into) + host_crossing_seconds(size, args.device),
+            "tensor": lambda: 2 * size / copy_bandwidth(size) + host_crossing_seconds(size, args.device),
         }
-        print(f"model {args.model}, {size / 2**20:.1f} MiB of weights, {args.device}; medians of {args.syncs} syncs")
         print(
-            f"{'method':<8} {'export ms':>9} {'pause ms':>8} {'update ms':>9} {'continue ms':>11} "
-            f"{'bound ms':>8} {'(export+update)/bound':>22}"
+            f"model {args.model}, {size / 2**20:.1f} MiB of weights, {args.device}, {args.engine} engine; "
+            f"medians of {args.syncs} syncs"
+        )
+        print(
+            f"{'method':<8} {'export ms':>9} {'write ms':>8} {'pause ms':>8} {'update ms':>9} {'continue ms':>11} "
+            f"{'bound ms':>8} {'(export+write+update)/bound':>28}"
         )
         for method in args.methods.split(","):
             m = asyncio.run(measure(method, trainer, engine.url, weights_dir, args.syncs, bounds[method]))
             print(
-                f"{method:<8} {m['export'] * 1e3:>9.1f} {m['pause'] * 1e3:>8.1f} {m['update'] * 1e3:>9.1f} "
-                f"{m['continue'] * 1e3:>11.1f} {m['bound'] * 1e3:>8.1f} {m['ratio']:>22.2f}"
+                f"{method:<8} {m['export'] * 1e3:>9.1f} {m['write'] * 1e3:>8.1f} {m['pause'] * 1e3:>8.1f} "
+                f"{m['update'] * 1e3:>9.1f} {m['continue'] * 1e3:>11.1f} {m['bound'] * 1e3:>8.1f} {m['ratio']:>28.2f}"
             )
 
 

@@ -168,7 +168,7 @@ def test_a_run_interrupted_by_ctrl_c_leaves_a_merged_trace(tmp_path):
     steps, syncs = spans_named(events, "train step", "step"), spans_named(events, "weight sync", "version")
     waits = spans_named(events, "batch wait", "version")
     assert len(steps) >= 3 and set(steps) - set(syncs) <= {max(steps)}  # the last step may have been interrupted
-    snapshots = spans_named(events, "save snapshot", "version")
+    snapshots = spans_named(events, "snapshot weights", "version")
     for n in sorted(syncs):
         assert end(waits[n - 1]) <= steps[n]["ts"] and end(steps[n]) <= syncs[n]["ts"]
         # The engines load version n while the trainer waits for (and trains on) the next batch;

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -333,6 +334,19 @@ def test_weights_for_sync_use_hf_names(model_dir, tmp_path):
     trainer.save_weights_for_engine(tmp_path / "weights")  # replacing an existing folder
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert_same_weights(weights(trainer), dict(loaded.named_parameters()))
+
+
+def test_disk_export_is_the_state_at_export_while_training_goes_on(model_dir, tmp_path):
+    trainer = Trainer(*setup(model_dir))
+    before = weights(trainer)
+    export = trainer.export_weights("disk", tmp_path)
+    assert export is not None and not Path(export.path).exists()  # written later, beside training
+    trainer.train_step(make_batch(model_dir))
+    assert any(not torch.equal(before[n], t) for n, t in weights(trainer).items())
+    path = trainer.write_export(export)
+    assert path == tmp_path / "v0"
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert_same_weights(before, dict(loaded.named_parameters()))
 
 
 def test_fsdp_shards_each_decoder_layer(model_dir):

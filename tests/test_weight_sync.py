@@ -87,6 +87,7 @@ async def test_sync_with_a_request_in_flight(engine_url, trainer, tmp_path, mode
         "weight_sync/engines_missed",
         "weight_sync/seconds",
         "weight_sync/export_s",
+        "weight_sync/write_s",
         "weight_sync/pause_s",
         "weight_sync/update_s",
         "weight_sync/continue_s",

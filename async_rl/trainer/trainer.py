@@ -66,8 +66,8 @@ _TOKEN_SUMS = (
 
 class WeightsExport(NamedTuple):
     version: int
-    path: str  # disk: the HF folder engines load; "" otherwise
-    tensors: dict[str, torch.Tensor]  # tensor, distributed: name -> whole tensor; {} for disk
+    path: str  # disk: the HF folder engines load (once written); "" otherwise
+    tensors: dict[str, torch.Tensor]  # disk: the host snapshot to write there; otherwise the whole live tensors
 
 
 class StepResult(msgspec.Struct, kw_only=True):
@@ -387,16 +387,23 @@ class Trainer:
             yield name, tensor if dtype is None else tensor.to(dtype)
 
     def export_weights(self, method: str, weights_dir: str | Path) -> WeightsExport | None:
-        """The weights the engines load next, in the form weight sync `method` sends: a folder
-        weights_dir/v{version} for disk, whole tensors otherwise. A collective under FSDP: every rank
-        calls it, rank 0 does the I/O and gets the export, the others None."""
+        """The weights the engines load next, in the form weight sync `method` sends: for disk a host
+        snapshot of the state that training does not touch (write_export writes it to
+        weights_dir/v{version}, beside the next step), whole tensors otherwise. A collective under
+        FSDP: every rank calls it, rank 0 gets the export, the others None."""
         if method not in ("disk", "tensor", "distributed"):
             raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
         if method == "disk":
-            path, tensors = str(self.save_weights_for_engine(Path(weights_dir) / f"v{self.version}")), {}
+            path, tensors = str(Path(weights_dir) / f"v{self.version}"), self._host_snapshot()
         else:
             path, tensors = "", dict(self.named_tensors())
         return WeightsExport(version=self.version, path=path, tensors=tensors) if self.rank == 0 else None
+
+    def write_export(self, export: WeightsExport) -> Path:
+        """Write a disk export as the HF folder an engine loads (rank 0; safe while training goes on)."""
+        path = Path(export.path)
+        self._replace_folder(path, export.tensors)
+        return path
 
     def state_dict_for_sync(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return dict(self.named_tensors(dtype))
@@ -406,16 +413,25 @@ class Trainer:
         path = Path(path)
         state = self._hf_state_dict(dtype)
         if self.rank == 0:
-            tmp = path.parent / f".{path.name}.tmp"
-            self._write_hf_folder(tmp, state)
-            old = path.parent / f".{path.name}.old"
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            if old.exists():
-                shutil.rmtree(old)
+            self._replace_folder(path, state)
         self._barrier()
         return path
+
+    def _replace_folder(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        tmp = path.parent / f".{path.name}.tmp"
+        self._write_hf_folder(tmp, state)
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _host_snapshot(self) -> dict[str, torch.Tensor]:
+        """The full state on the host, apart from the parameters the optimizer updates in place: off a
+        GPU the state dict's offload is already a copy, on the CPU it shares the parameters' memory."""
+        state = self._hf_state_dict()
+        return {k: v.clone() for k, v in state.items()} if self.device.type == "cpu" else state
 
     def _hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Full state dict on rank 0 (empty elsewhere) without tied duplicates."""

@@ -154,19 +154,34 @@ def setting_labels(statuses: list[PointStatus]) -> dict[str, str]:
 
 def summarize_point(layout: SweepLayout, status: PointStatus, setting: str) -> PointSummary:
     run_dir = layout.run_dir(status.name)
-    records = _read_jsonl(run_dir / "metrics.jsonl")
-    rollout_path = run_dir / "rollout_metrics.jsonl"
-    recycled, busy = rollout_totals(_read_jsonl(rollout_path)) if rollout_path.exists() else (None, None)
-    t0 = status.started if status.started is not None else (records[0]["time"] if records else 0.0)
-    curve = reward_curve(records, t0)
-    histogram = staleness_histogram(records)
-    mean, maximum = staleness_stats(histogram)
-    return PointSummary(
+    return summarize_run(
+        run_dir,
         name=status.name,
         setting=setting,
         seed=status.seed,
         status=_status_text(status),
         eta=_eta(run_dir, status),
+        started=status.started,
+    )
+
+
+def summarize_run(
+    run_dir: Path, *, name: str, setting: str, seed: int, status: str, eta: int | None, started: float | None
+) -> PointSummary:
+    """One run folder's summary; wall-clock counts from `started` (else from its first logged step)."""
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    rollout_path = run_dir / "rollout_metrics.jsonl"
+    recycled, busy = rollout_totals(_read_jsonl(rollout_path)) if rollout_path.exists() else (None, None)
+    t0 = started if started is not None else (records[0]["time"] if records else 0.0)
+    curve = reward_curve(records, t0)
+    histogram = staleness_histogram(records)
+    mean, maximum = staleness_stats(histogram)
+    return PointSummary(
+        name=name,
+        setting=setting,
+        seed=seed,
+        status=status,
+        eta=eta,
         curve=curve,
         throughput=throughput(records),
         final_reward=reward_at(curve),

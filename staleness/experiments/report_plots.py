@@ -19,11 +19,20 @@ from staleness.experiments.report import PointSummary  # noqa: E402
 
 
 def write_plots(report_dir: Path, points: list[PointSummary], at_seconds: float | None) -> None:
-    settings = list(dict.fromkeys(p.setting for p in points))  # first-seen order
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(settings)}
-    _save(report_dir / "reward_vs_wallclock.png", *_reward_vs_wallclock(points, colors, at_seconds))
+    write_reward_plot(report_dir / "reward_vs_wallclock.png", points, at_seconds)
     _save(report_dir / "throughput_vs_eta.png", *_throughput_vs_eta(points))
+    settings, colors = _setting_colors(points)
     _save(report_dir / "staleness_histograms.png", *_staleness_histograms(points, settings, colors))
+
+
+def write_reward_plot(path: Path, points: list[PointSummary], at_seconds: float | None) -> None:
+    """Reward vs wall-clock since launch, one colour per setting."""
+    _save(path, *_reward_vs_wallclock(points, _setting_colors(points)[1], at_seconds))
+
+
+def _setting_colors(points: list[PointSummary]) -> tuple[list[str], dict]:
+    settings = list(dict.fromkeys(p.setting for p in points))  # first-seen order
+    return settings, {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(settings)}
 
 
 def _save(path: Path, figure, has_data: bool) -> None:
