@@ -148,7 +148,7 @@ async def load_weights(
     *,
     timeout_s: float | None = None,
 ) -> SyncResult:
-    """Pause (pause_mode) -> update -> continue on every engine at once.
+    """Write a disk export's folder, then pause (pause_mode) -> update -> continue on every engine at once.
 
     `group` is the open broadcast_group, required by method distributed. Updates never ask the engine
     to flush its cache: SGLang asserts that a flush after an update succeeds, and with requests paused
@@ -164,11 +164,10 @@ async def load_weights(
     """
     tracer = tracer or Tracer(None)
     version, path, tensors = export.weights
-    write_started = time.perf_counter()
+    written = {"write snapshot": 0.0}
     if export.write is not None:
-        with tracer.span("write snapshot", SYNC_TRACK, version=version):
+        with _phase(tracer, "write snapshot", SYNC_TRACK, written, version=version):
             await asyncio.to_thread(export.write)
-    write_s = time.perf_counter() - write_started
     send = None
     if method == "disk":
         update = lambda client: client.update_weights_from_disk(  # noqa: E731
@@ -245,7 +244,7 @@ async def load_weights(
         seconds=elapsed,
         path=path,
         export_s=export.seconds,
-        write_s=write_s,
+        write_s=written["write snapshot"],
         pause_s=slowest["pause"],
         update_s=slowest["update"],
         continue_s=slowest["continue"],

@@ -8,8 +8,8 @@
 #   stage3 [.gpu/p2 .gpu/p3]: runs in every pause mode, trainer memory | stage4 [.gpu/p4]: SmolLM2 run,
 #   e2e async vs sync | april: APRIL vs async vs sync | bench: engine throughput, SGLang's hand-over
 #   intervals | perf512, perf2048 [perf512 carries .gpu/p2 .gpu/p3]: Qwen2-0.5B long tail, async vs
-#   sync | limits512: the saturated rates of perf512's async run | smolreward [.gpu/p4]: SmolLM2 reward vs wall-clock, async and sync |
-#   synccost: weight sync phases vs their bounds
+#   sync | limits512: the saturated rates of perf512's async run | smolreward [.gpu/p4]: SmolLM2
+#   reward vs wall-clock, async and sync | synccost: weight sync phases vs their bounds
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
