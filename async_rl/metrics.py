@@ -11,6 +11,7 @@ import math
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -91,15 +92,29 @@ def _wandb_run(run_dir: Path, mode: Literal["offline", "online"], project: str, 
     id_file = run_dir / "wandb_id"  # the same W&B run for every start of this output folder
     if not id_file.exists():
         id_file.write_text(uuid.uuid4().hex[:16])
+    run_id = id_file.read_text().strip()
+    _await_unused_start_second(run_dir / "wandb", run_id)
     return wandb.init(
         project=project,
         mode=mode,
         dir=str(run_dir),
-        id=id_file.read_text().strip(),
+        id=run_id,
         name=run_dir.name,
         resume="allow",
         config=config,
     )
+
+
+def _await_unused_start_second(wandb_dir: Path, run_id: str) -> None:
+    """W&B names each start's folder by its second (`offline-run-YYYYMMDD_HHMMSS-<id>`, `run-…`);
+    a second start of the same run within that second would write over the first one's log."""
+
+    def taken() -> bool:
+        second = f"{datetime.now():%Y%m%d_%H%M%S}"
+        return any((wandb_dir / f"{kind}-{second}-{run_id}").exists() for kind in ("offline-run", "run"))
+
+    while taken():
+        time.sleep(0.05)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

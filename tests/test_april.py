@@ -205,8 +205,9 @@ def test_april_run_never_trains_beyond_eta(long_tail_runs):
 
 def test_april_at_eta_0_recycles_every_round_tail_without_stalling(tmp_path):
     """With eta = 0 no round launches before the trainer has trained the previous one, so every
-    round's unfinished tail is retracted while it generates. Groups of 8 (not 16) make a tail whose
-    longest samples outlast the round's last accepted group, rather than tie with it at the cap.
+    round's unfinished tail is retracted while it generates. Staggered lengths (not the log-normal
+    draw, whose capped groups can finish together with the round's last accepted one) make sure a
+    round of 12 groups closes on its 8 shortest while the 4 longest still generate.
     A round's surplus is always too stale for the next batch here: the buffer drops it at once
     and the worker reopens the round it was counted in (no wait for a batch timeout, no deadlock)."""
     from async_rl.trainer_main import BATCH_WAIT_S
@@ -219,6 +220,7 @@ def test_april_at_eta_0_recycles_every_round_tail_without_stalling(tmp_path):
         "staleness.eta=0",
         "rollout.max_new_tokens=96",
         "rollout.group_size=8",
+        "rollout.sample_plan='recipes.long_tail:staggered_lengths'",
         "april.alpha=0.5",
         "april.enabled=true",
     )

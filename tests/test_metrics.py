@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import io
+from datetime import datetime
 
 from async_rl.metrics import REWARD, STALENESS, TOKENS_PER_S, VERSION, MetricsSink, ProgressDisplay, read_metrics
 
@@ -42,6 +44,21 @@ def test_wandb_offline_needs_no_network_and_a_restart_resumes_the_same_run(tmp_p
     # The offline log (protobuf records, values as JSON) that `wandb sync` uploads: one per start, one run id.
     assert len(logs) == 2 and b'"lr":0.125' in logs[0] and REWARD.encode() in logs[1]
     assert b"0.25" in logs[0] and b"0.375" in logs[1] and b"not a number" not in logs[1]
+
+
+def test_wandb_start_in_the_same_second_as_the_last_keeps_the_last_log(tmp_path, monkeypatch):
+    """W&B names a start's folder by its second: a restart within it must not write over the earlier log."""
+    importlib.import_module("wandb")  # beforehand: the import alone can take longer than a second
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb_id").write_text("samesecond")
+    earlier = tmp_path / "wandb" / f"offline-run-{datetime.now():%Y%m%d_%H%M%S}-samesecond"
+    earlier.mkdir(parents=True)
+    (earlier / "run-samesecond.wandb").write_bytes(b"the earlier start's log")
+    with MetricsSink(tmp_path, tensorboard=False, wandb="offline") as sink:
+        sink.log(1, {REWARD: 0.5})
+    assert (earlier / "run-samesecond.wandb").read_bytes() == b"the earlier start's log"
+    assert len(list((tmp_path / "wandb").glob("offline-run-*-samesecond"))) == 2
 
 
 def test_progress_display_shows_restarts():
