@@ -213,6 +213,44 @@ class AprilConfig(_Table, frozen=True):
         check_field(self.alpha >= 0, "alpha", self.alpha, ">= 0")
 
 
+Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+class ClusterConfig(_Table, frozen=True):
+    """[cluster] Placement on a Ray cluster (`async-rl run RECIPE --ray-address ADDR`; unused on one
+    machine). Every component becomes a Ray actor in a placement-group bundle of these resources.
+    run.output_dir must be a folder every node sees at the same path (logs, metrics, the buffer's
+    log and the checkpoints a component re-placed on another node restarts from); the run checks it."""
+
+    engine_gpus: float = 0
+    """GPUs per engine (0: CPU-only engines)."""
+    engine_cpus: float = 1
+    """CPUs per engine."""
+    engines_per_node: int = 0
+    """Engines packed together on each node (one STRICT_PACK group per node); 0 = all engines in one
+    group placed by engine_strategy."""
+    engine_strategy: Strategy = "SPREAD"
+    """How the engines' bundles are placed when engines_per_node is 0 (Ray's placement strategies)."""
+    trainer_gpus: float = 0
+    """GPUs per trainer rank (its trainer.processes ranks share one node: one bundle)."""
+    trainer_cpus: float = 1
+    """CPUs per trainer rank."""
+    service_cpus: float = 1
+    """CPUs of the buffer service and of each rollout worker."""
+    service_strategy: Strategy = "PACK"
+    """How the buffer's and the workers' bundles are placed."""
+    ready_timeout_s: float = 120.0
+    """How long the placement groups may take to be placed; then the run fails naming what the cluster lacks."""
+
+    def __post_init__(self) -> None:
+        for name in ("engine_gpus", "trainer_gpus"):
+            check_field(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        for name in ("engine_cpus", "trainer_cpus", "service_cpus"):  # a bundle reserves something
+            check_field(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+        check_field(self.engines_per_node >= 0, "engines_per_node", self.engines_per_node, ">= 0")
+        check_field(self.ready_timeout_s > 0, "ready_timeout_s", self.ready_timeout_s, "> 0")
+
+
 class RunOptions(_Table, frozen=True):
     """[run] The run as a whole."""
 
@@ -275,6 +313,7 @@ class RunConfig(_Table, frozen=True):
     weight_sync: WeightSyncConfig = msgspec.field(default_factory=WeightSyncConfig)
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     april: AprilConfig = msgspec.field(default_factory=AprilConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     run: RunOptions = msgspec.field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:

@@ -4,6 +4,8 @@ Engines, the buffer service, the trainer and the rollout worker(s) each run as
 their own OS process under the Supervisor, which stops them all together on
 Ctrl-C, on the wall-clock limit, or when one crashes (reported with its log tail).
 Progress is read back from metrics.jsonl, the same file a user inspects later.
+With --ray-address the same processes run on a Ray cluster's nodes (async_rl/ray_cluster.py):
+only where each one runs and the address it binds differ.
 """
 
 from __future__ import annotations
@@ -37,17 +39,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a recipe value, e.g. --set trainer.total_steps=50 (repeatable)",
     )
     parser.add_argument("--sync", action="store_true", help="strictly on-policy baseline: staleness.eta = 0")
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="run the components as actors on this Ray cluster (host:port, or 'auto'), placed as [cluster] says",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["run.sync=true", "staleness.eta=0"] if args.sync else [])
     try:
         config = load_config(args.config, overrides)
-        check_supported(config)
+        if args.ray_address:
+            config = for_cluster(config)
+        check_supported(config, on_cluster=bool(args.ray_address))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run(config))
+    return asyncio.run(run(config, args.ray_address))
+
+
+def for_cluster(config: RunConfig) -> RunConfig:
+    """What a run on Ray settles before it starts: an absolute run folder (every node resolves it
+    alike), devices from the bundles' GPUs instead of "auto" (the driver's node may have none), and
+    an engine API key generated for this run unless the recipe sets one."""
+    import secrets
+
+    replace = msgspec.structs.replace
+    cluster = config.cluster
+    auto = lambda gpus: "cuda" if gpus else "cpu"  # noqa: E731
+    model_device = config.model.device
+    return replace(
+        config,
+        run=replace(config.run, output_dir=str(Path(config.run.output_dir).resolve())),
+        engine=replace(
+            config.engine,
+            api_key=config.engine.api_key or secrets.token_urlsafe(24),
+            device=config.engine.device or (auto(cluster.engine_gpus) if model_device == "auto" else None),
+        ),
+        trainer=replace(
+            config.trainer,
+            device=config.trainer.device or (auto(cluster.trainer_gpus) if model_device == "auto" else None),
+        ),
+    )
 
 
 def run_argv(
@@ -67,7 +102,7 @@ def _aborts_waiting_requests(config: RunConfig) -> bool:
     return mode == "abort" or (config.april.enabled and mode == "retract")
 
 
-def check_supported(config: RunConfig) -> None:
+def check_supported(config: RunConfig, on_cluster: bool = False) -> None:
     """What `async-rl run` refuses before starting anything (the sweep checks every point with it too)."""
     if config.trainer.groups_per_step % config.rollout.workers:
         raise ConfigError(
@@ -78,7 +113,27 @@ def check_supported(config: RunConfig) -> None:
     for spec in (config.rollout.generate, config.rollout.sample_plan, config.rollout.reward, config.task.generator):
         if spec is not None:
             import_function(spec)
-    _check_broadcast_devices(config)
+    if on_cluster:
+        _check_cluster_devices(config)
+    else:
+        _check_broadcast_devices(config)
+
+
+def _check_cluster_devices(config: RunConfig) -> None:
+    """On Ray a component sees only its bundle's GPUs: a CUDA device needs GPUs in the bundle, and an
+    NCCL broadcast needs whole GPUs on both sides (separate bundles never share one)."""
+    cluster = config.cluster
+    engine = config.engine.device or config.model.device
+    trainer = config.trainer.device or config.model.device
+    for role, device, gpus in (("engine", engine, cluster.engine_gpus), ("trainer", trainer, cluster.trainer_gpus)):
+        if device.startswith("cuda") and not gpus:
+            raise ConfigError(f"{role} device {device} on Ray needs cluster.{role}_gpus > 0 (its bundle's GPUs)")
+    nccl = config.weight_sync.method == "distributed" and trainer.startswith("cuda")
+    if nccl and (cluster.engine_gpus < 1 or cluster.trainer_gpus < 1):
+        raise ConfigError(
+            'weight_sync.method = "distributed" over NCCL needs whole GPUs per engine and per trainer rank: '
+            f"cluster.engine_gpus = {cluster.engine_gpus:g}, cluster.trainer_gpus = {cluster.trainer_gpus:g}"
+        )
 
 
 def _check_broadcast_devices(config: RunConfig) -> None:
@@ -192,19 +247,55 @@ def _resume_point(config: RunConfig, model_dir: Path) -> tuple[Path, int]:
     return latest, int(checkpoint.read_meta(latest)["version"])
 
 
-async def run(config: RunConfig) -> int:
-    from async_rl.engine_monitor import monitor_engines
-    from async_rl.metrics import ProgressDisplay
-    from async_rl.prometheus import RunCollector
-    from async_rl.supervisor import ProcessSpec, RestartPolicy, RunEnded, Supervisor
+class LocalPlacement:
+    """Every component a child process of this one, bound to loopback (the engines to engine.host)."""
+
+    def __init__(self, engine_host: str):
+        from async_rl.supervisor import spawn_local
+
+        self.engine_host = engine_host
+        self.spawn = spawn_local
+
+    def address(self, name: str) -> str:
+        return self.engine_host if name.startswith("engine") else "127.0.0.1"
+
+    async def free_port(self, name: str) -> int:
+        from rollout_workers.launcher import free_port
+
+        return free_port(self.address(name))
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def _placement(config: RunConfig, ray_address: str | None, run_dir: Path) -> AsyncIterator:
+    """Where the components run: here, or on the Ray cluster at `ray_address` (which must see run_dir)."""
+    if ray_address is None:
+        yield LocalPlacement(config.engine.host)
+        return
+    from async_rl.ray_cluster import RayPlacement
+
+    placement = await RayPlacement.create(config, ray_address)
+    try:
+        for shared in {run_dir, Path.cwd(), config.output_path(config.weight_sync.dir, "weights")}:
+            shared.mkdir(parents=True, exist_ok=True)
+            await placement.check_shared(shared)
+        nodes = await placement.node_ids()
+        print("placement", "  ".join(f"{name}@{node}" for name, node in nodes.items()), flush=True)
+        yield placement
+    finally:
+        placement.close()
+
+
+async def run(config: RunConfig, ray_address: str | None = None) -> int:
+    from async_rl.private_files import write_private
     from rollout_workers.engine.model import resolve_model_spec
-    from rollout_workers.launcher import engine_command, engine_env, free_port
-    from rollout_workers.rollout_metrics import METRICS_NAME as ROLLOUT_METRICS_NAME
 
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
     config_path = run_dir / "config.json"
-    config_path.write_bytes(config.to_json())
+    write_private(config_path, config.to_json())  # it may hold the engines' API key
     try:
         model_dir = resolve_model_spec(config.model.spec)
     except FileNotFoundError as exc:
@@ -215,7 +306,40 @@ async def run(config: RunConfig) -> int:
     except FileNotFoundError as exc:  # checkpoints, none intact: never a silent fresh start
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    python = sys.executable
+    if start_version >= config.trainer.total_steps:
+        print(
+            f"{run_dir} already holds a checkpoint at version {start_version} >= trainer.total_steps: nothing to "
+            f"train (set run.output_dir to start afresh, or raise trainer.total_steps to continue)",
+            flush=True,
+        )
+        return 0
+    try:
+        async with _placement(config, ray_address, run_dir) as placement:
+            return await _run_placed(config, placement, config_path, model_dir, engine_weights, start_version)
+    except RuntimeError as exc:  # the cluster cannot place or host the run
+        print(f"run failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+async def _run_placed(
+    config: RunConfig, placement, config_path: Path, model_dir: Path, engine_weights: Path, start_version: int
+) -> int:
+    from async_rl.engine_monitor import monitor_engines
+    from async_rl.metrics import ProgressDisplay
+    from async_rl.prometheus import RunCollector
+    from async_rl.supervisor import ProcessSpec, RestartPolicy, RunEnded, Supervisor
+    from async_rl.zmq_auth import RunKeys
+    from rollout_workers.launcher import engine_command, engine_env
+    from rollout_workers.rollout_metrics import METRICS_NAME as ROLLOUT_METRICS_NAME
+
+    run_dir = config_path.parent
+    python = sys.executable  # installed at the same path on every node of a cluster
+    secrets_dir = run_dir / "secrets"
+    # Beyond loopback every ZMQ socket is CURVE-secured, with keys of this run handed over in the
+    # children's environment (never argv or a file); the engines' API key is in config.json (0600).
+    keys = RunKeys.generate() if not isinstance(placement, LocalPlacement) else None
+    server_env, client_env = (keys.server_env(), keys.client_env()) if keys else ({}, {})
+    curve = keys.client() if keys else None
     stacks_dir = run_dir / "stacks"
     for stale in stacks_dir.glob("*.pid"):  # registrations of an earlier start of this run
         stale.unlink()
@@ -225,7 +349,6 @@ async def run(config: RunConfig) -> int:
         "TOKENIZERS_PARALLELISM": "false",
         stacks.STACKS_ENV: str(stacks_dir),
     }
-    host = config.engine.host
     # Every component's restart policy; engines get none under distributed sync (see run.max_restarts).
     restart = RestartPolicy(
         max_restarts=config.run.max_restarts,
@@ -237,37 +360,41 @@ async def run(config: RunConfig) -> int:
     )
 
     def engine_process(i: int, port: int, weights: Path, version: int) -> ProcessSpec:
-        spec = engine_spec(config, weights, version, i)
+        spec = engine_spec(config, weights, version, i, host=placement.address(f"engine{i}"))
         return ProcessSpec(
             name=f"engine{i}",
-            argv=engine_command(spec, port, python),
+            argv=engine_command(spec, port, python, secrets_dir),
             env={**env, **engine_env(spec)},
             restart=engine_restart_policy,
+            cwd=cwd,
         )
 
     def engine_restart(i: int, port: int) -> Callable[[], ProcessSpec]:
         """A restarted engine starts from the newest weights on disk, at their version."""
         return lambda: engine_process(i, port, *_pinned_newest_weights(config, model_dir, f"engine{i}"))
 
-    engine_ports = [free_port(host) for _ in range(config.engine.count)]
-    engine_urls = [f"http://{host}:{port}" for port in engine_ports]
-    submit, serve, versions = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    engine_names = [f"engine{i}" for i in range(config.engine.count)]
+    engine_ports = [await placement.free_port(name) for name in engine_names]
+    engine_urls = [f"http://{placement.address(name)}:{port}" for name, port in zip(engine_names, engine_ports)]
+
+    async def endpoint(name: str) -> str:
+        return f"tcp://{placement.address(name)}:{await placement.free_port(name)}"
+
+    submit, serve, versions = await endpoint("buffer"), await endpoint("buffer"), await endpoint("trainer")
     engines = ",".join(engine_urls)
     common = ["--config", str(config_path), "--model-dir", str(model_dir), "--engines", engines]
+    cwd = str(Path.cwd())  # relative paths of the recipe resolve alike on every node
 
-    print(f"run dir {run_dir}  model {model_dir}  engines {engines}  start version {start_version}", flush=True)
-    if start_version >= config.trainer.total_steps:
-        print(
-            f"{run_dir} already holds a checkpoint at version {start_version} >= trainer.total_steps: nothing to "
-            f"train (set run.output_dir to start afresh, or raise trainer.total_steps to continue)",
-            flush=True,
-        )
-        return 0
+    print(
+        f"run dir {run_dir}  model {model_dir}  engines {engines}  buffer {submit}  start version {start_version}",
+        flush=True,
+    )
     collector = RunCollector()
     # What an earlier start of this run wrote is not shown again; everything from this start is.
     shown_from = {name: file_size(run_dir / name) for name in ("metrics.jsonl", ROLLOUT_METRICS_NAME)}
     # The endpoint binds first, so that no port picked for a child takes the one asked for.
-    async with _merged_trace(run_dir), _prometheus(config, collector), Supervisor(run_dir / "logs") as supervisor:
+    supervisor_ = Supervisor(run_dir / "logs", spawn=placement.spawn)
+    async with _merged_trace(run_dir), _prometheus(config, collector), supervisor_ as supervisor:
         try:
             # Everything starts at once: the trainer and the workers wait for the engines themselves,
             # so their imports and model loading overlap the engines' start-up.
@@ -276,7 +403,8 @@ async def run(config: RunConfig) -> int:
             await supervisor.start(
                 ProcessSpec(
                     name="buffer",
-                    env=env,
+                    env=env | server_env,
+                    cwd=cwd,
                     restart=restart,  # it recovers from its write-ahead log
                     argv=[
                         python,
@@ -297,7 +425,8 @@ async def run(config: RunConfig) -> int:
                 ProcessSpec(
                     name="trainer",
                     finishes_run=True,
-                    env=env,
+                    env=env | server_env | client_env,  # it publishes versions and asks the buffer
+                    cwd=cwd,
                     restart=restart,  # it resumes from its latest checkpoint; the workers follow
                     argv=[
                         *_trainer_launcher(python, config.trainer.processes),
@@ -313,7 +442,8 @@ async def run(config: RunConfig) -> int:
                 await supervisor.start(
                     ProcessSpec(
                         name=f"worker{w}",
-                        env=env,
+                        env=env | client_env,
+                        cwd=cwd,
                         stop_early=True,
                         restart=restart,  # it aligns to the trainer's version at start
                         argv=[
@@ -335,7 +465,9 @@ async def run(config: RunConfig) -> int:
                     )
                 )
             await supervisor.guard(
-                _wait_ready(engine_urls, config.engine.api_key, serve, run_dir / "logs", config.engine.start_timeout_s)
+                _wait_ready(
+                    engine_urls, config.engine.api_key, serve, curve, run_dir / "logs", config.engine.start_timeout_s
+                )
             )
             collector.components = lambda: {
                 name: (code is None, supervisor.restarts[name]) for name, code in supervisor.returncodes.items()
@@ -354,7 +486,7 @@ async def run(config: RunConfig) -> int:
                 ]
                 following = [asyncio.create_task(follower.follow()) for follower in followers]
                 if config.run.prometheus:
-                    following.append(asyncio.create_task(collector.poll_buffer(serve)))
+                    following.append(asyncio.create_task(collector.poll_buffer(serve, curve)))
                 if config.engine.health_failures and engine_restart_policy.max_restarts:
                     following.append(asyncio.create_task(monitor_engines(config.engine, engine_urls, supervisor.kill)))
                 try:
@@ -438,9 +570,9 @@ def thread_env(engine_count: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
-def engine_spec(config: RunConfig, weights: Path, version: int, index: int) -> EngineSpec:
-    """How engine `index` of a run starts, serving `weights` at `version` (benchmarks that measure the
-    engines alone start them the same way)."""
+def engine_spec(config: RunConfig, weights: Path, version: int, index: int, host: str | None = None) -> EngineSpec:
+    """How engine `index` of a run starts, serving `weights` at `version` and listening on `host`
+    (default engine.host; benchmarks that measure the engines alone start them the same way)."""
     from rollout_workers.launcher import EngineSpec
 
     embedded = config.engine.kind == "embedded"
@@ -448,7 +580,7 @@ def engine_spec(config: RunConfig, weights: Path, version: int, index: int) -> E
         kind=config.engine.kind,
         model=str(weights),
         api_key=config.engine.api_key,
-        host=config.engine.host,
+        host=host or config.engine.host,
         device=_device(config.engine.device or config.model.device) if embedded else config.engine.device,
         extra_args=_engine_args(config, version, seed=config.trainer.seed + index),
         hand_over_every_token=_aborts_waiting_requests(config),
@@ -465,7 +597,9 @@ def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
     return args + list(config.engine.extra_args)
 
 
-async def _wait_ready(engine_urls: list[str], api_key: str | None, serve: str, log_dir: Path, timeout_s: float) -> None:
+async def _wait_ready(
+    engine_urls: list[str], api_key: str | None, serve: str, curve, log_dir: Path, timeout_s: float
+) -> None:
     """Every engine answers /health and the buffer answers a StatsRequest; a start-up that stalls fails
     the run with the log tail of what did not come up (a child that dies fails it at once, through the
     supervisor)."""
@@ -477,7 +611,7 @@ async def _wait_ready(engine_urls: list[str], api_key: str | None, serve: str, l
 
     async def buffer_ready() -> None:
         try:
-            async with BufferClient(serve) as buffer:
+            async with BufferClient(serve, curve=curve) as buffer:
                 await buffer.stats(timeout=timeout_s)
         except TimeoutError:
             silent.append("buffer")

@@ -93,13 +93,14 @@ class RunCollector(Collector):
                 value=self.buffer.dropped_stale,
             )
 
-    async def poll_buffer(self, serve: str, interval_s: float = 5.0) -> None:
-        """Keep `buffer` fresh; while the buffer is down (restarting) the last answer stays."""
+    async def poll_buffer(self, serve: str, curve=None, interval_s: float = 5.0) -> None:
+        """Keep `buffer` fresh; while the buffer is down (restarting) the last answer stays.
+        `curve`: the run's client keys where the buffer is secured."""
         from async_rl.transport import BufferClient
 
         while True:
             try:
-                async with BufferClient(serve) as client:
+                async with BufferClient(serve, curve=curve) as client:
                     while True:
                         self.buffer = await client.stats(timeout=interval_s)
                         await asyncio.sleep(interval_s)

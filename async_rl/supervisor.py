@@ -8,6 +8,10 @@ started again (same command, log appended) while its restart budget lasts, after
 that doubles per restart; once the budget is spent the run stops and the report names it
 with its exit code and the tail of its log.
 
+Where a child runs is the spawner's business: `spawn_local` (a subprocess of this one) by
+default, a Ray actor on a cluster node for `async-rl run --ray-address` (async_rl/ray_cluster.py);
+everything above — restarts, ordering, reports — is the same code for both.
+
     async with Supervisor(run_dir / "logs") as supervisor:
         await supervisor.start(ProcessSpec(name="buffer", argv=[...]))
         await supervisor.guard(wait_until_healthy(...))   # raises ChildFailed if a child dies meanwhile
@@ -26,13 +30,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
 LOG_TAIL_LINES = 40
 COMPONENT_ENV = "ASYNC_RL_COMPONENT"  # every child learns its name (stack dumps are named by it)
 RESTARTS_ENV = "ASYNC_RL_RESTARTS"  # and how often it was started again (0 on its first start)
+NODE_ADDRESS_ENV = "ASYNC_RL_NODE_ADDRESS"  # on a cluster: its node's address, to bind and advertise
 T = TypeVar("T")
 
 
@@ -103,8 +108,70 @@ class ChildFailed(RunEnded):
 MAX_BACKOFF_S = 30.0
 
 
+class ChildProcess(Protocol):
+    """A started child, wherever it runs: the leader of its own process group."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running; negative: killed by that signal."""
+
+    async def wait(self) -> int: ...
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """Send `sig` to the child's whole process group (what it spawned too); no-op once gone."""
+
+
+Spawner = Callable[[ProcessSpec, Path, int], Awaitable[ChildProcess]]
+"""Starts `spec` with its output appended to the log path, told it is its Nth restart."""
+
+
+class LocalProcess:
+    """A child process of this one, in its own session (so its group can be signalled)."""
+
+    def __init__(self, process: asyncio.subprocess.Process):
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, sig)  # start_new_session: the child leads its own group
+
+
+async def spawn_local(spec: ProcessSpec, log_path: Path, restarts: int) -> LocalProcess:
+    with log_path.open("ab") as log:
+        return LocalProcess(
+            await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **child_env(spec, restarts)},
+                cwd=spec.cwd,
+                start_new_session=True,
+            )
+        )
+
+
+def child_env(spec: ProcessSpec, restarts: int) -> dict[str, str]:
+    """What the supervisor adds to a child's environment: its name, its restart count, its spec's env."""
+    return {COMPONENT_ENV: spec.name, RESTARTS_ENV: str(restarts), **spec.env}
+
+
 class _Child:
-    def __init__(self, spec: ProcessSpec, process: asyncio.subprocess.Process, log_path: Path):
+    def __init__(self, spec: ProcessSpec, process: ChildProcess, log_path: Path):
         self.spec = spec
         self.process = process
         self.log_path = log_path
@@ -134,8 +201,10 @@ class Supervisor:
         grace_s: float = 10.0,
         handle_signals: bool = True,
         on_restart: Callable[[str, ChildExit], Awaitable[None]] | None = None,
+        spawn: Spawner = spawn_local,
     ):
         self.log_dir = Path(log_dir)
+        self.spawn = spawn
         self.grace_s = grace_s
         self.handle_signals = handle_signals
         self.on_restart = on_restart  # awaited after a child was started again (it need not be healthy yet)
@@ -191,7 +260,7 @@ class Supervisor:
         if self._ended.done():
             raise _ended_error(self._ended.result())
         log_path = self.log_dir / f"{spec.name}.log"
-        child = _Child(spec, await _spawn(spec, log_path, 0), log_path)
+        child = _Child(spec, await self.spawn(spec, log_path, 0), log_path)
         child.respec = respec
         self._children[spec.name] = child
         self._watchers.create_task(self._watch(child), name=f"watch-{spec.name}")
@@ -228,7 +297,7 @@ class Supervisor:
 
     def kill(self, name: str) -> None:
         """SIGKILL a child (and what it spawned); its watcher then restarts it or ends the run."""
-        _signal_group(self._children[name].process.pid, signal.SIGKILL)
+        self._children[name].process.signal_group(signal.SIGKILL)
 
     async def stop_all(self) -> None:
         """Stop every child (SIGTERM to its group, grace period, SIGKILL) and reap it: first, together,
@@ -263,7 +332,12 @@ class Supervisor:
                 budget = f" (after {recent} restarts within {window})" if recent else ""
                 self._end(RunOutcome(status="failed", message=exit_.describe() + budget, child=exit_))
                 return
-            await self._restart(child, exit_)
+            try:
+                await self._restart(child, exit_)
+            except (OSError, RuntimeError) as exc:  # it cannot be started again (a cluster lost its node)
+                message = f"{exit_.describe()}\nits restart failed: {exc}"
+                self._end(RunOutcome(status="failed", message=message, child=exit_))
+                return
 
     async def _restart(self, child: _Child, exit_: ChildExit) -> None:
         recent = child.recent_restarts()
@@ -271,7 +345,7 @@ class Supervisor:
         delay = min(policy.backoff_s * 2**recent, MAX_BACKOFF_S)
         child.restarts += 1
         child.restarted_at.append(time.monotonic())
-        _signal_group(child.process.pid, signal.SIGKILL)  # what it spawned goes with it
+        child.process.signal_group(signal.SIGKILL)  # what it spawned goes with it
         print(
             f"restarting {child.spec.name} in {delay:g} s ({recent + 1} of {policy.max_restarts} "
             f"within {policy.window_s:g} s): {exit_.describe().splitlines()[0]}",
@@ -284,23 +358,23 @@ class Supervisor:
             return
         if child.respec is not None:
             child.spec = child.respec()
-        child.process = await _spawn(child.spec, child.log_path, child.restarts)
+        child.process = await self.spawn(child.spec, child.log_path, child.restarts)
         if self.on_restart is not None:
             await self.on_restart(child.spec.name, exit_)
 
     async def _stop(self, child: _Child) -> None:
-        pgid = child.process.pid  # start_new_session: the child leads its own group
-        if child.process.returncode is None:
-            _signal_group(pgid, signal.SIGTERM)
+        process = child.process
+        if process.returncode is None:
+            process.signal_group(signal.SIGTERM)
             kill = asyncio.ensure_future(self._kill_now.wait())
-            exited = asyncio.ensure_future(child.process.wait())
+            exited = asyncio.ensure_future(process.wait())
             try:
                 await asyncio.wait({kill, exited}, timeout=self.grace_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 kill.cancel()
         # Also reaches grandchildren left in the group after the leader exited.
-        _signal_group(pgid, signal.SIGKILL)
-        await child.process.wait()
+        process.signal_group(signal.SIGKILL)
+        await process.wait()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         assert self._ended is not None
@@ -314,26 +388,8 @@ class Supervisor:
             self._ended.set_result(outcome)
 
 
-async def _spawn(spec: ProcessSpec, log_path: Path, restarts: int) -> asyncio.subprocess.Process:
-    with log_path.open("ab") as log:
-        return await asyncio.create_subprocess_exec(
-            *spec.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, COMPONENT_ENV: spec.name, RESTARTS_ENV: str(restarts), **spec.env},
-            cwd=spec.cwd,
-            start_new_session=True,
-        )
-
-
 def _ended_error(outcome: RunOutcome) -> RunEnded:
     return ChildFailed(outcome) if outcome.child is not None else RunEnded(outcome)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 def log_tail(path: str | os.PathLike, lines: int = LOG_TAIL_LINES, max_bytes: int = 256 * 1024) -> list[str]:

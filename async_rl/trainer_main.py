@@ -5,6 +5,8 @@
 
 Exits 0 after trainer.total_steps versions (the supervisor then ends the run).
 A restart resumes from the latest checkpoint, continuing the version count.
+With the run's CURVE keys in its environment (zmq_auth.RunKeys: server and client variables both),
+the versions PUB is a CURVE server and the buffer client a CURVE client.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from async_rl import stacks
+from async_rl import stacks, zmq_auth
 from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import BatchResponse, Trajectory, WeightsPublished, encode, make_decoder
 from async_rl.metrics import MetricsSink, read_metrics
@@ -130,14 +132,24 @@ def trained_history(path: Path) -> dict[int, list[str]]:
     return history
 
 
-async def train(config: RunConfig, model_dir: Path, engine_urls: list[str], serve: str, versions: str) -> None:
+async def train(
+    config: RunConfig,
+    model_dir: Path,
+    engine_urls: list[str],
+    serve: str,
+    versions: str,
+    *,
+    curve_server: zmq_auth.CurveServer | None = None,
+    curve_client: zmq_auth.CurveClient | None = None,
+) -> None:
     """One trainer process, or one rank of several under torchrun (trainer.processes > 1, FSDP2):
-    rank 0 leads (buffer, engines, metrics, versions) and hands each batch to the other ranks."""
+    rank 0 leads (buffer, engines, metrics, versions) and hands each batch to the other ranks.
+    `curve_server` secures the versions PUB it binds, `curve_client` its buffer connection."""
     from async_rl.trainer.trainer import Trainer
 
     trainer = Trainer.resume_or_new(config.trainer, trainer_context(config, model_dir))
     if trainer.rank == 0:
-        await lead(trainer, config, engine_urls, serve, versions)
+        await lead(trainer, config, engine_urls, serve, versions, curve_server, curve_client)
     else:
         await asyncio.to_thread(follow, trainer, config)
 
@@ -195,7 +207,15 @@ def follow(trainer, config: RunConfig) -> None:
             trainer.save_checkpoint()
 
 
-async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, versions: str) -> None:
+async def lead(
+    trainer,
+    config: RunConfig,
+    engine_urls: list[str],
+    serve: str,
+    versions: str,
+    curve_server: zmq_auth.CurveServer | None = None,
+    curve_client: zmq_auth.CurveClient | None = None,
+) -> None:
     """Dropped samples (stale groups, a batch refused with BatchError) were already counted as
     accepted by the workers' admission, so notices hand them back in `dropped_groups`: the next
     version's notice carries every drop since the previous version's. A drop that leaves nothing
@@ -208,7 +228,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     run_dir = Path(config.run.output_dir)
     weights_dir = config.output_path(config.weight_sync.dir, "weights")
     clients = [EngineClient(url, api_key=config.engine.api_key) for url in engine_urls]
-    publisher = VersionPublisher(versions)
+    publisher = VersionPublisher(versions, curve=curve_server)
     sink = MetricsSink(
         run_dir, wandb=config.run.wandb, wandb_project=config.run.wandb_project, config=msgspec.to_builtins(config)
     )
@@ -230,7 +250,7 @@ async def lead(trainer, config: RunConfig, engine_urls: list[str], serve: str, v
     try:
         async with contextlib.AsyncExitStack() as stack:
             await wait_until_healthy(clients, config.engine.start_timeout_s)
-            buffer = await stack.enter_async_context(BufferClient(serve))
+            buffer = await stack.enter_async_context(BufferClient(serve, curve=curve_client))
             group = None
             if method == "distributed":
                 group = await stack.enter_async_context(broadcast_group(clients, trainer.device))
@@ -361,7 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stacks.install("trainer")
     config = read_run_config(args.config)
-    asyncio.run(train(config, args.model_dir, args.engines.split(","), args.serve, args.versions))
+    run = train(
+        config,
+        args.model_dir,
+        args.engines.split(","),
+        args.serve,
+        args.versions,
+        curve_server=zmq_auth.server_keys_from_env(),  # read before the model loads: a bad key fails at once
+        curve_client=zmq_auth.client_keys_from_env(),
+    )
+    asyncio.run(run)
     return 0
 
 

@@ -9,7 +9,8 @@
   buffer restart is survived and a lost reply is re-sent, not re-served.
 - VersionPublisher / VersionSubscriber: PUB/SUB of WeightsPublished; the
   publisher repeats the latest notice so late joiners catch up.
-Everything connects to loopback unless told otherwise; CURVE keys secure the rest.
+Everything connects to loopback unless told otherwise; CURVE keys (`curve=`, from the process's
+environment: zmq_auth.RunKeys) secure the rest.
 """
 
 from __future__ import annotations
@@ -308,7 +309,8 @@ _trajectory_decoder = make_decoder(Trajectory)
 
 
 class VersionPublisher:
-    """Trainer side: binds PUB; repeats the latest notice every `repeat_s` for late subscribers."""
+    """Trainer side: binds PUB; repeats the latest notice every `repeat_s` for late subscribers.
+    Construct it inside the event loop: with `curve`, its ZAP handler runs there."""
 
     def __init__(
         self,
@@ -320,7 +322,10 @@ class VersionPublisher:
     ):
         zmq_auth.check_bind(endpoint, curve is not None, allow_insecure_bind)
         self.repeat_s = repeat_s
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.PUB)
+        # A context of its own: a ZAP handler serves a whole context, and this one admits the run's subscribers.
+        self._context = zmq.asyncio.Context()
+        self._authenticator = zmq_auth.start_authenticator(self._context, curve) if curve else None
+        self._socket = self._context.socket(zmq.PUB)
         self._socket.linger = 0
         if curve:
             zmq_auth.secure_server(self._socket, curve)
@@ -342,10 +347,13 @@ class VersionPublisher:
             await self._socket.send(self._latest)
 
     def close(self) -> None:
-        """The last notice still reaches connected subscribers (a short linger), then the socket goes."""
+        """The last notice still reaches connected subscribers (waits up to a short linger), then the socket goes."""
         if self._repeater:
             self._repeater.cancel()
         self._socket.close(linger=CLOSE_LINGER_MS)
+        if self._authenticator:
+            self._authenticator.stop()
+        self._context.term()
 
 
 class VersionSubscriber:

@@ -14,12 +14,14 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from async_rl.supervisor import NODE_ADDRESS_ENV
 from async_rl.trace import Tracer
 from rollout_workers.client import EngineClient, EngineConnectionError, EngineError, EngineTimeoutError, PauseMode
 
@@ -33,8 +35,6 @@ KEEP_SNAPSHOTS = 2  # the one engines load now, and the previous one a slow engi
 GROUP_NAME = "async_rl_weights"
 # Bounds the rendezvous and every broadcast: a dead engine then fails the sync instead of hanging it.
 GROUP_TIMEOUT_S = 120.0
-# The orchestrator starts trainer and engines on one host; the trainer hosts the group's store.
-MASTER_ADDRESS = "127.0.0.1"
 SYNC_TRACK = "weight-sync"
 PHASES = ("pause", "update", "continue")
 
@@ -50,12 +50,14 @@ async def broadcast_group(clients: list[EngineClient], device) -> AsyncIterator[
     from rollout_workers.launcher import free_port
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    port, world_size = free_port(MASTER_ADDRESS), 1 + len(clients)
+    # The trainer hosts the group's store on its node's address (loopback on one machine).
+    master_address = os.environ.get(NODE_ADDRESS_ENV, "127.0.0.1")
+    port, world_size = free_port(master_address), 1 + len(clients)
     async with asyncio.TaskGroup() as joins:
         for rank, client in enumerate(clients, start=1):
             joins.create_task(
                 client.init_weights_update_group(
-                    MASTER_ADDRESS,
+                    master_address,
                     port,
                     rank_offset=rank,
                     world_size=world_size,
@@ -64,7 +66,7 @@ async def broadcast_group(clients: list[EngineClient], device) -> AsyncIterator[
                 )
             )
         group = await asyncio.to_thread(
-            init_weight_update_group, MASTER_ADDRESS, port, 0, world_size, backend, GROUP_NAME, GROUP_TIMEOUT_S
+            init_weight_update_group, master_address, port, 0, world_size, backend, GROUP_NAME, GROUP_TIMEOUT_S
         )
     log.info("weight broadcast group %s: %d engine(s) over %s on port %d", GROUP_NAME, len(clients), backend, port)
     try:
@@ -82,7 +84,7 @@ class SyncResult:
 
     seconds: float  # trainer state -> every engine serving it, the export included
     path: str  # the disk snapshot, or ""
-    export_s: float  # taking the host snapshot (disk) or gathering the tensors: the trainer waits for it
+    export_s: float  # taking the snapshot (disk) or gathering the tensors: the trainer waits for it
     write_s: float  # disk: writing the snapshot folder, beside training; 0 otherwise
     pause_s: float
     update_s: float
@@ -127,8 +129,9 @@ class SyncExport:
 
 
 async def export_weights(trainer, method: str, weights_dir: Path, tracer: Tracer | None = None) -> SyncExport:
-    """The trainer's weights in the form `method` sends. Once this returns, a disk export is a host
-    snapshot: the trainer may train on while it is written and the engines load it."""
+    """The trainer's weights in the form `method` sends. Once this returns, a disk export is a
+    snapshot (on the trainer's device or host): the trainer may train on while it is written and
+    the engines load it."""
     tracer = tracer or Tracer(None)
     started_wall, started = time.time(), time.perf_counter()
     with tracer.span("snapshot weights" if method == "disk" else "gather weights", SYNC_TRACK, version=trainer.version):

@@ -11,6 +11,7 @@ Sockets (both ROUTER, so every message gets its own reply):
   sample id. A reply lost in flight is re-sent from a cache when the client
   repeats the request id; if the buffer itself dies between commit and send,
   those samples are lost to training (counted as served), never duplicated.
+Off loopback both are CURVE servers: keys from --curve-secret, or the run's from the environment.
 """
 
 from __future__ import annotations
@@ -323,8 +324,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-staleness", type=int, default=4, help="standalone: the staleness ceiling")
     parser.add_argument("--bind-submit", default=DEFAULT_SUBMIT, help="ROUTER endpoint for trajectories")
     parser.add_argument("--bind-serve", default=DEFAULT_SERVE, help="ROUTER endpoint for batch/stats requests")
-    parser.add_argument("--curve-secret", type=Path, help="server .key_secret file: enables CURVE")
+    parser.add_argument(
+        "--curve-secret", type=Path, help="server .key_secret file: enables CURVE (else the run's keys from the env)"
+    )
     parser.add_argument("--curve-clients", type=Path, help="folder of authorized client .key files")
+
+
+def server_keys(args: argparse.Namespace) -> zmq_auth.CurveServer | None:
+    """--curve-secret (with --curve-clients) when given, else the run's keys from the environment
+    (RunKeys.server_env). The flags win: a standalone buffer's key files are never replaced by an
+    environment it happened to inherit."""
+    if args.curve_secret:
+        return zmq_auth.load_server(args.curve_secret, args.curve_clients)
+    return zmq_auth.server_keys_from_env()
 
 
 def service_from_args(args: argparse.Namespace) -> BufferService:
@@ -342,14 +354,13 @@ def service_from_args(args: argparse.Namespace) -> BufferService:
         except msgspec.ValidationError as exc:
             raise ConfigError(f"--set: {exc}") from None
         directory, max_staleness = args.dir, args.max_staleness
-    curve = zmq_auth.load_server(args.curve_secret, args.curve_clients) if args.curve_secret else None
     return BufferService(
         config,
         directory=directory,
         submit=args.bind_submit,
         serve=args.bind_serve,
         max_staleness=max_staleness,
-        curve=curve,
+        curve=server_keys(args),
     )
 
 
@@ -366,13 +377,11 @@ async def _serve_until_signalled(service: BufferService) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from async_rl.config import ConfigError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stacks.install("buffer")
     try:
         service = service_from_args(args)
-    except ConfigError as exc:
+    except ValueError as exc:  # a ConfigError, or CURVE keys in the environment that cannot be used
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
+import yaml
+
+from async_rl.private_files import write_private
 
 
 class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -49,8 +53,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def engine_command(spec: EngineSpec, port: int, python: str = sys.executable) -> list[str]:
-    """The argv that starts `spec` listening on `port`."""
+def engine_command(
+    spec: EngineSpec, port: int, python: str = sys.executable, secrets_dir: Path | None = None
+) -> list[str]:
+    """The argv that starts `spec` listening on `port`. An API key is written to a private options
+    file in `secrets_dir` (both engines read SGLang's --config), never onto the command line."""
     if spec.kind == "sglang":
         argv = [
             python,
@@ -82,7 +89,10 @@ def engine_command(spec: EngineSpec, port: int, python: str = sys.executable) ->
         if spec.device is not None:
             argv += ["--device", spec.device]
     if spec.api_key:
-        argv += ["--api-key", spec.api_key]
+        if secrets_dir is None:
+            raise ValueError("an engine with an API key needs secrets_dir: the key never goes on the command line")
+        options = yaml.safe_dump({"api-key": spec.api_key}).encode()
+        argv += ["--config", str(write_private(secrets_dir / f"engine-{port}.yaml", options))]
     return argv + list(spec.extra_args)
 
 
@@ -131,6 +141,7 @@ class EngineProcess:
         self.env = env
         self.stop_grace_s = stop_grace_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._secrets_dir: str | None = None  # a private folder for the options file, while it runs
 
     @property
     def url(self) -> str:
@@ -154,9 +165,13 @@ class EngineProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **engine_env(self.spec), **(self.env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
+        self._secrets_dir = tempfile.mkdtemp(prefix="async-rl-engine-") if self.spec.api_key else None
+        command = engine_command(
+            self.spec, self.port, secrets_dir=Path(self._secrets_dir) if self._secrets_dir else None
+        )
         with open(self.log_path, "wb") as log_file:
             self._process = subprocess.Popen(
-                engine_command(self.spec, self.port),
+                command,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -225,6 +240,8 @@ class EngineProcess:
                 process.wait()
         # Children the engine spawned (SGLang's scheduler/detokenizer) may outlive it.
         self._signal_group(process, signal.SIGKILL)
+        if self._secrets_dir is not None:
+            shutil.rmtree(self._secrets_dir, ignore_errors=True)
         return process.returncode
 
     @staticmethod

@@ -11,6 +11,9 @@ flight, a group that can no longer meet eta is dropped at once and counted as wa
 
     python -m rollout_workers.worker --config RUN_DIR/config.json --model-dir DIR \
         --engines URL,URL --submit E --versions E [--serve E] [--start-version T]
+
+With the run's client keys in its environment (zmq_auth.RunKeys.client_env) every socket it opens
+(submit, serve, versions) is a CURVE client.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import msgspec
 
-from async_rl import stacks
+from async_rl import stacks, zmq_auth
 from async_rl.config import RunConfig, read_run_config
 from async_rl.messages import Trajectory
 from async_rl.supervisor import RESTARTS_ENV
@@ -124,10 +127,17 @@ class EnginePool:
 
 class RolloutWorker:
     def __init__(
-        self, config: RunConfig, model_dir: Path, engine_urls: list[str], start_version: int, worker_index: int = 0
+        self,
+        config: RunConfig,
+        model_dir: Path,
+        engine_urls: list[str],
+        start_version: int,
+        worker_index: int = 0,
+        curve: zmq_auth.CurveClient | None = None,
     ):
         self.config = config
         self.index = worker_index
+        self.curve = curve  # for every socket to the buffer and the trainer
         # Group ids are the prompt's place in this worker's task stream (the same on every start):
         # a restarted worker asks the buffer which it has, and generates the others (run()).
         self.restarts = int(os.environ.get(RESTARTS_ENV, "0"))
@@ -192,7 +202,7 @@ class RolloutWorker:
         """Resume from what the buffer holds of this worker's groups: its admission counts every sample
         trained or waiting, its prompt stream skips the groups done and generates the rest again (one
         in flight at a crash, or with only some members stored, whose stored members are deduplicated)."""
-        async with BufferClient(serve) as buffer:
+        async with BufferClient(serve, curve=self.curve) as buffer:
             recovery = await buffer.recover_worker(f"w{self.index}-", self.config.rollout.group_size)
         self.admission = AdmissionController.from_counts(
             self.admission.config, self.admission.batch_size, version=version, accepted=recovery.accepted_samples
@@ -214,18 +224,18 @@ class RolloutWorker:
         return (self.config.staleness.eta + 1) * self.share
 
     async def run(self, submit: str, versions: str, serve: str | None = None) -> None:
-        subscriber = VersionSubscriber(versions)
+        subscriber = VersionSubscriber(versions, curve=self.curve)
         try:
             await wait_until_healthy(self.pool.clients, self.config.engine.start_timeout_s)
             version = await self._trainer_version(subscriber) if self.restarts else self.admission.version
             if serve is not None:
                 await self._recover(serve, version)
             async with contextlib.AsyncExitStack() as stack:
-                self.sender = await stack.enter_async_context(TrajectorySender(submit))
+                self.sender = await stack.enter_async_context(TrajectorySender(submit, curve=self.curve))
                 if self.april:
                     if serve is None:
                         raise ValueError("april.enabled needs the buffer's serve endpoint (--serve)")
-                    self.buffer = await stack.enter_async_context(BufferClient(serve))
+                    self.buffer = await stack.enter_async_context(BufferClient(serve, curve=self.curve))
                 self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
                 self._tasks.create_task(self._follow_versions(subscriber))
                 if self.april:
@@ -468,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stacks.install(f"worker{args.worker_index}")
     config = read_run_config(args.config)
-    worker = RolloutWorker(config, args.model_dir, args.engines.split(","), args.start_version, args.worker_index)
+    curve = zmq_auth.client_keys_from_env()
+    engines = args.engines.split(",")
+    worker = RolloutWorker(config, args.model_dir, engines, args.start_version, args.worker_index, curve=curve)
     try:
         asyncio.run(_run_until_signalled(worker, args))
     except asyncio.CancelledError:

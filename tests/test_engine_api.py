@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -639,6 +640,7 @@ async def test_api_key_is_enforced_on_a_qwen2_engine(request, tmp_path):
     keyed = EngineUnderTest(request.config, tmp_path, model="tiny:qwen2", api_key="s3cret")
     try:
         url = keyed.ensure_running().url
+        assert b"s3cret" not in Path(f"/proc/{keyed.ensure_running().pid}/cmdline").read_bytes()  # noqa: ASYNC240 - world-readable
         async with (
             EngineClient(url) as anonymous,
             EngineClient(url, api_key="wrong") as wrong_key,

@@ -182,7 +182,7 @@ def test_tensors_travel_as_base64_safetensors_including_shared_storage():
         assert torch.equal(decoded[name], tensor)
 
 
-def test_sglang_command_line():
+def test_sglang_command_line_keeps_the_api_key_in_a_private_options_file(tmp_path):
     # SGLang cannot be installed on this CPU-only machine, so its launch is checked by argv only.
     spec = EngineSpec(
         kind="sglang",
@@ -190,7 +190,9 @@ def test_sglang_command_line():
         api_key="k",
         extra_args=["--mem-fraction-static", "0.7", "--enable-memory-saver"],
     )
-    assert engine_command(spec, 30001, python="/py") == [
+    secrets = tmp_path / "secrets"
+    options = secrets / "engine-30001.yaml"
+    assert engine_command(spec, 30001, python="/py", secrets_dir=secrets) == [
         "/py",
         "-m",
         "sglang.launch_server",
@@ -200,12 +202,17 @@ def test_sglang_command_line():
         "127.0.0.1",
         "--port",
         "30001",
-        "--api-key",
-        "k",
+        "--config",
+        str(options),
         "--mem-fraction-static",
         "0.7",
         "--enable-memory-saver",
     ]
+    # SGLang's --config: option names without dashes; readable by the owner alone.
+    assert options.read_text() == "api-key: k\n"
+    assert options.stat().st_mode & 0o777 == 0o600 and secrets.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(ValueError, match="secrets_dir"):
+        engine_command(spec, 30001)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -561,7 +562,29 @@ class EngineServer:
 # ---- command line ----
 
 
+class _OptionsFile(argparse.Action):
+    """SGLang's --config: a YAML file of options (e.g. `api-key: KEY`, kept off the world-readable
+    command line); options after it on the command line win."""
+
+    def __call__(self, parser, namespace, path, option_string=None) -> None:
+        import yaml
+
+        try:
+            options = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            parser.error(f"--config {path}: {exc}")
+        if not isinstance(options, dict):
+            parser.error(f"--config {path}: expected a mapping of option names to values")
+        known = {action.dest for action in parser._actions} - {"help", self.dest}
+        for key, value in options.items():
+            dest = str(key).replace("-", "_")
+            if dest not in known:
+                parser.error(f"--config {path}: unknown option {key!r}")
+            setattr(namespace, dest, value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", action=_OptionsFile, help="YAML file of options (SGLang's --config)")
     parser.add_argument(
         "--model",
         "--model-path",
@@ -607,7 +630,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     core.start()
-    server_args = {k: v for k, v in vars(args).items() if k != "api_key"} | {"model_path": str(path)}
+    server_args = {k: v for k, v in vars(args).items() if k not in ("api_key", "config")} | {"model_path": str(path)}
     server = EngineServer(
         core,
         model_path=str(path),
