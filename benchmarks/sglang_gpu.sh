@@ -8,7 +8,8 @@
 #   stage3 [.gpu/p2 .gpu/p3]: runs in every pause mode, trainer memory | stage4 [.gpu/p4]: SmolLM2 run,
 #   e2e async vs sync | april: APRIL vs async vs sync | bench: engine throughput, SGLang's hand-over
 #   intervals | perf512, perf2048 [perf512 carries .gpu/p2 .gpu/p3]: Qwen2-0.5B long tail, async vs
-#   sync | limits512: the saturated rates of perf512's async run | smolreward [.gpu/p4]: SmolLM2
+#   sync | limits512: the saturated rates of perf512's async run | snapshot512: the CUDA snapshot
+#   test, perf512 and limits512 in one command | smolreward [.gpu/p4]: SmolLM2
 #   reward vs wall-clock, async and sync | synccost: weight sync phases vs their bounds
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -50,6 +51,11 @@ qwen_long_tail() {  # max_new_tokens, steps, seconds, extra benchmark flags...
   timeout "$seconds" python3 benchmarks/e2e_async_vs_sync.py --pause-modes in_place --max-new-tokens "$tokens" --eta 2 \
     --steps "$steps" "${common[@]}" --set model.spec=qwen2-0.5b --set model.dtype=bfloat16 --set run.max_wall_s=900 \
     --keep $RUNS/qwen-$tokens "$@" 2>&1 | tee "$OUT/e2e-qwen-$tokens.txt" | tail -12
+}
+
+limits512() {  # seconds
+  timeout "$1" python3 benchmarks/saturation.py $RUNS/qwen-512/async-in_place --groups 80 --steps 9 2>&1 \
+    | tee "$OUT/limits-512.txt" | tail -6
 }
 
 case "${1:?stage}" in
@@ -99,8 +105,10 @@ case "${1:?stage}" in
     cp .gpu/p2/* .gpu/p3/* /tmp/parts/
     qwen_long_tail 512 10 560; pack perf512 ;;
   limits512)  # the saturated rates of perf512's async run (on the same warm machine)
-    timeout 560 python3 benchmarks/saturation.py $RUNS/qwen-512/async-in_place --groups 80 --steps 9 2>&1 \
-      | tee "$OUT/limits-512.txt" | tail -6 ;;
+    limits512 560 ;;
+  snapshot512)  # the device snapshot on CUDA (its test), then perf512 and its limits in one command
+    timeout 90 python3 -m pytest -m gpu tests/test_trainer_core.py -k disk_export -p no:cacheprovider -q 2>&1 | tail -2
+    qwen_long_tail 512 10 330; limits512 150; pack snapshot512 ;;
   perf2048)
     qwen_long_tail 2048 8 580; pack perf2048 ;;
   smolreward)

@@ -387,22 +387,25 @@ class Trainer:
             yield name, tensor if dtype is None else tensor.to(dtype)
 
     def export_weights(self, method: str, weights_dir: str | Path) -> WeightsExport | None:
-        """The weights the engines load next, in the form weight sync `method` sends: for disk a host
+        """The weights the engines load next, in the form weight sync `method` sends: for disk a
         snapshot of the state that training does not touch (write_export writes it to
         weights_dir/v{version}, beside the next step), whole tensors otherwise. A collective under
         FSDP: every rank calls it, rank 0 gets the export, the others None."""
         if method not in ("disk", "tensor", "distributed"):
             raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
         if method == "disk":
-            path, tensors = str(Path(weights_dir) / f"v{self.version}"), self._host_snapshot()
+            path, tensors = str(Path(weights_dir) / f"v{self.version}"), self._snapshot()
         else:
             path, tensors = "", dict(self.named_tensors())
         return WeightsExport(version=self.version, path=path, tensors=tensors) if self.rank == 0 else None
 
     def write_export(self, export: WeightsExport) -> Path:
-        """Write a disk export as the HF folder an engine loads (rank 0; safe while training goes on)."""
+        """Write a disk export as the HF folder an engine loads (rank 0; safe while training goes on:
+        a device snapshot comes to the host here, in the sync task's thread)."""
         path = Path(export.path)
-        self._replace_folder(path, export.tensors)
+        with torch.cuda.stream(self._copy_stream) if self.device.type == "cuda" else contextlib.nullcontext():
+            host = {name: tensor.cpu() for name, tensor in export.tensors.items()}  # beside the next step
+        self._replace_folder(path, host)
         return path
 
     def state_dict_for_sync(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -427,20 +430,46 @@ class Trainer:
         if old.exists():
             shutil.rmtree(old)
 
-    def _host_snapshot(self) -> dict[str, torch.Tensor]:
-        """The full state on the host, apart from the parameters the optimizer updates in place: off a
-        GPU the state dict's offload is already a copy, on the CPU it shares the parameters' memory."""
-        state = self._hf_state_dict()
-        return {k: v.clone() for k, v in state.items()} if self.device.type == "cpu" else state
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """The full state, apart from the parameters the optimizer updates in place, in the compute
+        dtype (the engines serve model.dtype: bfloat16 halves what is written and read). One rank
+        copies it where it lives: on CUDA a device copy ordered before the next step's kernels (the
+        trainer does not wait for the host crossing, write_export makes it); gathered FSDP shards
+        are already a host copy."""
+        if self.world_size > 1:
+            return self._hf_state_dict(self.compute_dtype)
+        state = self._own_state()
+        if self.device.type != "cuda":
+            return {name: t.detach().to(self.compute_dtype, copy=True) for name, t in state.items()}
+        # On a stream of its own, after the step that made the weights and before the next step's
+        # in-place update: GPU-side waits, the trainer never blocks; write_export's host crossing
+        # then runs on that stream beside the next step instead of behind it.
+        training, copies = torch.cuda.current_stream(self.device), self._copy_stream
+        copies.wait_stream(training)
+        with torch.cuda.stream(copies):
+            snapshot = {name: t.detach().to(self.compute_dtype, copy=True) for name, t in state.items()}
+        training.wait_stream(copies)
+        return snapshot
+
+    @functools.cached_property
+    def _copy_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream(self.device)
 
     def _hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Full state dict on rank 0 (empty elsewhere) without tied duplicates."""
+        """Full state dict on rank 0 (empty elsewhere) without tied duplicates, on the host."""
         # A model's state dict holds tensors only (the declared value type also covers optimizer states).
         state = cast(dict[str, torch.Tensor], get_model_state_dict(self.model, options=_FULL))
+        return {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in self._untied(state).items()}
+
+    def _own_state(self) -> dict[str, torch.Tensor]:
+        """One rank's state dict where it lives (its tensors are the parameters), without tied duplicates."""
+        return self._untied(self.model.state_dict())
+
+    def _untied(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         keep = {name for name, _ in self.model.named_parameters()} | {
             name for name, _ in self.model.named_buffers() if name in state
         }
-        return {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items() if k in keep}
+        return {k: v for k, v in state.items() if k in keep}
 
     def _write_hf_folder(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         from huggingface_hub import save_torch_state_dict
