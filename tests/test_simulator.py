@@ -9,6 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from staleness.experiments import scale
 from staleness.experiments.sim_calibrate import MeasuredRun, calibrate, prediction_error
 from staleness.experiments.simulator import LengthDist, SimConfig, SimParams, main, simulate, write_trace
 
@@ -31,10 +32,9 @@ def test_sync_one_engine_constant_lengths_matches_closed_form():
     assert result.max_staleness == 0 and result.tokens_wasted == 0
 
 
-@pytest.mark.parametrize("overhead", [0.0, 0.3])
-def test_async_with_bottleneck_trainer_runs_at_trainer_rate(overhead):
-    slow_trainer = msgspec.structs.replace(PARAMS, train_base=5.0, train_per_token=0.0, trainer_overhead=overhead)
-    config = SimConfig(
+def four_engine_config(**extra) -> SimConfig:
+    """Four engines, 16 samples per step of 20-200 tokens, eta 2: a trainer made slow is the bottleneck."""
+    return SimConfig(
         mode="async",
         n_engines=4,
         batch_groups=4,
@@ -42,7 +42,14 @@ def test_async_with_bottleneck_trainer_runs_at_trainer_rate(overhead):
         eta=2,
         steps=8,
         lengths=LengthDist(kind="uniform", low=20, high=200),
+        **extra,
     )
+
+
+@pytest.mark.parametrize("overhead", [0.0, 0.3])
+def test_async_with_bottleneck_trainer_runs_at_trainer_rate(overhead):
+    slow_trainer = msgspec.structs.replace(PARAMS, train_base=5.0, train_per_token=0.0, trainer_overhead=overhead)
+    config = four_engine_config()
     result = simulate(config, slow_trainer)
     assert result.steady_samples_per_s == pytest.approx(16 / (5.0 + PARAMS.sync_time + overhead), rel=1e-9)
     assert result.trainer_busy_fraction > 0.85
@@ -86,11 +93,9 @@ def test_april_beats_async_on_heavy_tails(eta):
     assert april.max_staleness <= eta
 
 
-@pytest.mark.parametrize("mode", ["sync", "async", "april"])
-@pytest.mark.parametrize("eta", [0, 1, 3])
-def test_staleness_never_exceeds_eta(mode, eta):
-    params = msgspec.structs.replace(PARAMS, decode_per_ctx_token=1e-7)
-    config = SimConfig(
+def heavy_tail_config(mode: str, eta: int, **extra) -> SimConfig:
+    """Five engines, a heavy tail up to 2,000 tokens: where staleness would break first."""
+    return SimConfig(
         mode=mode,
         n_engines=5,
         batch_groups=6,
@@ -102,8 +107,30 @@ def test_staleness_never_exceeds_eta(mode, eta):
         max_new_tokens=2000,
         lengths=HEAVY_TAIL,
         seed=eta,
+        **extra,
     )
-    result = simulate(config, params)
+
+
+def one_group_config(**extra) -> SimConfig:
+    """One engine, one single-sample group of 10 tokens per step, two steps: closed forms by hand."""
+    return SimConfig(
+        mode="async",
+        n_engines=1,
+        batch_groups=1,
+        group_size=1,
+        eta=1,
+        steps=2,
+        prompt_tokens=0,
+        lengths=LengthDist(value=10),
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "april"])
+@pytest.mark.parametrize("eta", [0, 1, 3])
+def test_staleness_never_exceeds_eta(mode, eta):
+    params = msgspec.structs.replace(PARAMS, decode_per_ctx_token=1e-7)
+    result = simulate(heavy_tail_config(mode, eta), params)
     bound = 0 if mode == "sync" else eta
     assert result.max_staleness <= bound
     assert all(step.max_staleness <= bound and step.samples == 24 for step in result.steps)
@@ -247,16 +274,7 @@ def test_colocated_engine_is_slowed_while_training_and_slows_training(slowdown, 
         engine_slowdown_training=slowdown,
         train_busy_engines=busy_cost,
     )
-    config = SimConfig(
-        mode="async",
-        n_engines=1,
-        batch_groups=1,
-        group_size=1,
-        eta=1,
-        steps=2,
-        prompt_tokens=0,
-        lengths=LengthDist(value=10),
-    )
+    config = one_group_config()
     result = simulate(config, params)
     assert result.makespan_s == pytest.approx(2.1 + busy_cost, rel=1e-12)
     assert result.engine_busy_fraction * result.makespan_s == pytest.approx(0.1 + 0.1 * (1 + slowdown), rel=1e-12)
@@ -433,3 +451,86 @@ def test_drops_that_keep_their_admission_budget_shrink_the_pipeline():
     kept = simulate(SimConfig(drops_free_admission=False, **common), PARAMS)
     assert returned.groups_dropped > kept.groups_dropped > 0
     assert kept.samples_per_s < 0.8 * returned.samples_per_s and kept.max_staleness <= 1
+
+
+@pytest.mark.parametrize(
+    "yield_, pause, makespan, busy", [(0.0, False, 2.1, 0.2), (4.0, False, 2.18, 0.2), (0.0, True, 2.1, 0.1)]
+)
+def test_colocated_trainer_yields_to_generating_engines_or_pauses_them(yield_, pause, makespan, busy):
+    # As above: step 1 trains from 1.1 while group 2 decodes [1.1, 1.2]. A yielding trainer does
+    # 0.1 / (1 + yield) of its 1 s then, the rest after; paused engines leave group 2 for later.
+    params = SimParams(
+        decode_base=0.01, decode_per_seq=0.0, train_base=1.0, sync_time=0.0, train_slowdown_generating=yield_
+    )
+    config = one_group_config(pause_engines_training=pause)
+    result = simulate(config, params)
+    assert result.makespan_s == pytest.approx(makespan, rel=1e-12)
+    assert result.engine_busy_fraction * result.makespan_s == pytest.approx(busy, rel=1e-12)
+    assert result.trainer_busy_fraction * result.makespan_s == pytest.approx(makespan - 0.1, rel=1e-12)
+
+
+@pytest.mark.parametrize("waits", [True, False])
+def test_export_blocks_the_trainer_and_the_engines_load_only_if_it_waits(waits):
+    params = msgspec.structs.replace(PARAMS, train_base=5.0, train_per_token=0.0, export_time=0.4)
+    config = four_engine_config(trainer_waits_for_sync=waits)
+    period = 5.0 + 0.4 + (PARAMS.sync_time if waits else 0.0)
+    assert simulate(config, params).steady_samples_per_s == pytest.approx(16 / period, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "april"])
+def test_a_trainer_ahead_of_a_long_load_keeps_the_bound(mode):
+    # Loads longer than train steps: the trainer runs a step ahead of the engines' version.
+    params = msgspec.structs.replace(
+        PARAMS, sync_time=0.8, export_time=0.1, train_base=0.3, train_slowdown_generating=2
+    )
+    for eta in (0, 1, 3):
+        result = simulate(heavy_tail_config(mode, eta, trainer_waits_for_sync=False), params)
+        assert result.max_staleness <= (0 if mode == "sync" else eta)
+        assert all(later.train_start_s >= earlier.train_end_s for earlier, later in zip(result.steps, result.steps[1:]))
+
+
+# --- the scale model (staleness.experiments.scale) ------------------------------------------------
+
+SMALL = scale.ScaleModel(slice_engines=4, steps=6)
+
+
+def test_scale_calibration_reproduces_the_h200_async_to_sync_ratio():
+    rep = scale.reproduce_h200()
+    assert rep.measured_ratio == pytest.approx(36.6 / 22.0)
+    assert rep.predicted_ratio == pytest.approx(rep.measured_ratio, rel=0.25)
+    assert rep.predicted_sync == pytest.approx(rep.measured_sync, rel=0.25)
+    assert rep.predicted_async == pytest.approx(rep.measured_async, rel=0.25)
+
+
+def test_more_engine_gpus_never_lower_the_engine_side_capacity():
+    capacities = [scale.engine_capacity(n, model=SMALL) for n in (1, 2, 4, 8, 64, 4096)]
+    assert capacities == sorted(capacities)
+    assert capacities[-1] == pytest.approx(capacities[-2] * 64, rel=1e-9)  # the slice, scaled
+    assert scale.engine_capacity(8, gpus_per_engine=2, model=SMALL) >= scale.engine_capacity(4, model=SMALL)
+
+
+@pytest.mark.parametrize("placement", scale.PLACEMENTS, ids=lambda p: p.label)
+def test_per_gpu_throughput_does_not_grow_from_64_to_4096_gpus(placement):
+    for mode in ("sync", "async"):
+        small, large = (scale.predict(n, placement, mode, 2, SMALL) for n in (64, 4096))
+        assert large.samples_per_s_per_gpu <= small.samples_per_s_per_gpu
+        assert large.samples_per_s > 60 * small.samples_per_s
+        assert 0 < large.engine_busy <= 1 and 0 <= large.trainer_idle < 1
+
+
+def test_a_slice_of_engines_stands_for_all_of_them():
+    placement = scale.PLACEMENTS[3]  # disagg 3:1: 24 engines on 32 GPUs
+    for mode in ("sync", "async"):
+        sliced = scale.predict(32, placement, mode, 2, SMALL)
+        exact = scale.predict(32, placement, mode, 2, msgspec.structs.replace(SMALL, slice_engines=24))
+        assert (sliced.simulated_engines, exact.simulated_engines) == (4, 24)
+        assert sliced.samples_per_s == pytest.approx(exact.samples_per_s, rel=0.05)
+
+
+def test_placements_split_the_gpus_or_say_why_not():
+    assert scale.PLACEMENTS[0].split(64) == (64, 64)
+    assert scale.PLACEMENTS[4].split(64) == (56, 8)
+    with pytest.raises(ValueError, match="do not split 3:1"):
+        scale.PLACEMENTS[3].split(10)
+    with pytest.raises(ValueError, match="gpus_per_engine"):
+        scale.Placement(kind="colocated", gpus_per_engine=3).split(64)

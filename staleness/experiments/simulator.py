@@ -19,16 +19,25 @@ The model, in the terms of ARCHITECTURE.md:
   engine version when it first joined a batch (its oldest token); its staleness
   at trainer step t is t - version, and nothing with staleness > eta is trained.
 - The trainer takes the B oldest complete groups, trains for
-  `train_base + train_per_token * (prompt + response tokens)`, then publishes:
-  engines are interrupted (the decode step in progress is lost), paused for
-  `sync_time` (the trainer is blocked too) and, with `recompute_kv_on_sync`,
-  re-prefill the contexts they hold, as AReaL's interruptible sync does.
+  `train_base + train_per_token * (prompt + response tokens)`, spends `export_time`
+  handing the weights over (a snapshot written to disk, say: the engines keep generating
+  on the old ones), then publishes: engines are interrupted (the decode step in progress
+  is lost), paused for `sync_time` and, with `recompute_kv_on_sync`, re-prefill the
+  contexts they hold, as AReaL's interruptible sync does. The trainer waits for the
+  engines' sync (it takes part in an NCCL broadcast) unless `trainer_waits_for_sync` is
+  off: then it trains its next step while they load (this project's disk sync), and
+  that step's own sync waits for this one, so it is never more than one step ahead.
 - Colocation. When the trainer and the engines share compute (one GPU, or a few CPU
   cores under every process of the run), each slows the other: engine work runs
   `1 + engine_slowdown_training` times slower while a train step runs (segments in
   flight are stretched from that moment on), and a train step takes
   `train_busy_engines` seconds longer times the fraction of engines with sequences
-  running when it starts. Both are 0 for dedicated devices.
+  running when it starts; the rest of a train step runs `1 + train_slowdown_generating`
+  times slower whenever any engine generates (data-parallel ranks, each beside an
+  engine, wait for the slowest; on one H200 the trainer yields the GPU to SGLang).
+  All are 0 for dedicated devices. With `pause_engines_training` the GPUs are
+  time-sliced explicitly instead: engines stop (the decode step in progress is lost)
+  while a train step runs and resume after it.
 - Hand-offs. A complete group reaches the trainer `group_latency` after its last
   sample ends (reward, transport, buffer, batch decode), admission sees a new version
   `admission_latency` after its weights are published (notice, worker wake-up), and
@@ -124,8 +133,10 @@ class SimParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     train_base: float = 1.0
     train_per_token: float = 0.0
     sync_time: float = 0.5
+    export_time: float = 0.0
     engine_slowdown_training: float = 0.0
     train_busy_engines: float = 0.0
+    train_slowdown_generating: float = 0.0
     group_latency: float = 0.0
     admission_latency: float = 0.0
     trainer_overhead: float = 0.0
@@ -155,6 +166,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     # AReaL admission hands a dropped group's budget back to the workers; False models a system that
     # does not (every stale drop then shrinks the pipeline for good). Async mode only.
     drops_free_admission: bool = True
+    # False: the trainer starts its next step while the engines load (see the module docstring).
+    trainer_waits_for_sync: bool = True
+    pause_engines_training: bool = False  # colocated, explicitly time-sliced (see the module docstring)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -308,7 +322,7 @@ class _Engine:
         return k
 
 
-_ENGINE, _TRAIN_DONE, _SYNC_DONE, _GROUP_READY, _VERSION_SEEN, _TRAINER_FREE = range(6)
+_ENGINE, _TRAIN_DONE, _SYNC_DONE, _GROUP_READY, _VERSION_SEEN, _TRAINER_FREE, _EXPORT_DONE = range(7)
 
 
 def _running_engines(groups: list[_Group]) -> set[_Engine]:
@@ -353,13 +367,24 @@ class _Simulation:
         self.parked: list[_Group] = []  # APRIL: retracted tail waiting for round `round_close` to launch
         self.steps: list[StepRecord] = []
         self.current_step: tuple[int, float, int, int, float, int] | None = None
+        # Trained steps not yet published, as (step, start, train end, samples, tokens, mean and max staleness).
+        self.unpublished: deque[tuple[int, float, float, int, int, float, int]] = deque()
+        self.exported = 0  # of them, how many have their weights ready for the engines
+        self.syncing = False
+        self.training = False
+        self.generating = 0  # engines with a decode segment planned
+        # A train step slowed while engines generate: its epoch, alone-seconds of work left at `train_mark`, its end.
+        self.train_epoch = 0
+        self.train_left = 0.0
+        self.train_mark = 0.0
+        self.train_slow = False
+        self.train_end_at = 0.0
         self.staleness_sum = 0
         self.staleness_max = 0
         self.tokens_generated = 0
         self.tokens_trained = 0
         self.tokens_recycled = 0
         self.tokens_wasted = 0
-        self.train_end = 0.0
         self.done_at: float | None = None
 
     # --- event loop ---------------------------------------------------------
@@ -378,6 +403,8 @@ class _Simulation:
                     continue
                 self.on_engine_event(engine, now)
             elif kind == _TRAIN_DONE:
+                if epoch != self.train_epoch:
+                    continue
                 self.on_train_done(now)
             elif kind == _SYNC_DONE:
                 self.end_sync(now, paused=True)
@@ -385,6 +412,8 @@ class _Simulation:
                 self.group_ready(cast(_Group, ref), now)
             elif kind == _TRAINER_FREE:
                 self.trainer_busy = False
+            elif kind == _EXPORT_DONE:
+                self.on_export_done(now)
             else:
                 self.admit_version = max(self.admit_version, cast(int, ref))
             self.settle(now)
@@ -396,6 +425,7 @@ class _Simulation:
         """Everything that may follow any event: close/open rounds, admit, hand out work, train.
 
         Training starts last so that it sees which engines have work (colocation costs)."""
+        self.drop_untrainable(now)
         if self.cfg.mode == "april":
             self.april_rounds(now)
         if self.cfg.mode != "april":
@@ -407,6 +437,7 @@ class _Simulation:
             if engine.seg_end is None and not engine.paused:
                 self.plan(engine, now)
         self.try_train(now)
+        self.retime_training(now)
 
     # --- engines ------------------------------------------------------------
 
@@ -446,6 +477,8 @@ class _Simulation:
         self.schedule(e, e.seg_start + e.decode_time(e.seg_k))
 
     def schedule(self, e: _Engine, at: float) -> None:
+        if e.seg_end is None:
+            self.generating += 1
         e.seg_end = at
         e.epoch += 1
         self.push(at, _ENGINE, e, e.epoch)
@@ -484,6 +517,7 @@ class _Simulation:
             self.spans.append(EngineSpan(e.eid, e.t0, now, e.running))
         e.t0 = now
         e.seg_end = None
+        self.generating -= 1
         e.epoch += 1
         self.collect_finished(e, now)
 
@@ -658,6 +692,16 @@ class _Simulation:
 
     # --- trainer ------------------------------------------------------------
 
+    def drop_untrainable(self, now: float) -> None:
+        """Buffered groups too stale for the trainer's next step: only a trainer that runs ahead of
+        the engines' version (`trainer_waits_for_sync` off) meets them before a publish drops them."""
+        if self.trainer_busy:
+            return
+        stale = []
+        while self.buffer and self.buffer[0][0] < self.train_started - self.eta:
+            stale.append(heapq.heappop(self.buffer)[2])
+        self.drop_groups(stale, now)
+
     def try_train(self, now: float) -> None:
         cfg = self.cfg
         if self.trainer_busy or self.train_started >= cfg.steps or len(self.buffer) < cfg.batch_groups:
@@ -676,37 +720,95 @@ class _Simulation:
         busy_engines = sum(e.running > 0 for e in self.engines) / cfg.n_engines if self.p.train_busy_engines else 0.0
         duration = self.p.train_base + self.p.train_per_token * tokens + self.p.train_busy_engines * busy_engines
         self.train_time += duration
-        self.trainer_busy = True
+        self.trainer_busy = self.training = True
         self.train_started += 1
         self.current_step = (step, now, len(samples), tokens, sum(staleness) / len(samples), max(staleness))
-        self.push(now + duration, _TRAIN_DONE)
+        if self.cfg.pause_engines_training:
+            self.pause_engines(now)
+        self.train_left, self.train_mark, self.train_slow = duration, now, self.generating > 0
+        self.train_end_at = self.time_training(now)
+        self.train_time += self.train_end_at - (now + duration)  # 0 unless engines slow it from the start
         if self.p.engine_slowdown_training:
             self.set_slowdown(1.0 + self.p.engine_slowdown_training, now)
 
-    def on_train_done(self, now: float) -> None:
-        self.train_end = now
-        self.set_slowdown(1.0, now)
-        if self.p.sync_time == 0:
-            self.end_sync(now, paused=False)
+    def time_training(self, now: float) -> float:
+        """(Re)schedule the train step's end from the work it has left and whether engines generate."""
+        end = now + self.train_left * (1.0 + self.p.train_slowdown_generating if self.train_slow else 1.0)
+        self.train_epoch += 1
+        self.push(end, _TRAIN_DONE, None, self.train_epoch)
+        return end
+
+    def retime_training(self, now: float) -> None:
+        """A train step slowed by generating engines speeds up when they all stop, and the other way round."""
+        if not (self.training and self.p.train_slowdown_generating) or (self.generating > 0) == self.train_slow:
             return
+        rate = 1.0 / (1.0 + self.p.train_slowdown_generating) if self.train_slow else 1.0
+        self.train_left -= (now - self.train_mark) * rate
+        self.train_mark, self.train_slow = now, not self.train_slow
+        end = self.time_training(now)
+        self.train_time += end - self.train_end_at
+        self.train_end_at = end
+
+    def pause_engines(self, now: float) -> None:
         for e in self.engines:
             self.interrupt(e, now)
             e.paused = True
         self.free.clear()
-        self.push(now + self.p.sync_time, _SYNC_DONE)
 
-    def end_sync(self, now: float, *, paused: bool) -> None:
+    def resume_engines(self) -> None:
+        for e in self.engines:
+            e.paused = False
+            e.kv_recompute = self.cfg.recompute_kv_on_sync and e.running > 0
+            self.refresh_free(e)
+            self.needs_plan.append(e)
+
+    def on_train_done(self, now: float) -> None:
         assert self.current_step is not None
         step, start, n, tokens, mean_st, max_st = self.current_step
-        self.steps.append(StepRecord(step, start, self.train_end, now, n, tokens, mean_st, max_st))
-        if len(self.steps) == self.cfg.steps:
-            self.done_at = now
+        self.unpublished.append((step, start, now, n, tokens, mean_st, max_st))
+        self.training = False
+        self.set_slowdown(1.0, now)
+        if self.cfg.pause_engines_training and not self.syncing:
+            self.resume_engines()
+        if self.p.export_time:
+            self.push(now + self.p.export_time, _EXPORT_DONE)
+        else:
+            self.on_export_done(now)
+
+    def on_export_done(self, now: float) -> None:
+        self.exported += 1
+        self.start_sync(now)
+
+    def start_sync(self, now: float) -> None:
+        """The engines take the oldest exported weights, once no other sync is in progress."""
+        if self.syncing or not self.exported:
             return
-        self.version += 1
+        self.exported -= 1
+        if not self.cfg.trainer_waits_for_sync:
+            self.release_trainer(now)
+        if self.p.sync_time == 0:
+            self.end_sync(now, paused=False)
+            return
+        self.syncing = True
+        self.pause_engines(now)
+        self.push(now + self.p.sync_time, _SYNC_DONE)
+
+    def release_trainer(self, now: float) -> None:
         if self.p.trainer_overhead:
             self.push(now + self.p.trainer_overhead, _TRAINER_FREE)
         else:
             self.trainer_busy = False
+
+    def end_sync(self, now: float, *, paused: bool) -> None:
+        self.syncing = False
+        step, start, train_end, n, tokens, mean_st, max_st = self.unpublished.popleft()
+        self.steps.append(StepRecord(step, start, train_end, now, n, tokens, mean_st, max_st))
+        if len(self.steps) == self.cfg.steps:
+            self.done_at = now
+            return
+        self.version += 1
+        if self.cfg.trainer_waits_for_sync:
+            self.release_trainer(now)
         if self.p.admission_latency:
             self.push(now + self.p.admission_latency, _VERSION_SEEN, self.version)
         else:
@@ -716,12 +818,9 @@ class _Simulation:
         while self.buffer and self.buffer[0][0] < threshold:
             stale.append(heapq.heappop(self.buffer)[2])
         self.drop_groups(stale, now)
-        if paused:
-            for e in self.engines:
-                e.paused = False
-                e.kv_recompute = self.cfg.recompute_kv_on_sync and e.running > 0
-                self.refresh_free(e)
-                self.needs_plan.append(e)
+        if paused and not (self.training and self.cfg.pause_engines_training):
+            self.resume_engines()
+        self.start_sync(now)  # the next step's weights, if they were exported during this sync
 
     def result(self) -> SimResult:
         cfg = self.cfg
