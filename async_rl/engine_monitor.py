@@ -12,22 +12,28 @@ start-up is not a hang).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from pathlib import Path
 
 from async_rl.config import EngineConfig
 from rollout_workers.client import EngineClient, EngineClientError, EngineConnectionError
+from rollout_workers.engine_registry import follow_moved
 
 log = logging.getLogger("engine_monitor")
 
 
-async def monitor_engines(config: EngineConfig, urls: list[str], kill) -> None:
-    """Runs until cancelled; `kill(name)` is the supervisor's."""
-    clients = [EngineClient(url, api_key=config.api_key, read_retries=0) for url in urls]
+async def monitor_engines(config: EngineConfig, urls: list[str], kill, run_dir: Path) -> None:
+    """Runs until cancelled; `kill(name)` is the supervisor's. An engine restarted elsewhere is
+    followed through the run's engine registry."""
+    new_client = functools.partial(EngineClient, api_key=config.api_key, read_retries=0)
+    clients = [new_client(url) for url in urls]
     missed = [0] * len(urls)
     watched = [True] * len(urls)  # False from a kill until the restarted engine first answers
     try:
         while True:
             await asyncio.sleep(config.health_interval_s)
+            await follow_moved(clients, run_dir, new_client)
             answers = await asyncio.gather(*(_answers(client, config.health_timeout_s) for client in clients))
             for i, answer in enumerate(answers):
                 if answer == "ok":
@@ -40,7 +46,7 @@ async def monitor_engines(config: EngineConfig, urls: list[str], kill) -> None:
                 missed[i] += 1
                 if missed[i] >= config.health_failures:
                     print(
-                        f"engine{i} ({urls[i]}) missed {missed[i]} /health_generate deadlines of "
+                        f"engine{i} ({clients[i].url}) missed {missed[i]} /health_generate deadlines of "
                         f"{config.health_timeout_s:g} s: killing it to restart it",
                         flush=True,
                     )

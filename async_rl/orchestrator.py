@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from async_rl import stacks
 from async_rl.config import ConfigError, RunConfig, import_function, load_config
 
 if TYPE_CHECKING:
+    from async_rl.supervisor import ProcessSpec
     from rollout_workers.launcher import EngineSpec
 
 
@@ -264,6 +266,9 @@ class LocalPlacement:
 
         return free_port(self.address(name))
 
+    async def moved(self, name: str) -> bool:
+        return False  # a child restarts where it ran
+
     def close(self) -> None:
         pass
 
@@ -281,8 +286,7 @@ async def _placement(config: RunConfig, ray_address: str | None, run_dir: Path) 
         for shared in {run_dir, Path.cwd(), config.output_path(config.weight_sync.dir, "weights")}:
             shared.mkdir(parents=True, exist_ok=True)
             await placement.check_shared(shared)
-        nodes = await placement.node_ids()
-        print("placement", "  ".join(f"{name}@{node}" for name, node in nodes.items()), flush=True)
+        print("placement", "  ".join(f"{name}@{node}" for name, node in placement.nodes.items()), flush=True)
         yield placement
     finally:
         placement.close()
@@ -329,6 +333,7 @@ async def _run_placed(
     from async_rl.prometheus import RunCollector
     from async_rl.supervisor import ProcessSpec, RestartPolicy, RunEnded, Supervisor
     from async_rl.zmq_auth import RunKeys
+    from rollout_workers.engine_registry import write_engine_urls
     from rollout_workers.launcher import engine_command, engine_env
     from rollout_workers.rollout_metrics import METRICS_NAME as ROLLOUT_METRICS_NAME
 
@@ -369,20 +374,76 @@ async def _run_placed(
             cwd=cwd,
         )
 
-    def engine_restart(i: int, port: int) -> Callable[[], ProcessSpec]:
-        """A restarted engine starts from the newest weights on disk, at their version."""
-        return lambda: engine_process(i, port, *_pinned_newest_weights(config, model_dir, f"engine{i}"))
+    def engine_restart(i: int, port: int) -> Callable[[], Awaitable[ProcessSpec]]:
+        """A restarted engine starts from the newest weights on disk, at their version; one that Ray
+        re-placed on another node listens on a port free there, which the registry tells the others."""
+
+        async def respec() -> ProcessSpec:
+            nonlocal port
+            if await placement.moved(f"engine{i}"):
+                port = await placement.free_port(f"engine{i}")
+                engine_urls[i] = f"http://{placement.address(f'engine{i}')}:{port}"
+                write_engine_urls(run_dir, engine_urls)
+            return engine_process(i, port, *_pinned_newest_weights(config, model_dir, f"engine{i}"))
+
+        return respec
 
     engine_names = [f"engine{i}" for i in range(config.engine.count)]
     engine_ports = [await placement.free_port(name) for name in engine_names]
     engine_urls = [f"http://{placement.address(name)}:{port}" for name, port in zip(engine_names, engine_ports)]
+    write_engine_urls(run_dir, engine_urls)
 
     async def endpoint(name: str) -> str:
         return f"tcp://{placement.address(name)}:{await placement.free_port(name)}"
 
     submit, serve, versions = await endpoint("buffer"), await endpoint("buffer"), await endpoint("trainer")
     engines = ",".join(engine_urls)
-    common = ["--config", str(config_path), "--model-dir", str(model_dir), "--engines", engines]
+
+    def common() -> list[str]:  # the engines where they listen now (a restart follows a moved engine)
+        return ["--config", str(config_path), "--model-dir", str(model_dir), "--engines", ",".join(engine_urls)]
+
+    def trainer_process() -> ProcessSpec:
+        return ProcessSpec(
+            name="trainer",
+            finishes_run=True,
+            env=env | server_env | client_env,  # it publishes versions and asks the buffer
+            cwd=cwd,
+            restart=restart,  # it resumes from its latest checkpoint; the workers follow
+            argv=[
+                *_trainer_launcher(python, config.trainer.processes),
+                *common(),
+                "--serve",
+                serve,
+                "--versions",
+                versions,
+            ],
+        )
+
+    def worker_process(w: int) -> ProcessSpec:
+        return ProcessSpec(
+            name=f"worker{w}",
+            env=env | client_env,
+            cwd=cwd,
+            stop_early=True,
+            restart=restart,  # it aligns to the trainer's version at start
+            argv=[
+                python,
+                "-m",
+                "rollout_workers.worker",
+                *common(),
+                "--submit",
+                submit,
+                "--versions",
+                versions,
+                "--serve",
+                serve,
+                "--start-version",
+                str(start_version),
+                "--worker-index",
+                str(w),
+            ],
+        )
+
     cwd = str(Path.cwd())  # relative paths of the recipe resolve alike on every node
 
     print(
@@ -421,49 +482,9 @@ async def _run_placed(
                     ],
                 )
             )
-            await supervisor.start(
-                ProcessSpec(
-                    name="trainer",
-                    finishes_run=True,
-                    env=env | server_env | client_env,  # it publishes versions and asks the buffer
-                    cwd=cwd,
-                    restart=restart,  # it resumes from its latest checkpoint; the workers follow
-                    argv=[
-                        *_trainer_launcher(python, config.trainer.processes),
-                        *common,
-                        "--serve",
-                        serve,
-                        "--versions",
-                        versions,
-                    ],
-                )
-            )
+            await supervisor.start(trainer_process(), rebuilt(trainer_process))
             for w in range(config.rollout.workers):
-                await supervisor.start(
-                    ProcessSpec(
-                        name=f"worker{w}",
-                        env=env | client_env,
-                        cwd=cwd,
-                        stop_early=True,
-                        restart=restart,  # it aligns to the trainer's version at start
-                        argv=[
-                            python,
-                            "-m",
-                            "rollout_workers.worker",
-                            *common,
-                            "--submit",
-                            submit,
-                            "--versions",
-                            versions,
-                            "--serve",
-                            serve,
-                            "--start-version",
-                            str(start_version),
-                            "--worker-index",
-                            str(w),
-                        ],
-                    )
-                )
+                await supervisor.start(worker_process(w), rebuilt(functools.partial(worker_process, w)))
             await supervisor.guard(
                 _wait_ready(
                     engine_urls, config.engine.api_key, serve, curve, run_dir / "logs", config.engine.start_timeout_s
@@ -488,7 +509,8 @@ async def _run_placed(
                 if config.run.prometheus:
                     following.append(asyncio.create_task(collector.poll_buffer(serve, curve)))
                 if config.engine.health_failures and engine_restart_policy.max_restarts:
-                    following.append(asyncio.create_task(monitor_engines(config.engine, engine_urls, supervisor.kill)))
+                    monitor = monitor_engines(config.engine, engine_urls, supervisor.kill, run_dir)
+                    following.append(asyncio.create_task(monitor))
                 try:
                     outcome = await _wait_unless_hung(supervisor, config, stacks_dir)
                 finally:
@@ -595,6 +617,15 @@ def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
     else:
         args += ["--random-seed", str(seed)]
     return args + list(config.engine.extra_args)
+
+
+def rebuilt(build: Callable[[], ProcessSpec]) -> Callable[[], Awaitable[ProcessSpec]]:
+    """A restart's spec built anew: with the engines where they listen now."""
+
+    async def respec() -> ProcessSpec:
+        return build()
+
+    return respec
 
 
 async def _wait_ready(

@@ -127,7 +127,8 @@ class RayPlacement:
         self.groups = groups
         self.ready_timeout_s = ready_timeout_s
         self.hosts = {name: self._new_host(name, bundle) for name, bundle in bundles.items()}
-        self.addresses: dict[str, str] = {}
+        self.addresses: dict[str, str] = {}  # where each component binds: its host's node address
+        self.nodes: dict[str, str] = {}  # and that node's Ray id
 
     @classmethod
     async def create(cls, config: RunConfig, address: str) -> RayPlacement:
@@ -148,9 +149,9 @@ class RayPlacement:
                 f"wanted {wanted}, available {ray.available_resources()}"
             ) from None
         placement = cls(bundles, groups, timeout)
-        placement.addresses = dict(
-            zip(bundles, await asyncio.gather(*(h.address.remote() for h in placement.hosts.values())))
-        )
+        hosts = placement.hosts.values()
+        placement.addresses = dict(zip(bundles, await asyncio.gather(*(h.address.remote() for h in hosts))))
+        placement.nodes = dict(zip(bundles, await asyncio.gather(*(h.node_id.remote() for h in hosts))))
         return placement
 
     def _new_host(self, name: str, bundle: Bundle) -> Any:
@@ -181,8 +182,16 @@ class RayPlacement:
     def address(self, name: str) -> str:
         return self.addresses[name]
 
-    async def node_ids(self) -> dict[str, str]:
-        return dict(zip(self.hosts, await asyncio.gather(*(h.node_id.remote() for h in self.hosts.values()))))
+    async def moved(self, name: str) -> bool:
+        """Whether Ray brought the host back on another node (its bundle re-placed); the new node's
+        address is `address(name)` from then on."""
+        host = self.hosts[name]
+        address = await self._await_host(name, host)
+        node = await host.node_id.remote()
+        if node == self.nodes[name]:
+            return False
+        self.nodes[name], self.addresses[name] = node, address
+        return True
 
     async def free_port(self, name: str) -> int:
         return await self.hosts[name].free_port.remote()
@@ -190,7 +199,7 @@ class RayPlacement:
     async def spawn(self, spec: ProcessSpec, log_path: Path, restarts: int) -> RayProcess:
         host = self.hosts[spec.name]
         address = await self._await_host(spec.name, host)
-        if address != self.addresses[spec.name]:
+        if address != self.addresses[spec.name]:  # an engine's respec follows a move; no other component can
             raise RuntimeError(
                 f"{spec.name} was re-placed on another node ({self.addresses[spec.name]} -> {address}); "
                 f"its peers know it by its first address"

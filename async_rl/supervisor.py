@@ -178,7 +178,7 @@ class _Child:
         self.stopping = False  # set when the supervisor itself asked it to stop
         self.restarts = 0  # in all: restarted processes are told their number (fresh ids, seeds)
         self.restarted_at: deque[float] = deque()  # monotonic times of the restarts in the window
-        self.respec: Callable[[], ProcessSpec] | None = None
+        self.respec: Callable[[], Awaitable[ProcessSpec]] | None = None
 
     def recent_restarts(self) -> int:
         """Restarts within the spec's window: a component that fails once a day lives for ever."""
@@ -248,7 +248,7 @@ class Supervisor:
         """None while running; negative: killed by that signal."""
         return {name: child.process.returncode for name, child in self._children.items()}
 
-    async def start(self, spec: ProcessSpec, respec: Callable[[], ProcessSpec] | None = None) -> int:
+    async def start(self, spec: ProcessSpec, respec: Callable[[], Awaitable[ProcessSpec]] | None = None) -> int:
         """Start one child (its output to `log_dir/NAME.log`) and watch it; returns its pid.
 
         `respec` gives the command of a restart where it must differ from the first start
@@ -357,7 +357,7 @@ class Supervisor:
         if child.stopping or (self._ended is not None and self._ended.done()):
             return
         if child.respec is not None:
-            child.spec = child.respec()
+            child.spec = await child.respec()
         child.process = await self.spawn(child.spec, child.log_path, child.restarts)
         if self.on_restart is not None:
             await self.on_restart(child.spec.name, exit_)

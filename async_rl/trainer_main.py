@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
 from async_rl.weight_sync import broadcast_group, export_weights, load_weights
 from rollout_workers.client import EngineClient, wait_until_healthy
+from rollout_workers.engine_registry import follow_moved
 
 log = logging.getLogger("trainer")
 BATCH_WAIT_S = 30.0
@@ -227,7 +229,8 @@ async def lead(
 
     run_dir = Path(config.run.output_dir)
     weights_dir = config.output_path(config.weight_sync.dir, "weights")
-    clients = [EngineClient(url, api_key=config.engine.api_key) for url in engine_urls]
+    new_client = functools.partial(EngineClient, api_key=config.engine.api_key)
+    clients = [new_client(url) for url in engine_urls]  # by engine index: one that moved is replaced
     publisher = VersionPublisher(versions, curve=curve_server)
     sink = MetricsSink(
         run_dir, wandb=config.run.wandb, wandb_project=config.run.wandb_project, config=msgspec.to_builtins(config)
@@ -249,14 +252,17 @@ async def lead(
     trained_log = TrainedLog(run_dir / TRAINED_NAME)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            await wait_until_healthy(clients, config.engine.start_timeout_s)
+            follow = functools.partial(follow_moved, clients, run_dir, new_client)  # an engine restarted elsewhere
+            await wait_until_healthy(clients, config.engine.start_timeout_s, before_each=follow)
             buffer = await stack.enter_async_context(BufferClient(serve, curve=curve_client))
             group = None
             if method == "distributed":
                 group = await stack.enter_async_context(broadcast_group(clients, trainer.device))
 
-            def load_into_engines(export):
-                return load_weights(
+            async def load_into_engines(export):
+                if method != "distributed":  # a broadcast group's engines are never restarted
+                    await follow()
+                return await load_weights(
                     export,
                     clients,
                     method,

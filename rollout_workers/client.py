@@ -14,7 +14,7 @@ import base64
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import aiohttp
@@ -782,18 +782,27 @@ class EngineClient:
         return True
 
 
-async def wait_until_healthy(clients: Sequence[EngineClient], timeout_s: float, poll_interval_s: float = 0.2) -> None:
+async def wait_until_healthy(
+    clients: Sequence[EngineClient],
+    timeout_s: float,
+    poll_interval_s: float = 0.2,
+    before_each: Callable[[], Awaitable[object]] | None = None,
+) -> None:
     """Until every engine answers /health. Components start beside their engines and wait here,
-    so their own start-up overlaps the engines'; EngineTimeoutError names the ones still silent."""
+    so their own start-up overlaps the engines'; EngineTimeoutError names the ones still silent.
+    `before_each` runs before every round of probes (it may replace clients in the list: an engine
+    that moved)."""
     deadline = time.monotonic() + timeout_s
-    pending = list(clients)
+    pending = list(range(len(clients)))
     while True:
-        healthy = await asyncio.gather(*(client.is_healthy(timeout_s=2.0) for client in pending))
-        pending = [client for client, ok in zip(pending, healthy) if not ok]
+        if before_each is not None:
+            await before_each()
+        healthy = await asyncio.gather(*(clients[i].is_healthy(timeout_s=2.0) for i in pending))
+        pending = [i for i, ok in zip(pending, healthy) if not ok]
         if not pending:
             return
         if time.monotonic() >= deadline:
-            raise EngineTimeoutError(f"/health of {', '.join(client.url for client in pending)}", timeout_s)
+            raise EngineTimeoutError(f"/health of {', '.join(clients[i].url for i in pending)}", timeout_s)
         await asyncio.sleep(poll_interval_s)
 
 

@@ -42,6 +42,7 @@ from async_rl.transport import BufferClient, TrajectorySender, VersionSubscriber
 from rollout_workers.april import AprilController, AprilPlan
 from rollout_workers.client import EngineClient, EngineClientError, EngineConnectionError, wait_until_healthy
 from rollout_workers.engine.model import vocab_size_of
+from rollout_workers.engine_registry import follow_moved
 from rollout_workers.generate import GenerationAborted, RolloutPlugins, Sample, encode_prompt, load_tokenizer
 from rollout_workers.group import MAX_BACKOFF_S, GroupRollout, drive, stop_group
 from rollout_workers.reward import Reward
@@ -71,8 +72,12 @@ class EnginePool:
 
     REPROBE_S = 0.5
 
-    def __init__(self, urls: list[str], api_key: str | None = None, vocab_size: int | None = None):
-        self.clients = [EngineClient(url, api_key=api_key, vocab_size=vocab_size) for url in urls]
+    def __init__(
+        self, urls: list[str], api_key: str | None = None, vocab_size: int | None = None, run_dir: Path | None = None
+    ):
+        self._new_client = lambda url: EngineClient(url, api_key=api_key, vocab_size=vocab_size)  # noqa: E731
+        self.clients = [self._new_client(url) for url in urls]
+        self.run_dir = run_dir  # where the run's engine registry says where a restarted engine listens
         self.load = [0] * len(urls)
         self.down: set[int] = set()
         self.version = 0  # the trainer's newest announced version
@@ -101,10 +106,18 @@ class EnginePool:
         self.down.add(engine)
         self._probes[engine] = asyncio.create_task(self._await_up(engine), name=f"probe-engine-{engine}")
 
+    async def follow(self) -> list[int]:
+        """Replace the clients of engines the run's registry puts elsewhere now; their indices."""
+        moved = await follow_moved(self.clients, self.run_dir, self._new_client) if self.run_dir else []
+        for engine in moved:
+            log.info("engine %d moved to %s", engine, self.clients[engine].url)
+        return moved
+
     async def _await_up(self, engine: int) -> None:
-        client = self.clients[engine]
         while True:
             await asyncio.sleep(self.REPROBE_S)
+            await self.follow()
+            client = self.clients[engine]
             if not await client.is_healthy():
                 continue
             try:
@@ -145,7 +158,9 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(model_dir)
         self.plugins = RolloutPlugins.from_config(config.rollout)
         self.reward = Reward.from_spec(config.rollout.reward, config.rollout.reward_timeout_s)
-        self.pool = EnginePool(engine_urls, config.engine.api_key, vocab_size_of(model_dir))
+        self.pool = EnginePool(
+            engine_urls, config.engine.api_key, vocab_size_of(model_dir), run_dir=Path(config.run.output_dir)
+        )
         self.pool.note_version(start_version)  # engines start at the trainer's version
         self.april = config.april.enabled  # the config refuses APRIL with a custom generate function
         # Each of W workers owns 1/W of every batch, so together they keep the global bound.
@@ -226,7 +241,9 @@ class RolloutWorker:
     async def run(self, submit: str, versions: str, serve: str | None = None) -> None:
         subscriber = VersionSubscriber(versions, curve=self.curve)
         try:
-            await wait_until_healthy(self.pool.clients, self.config.engine.start_timeout_s)
+            await wait_until_healthy(
+                self.pool.clients, self.config.engine.start_timeout_s, before_each=self.pool.follow
+            )
             version = await self._trainer_version(subscriber) if self.restarts else self.admission.version
             if serve is not None:
                 await self._recover(serve, version)
