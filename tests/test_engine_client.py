@@ -321,3 +321,18 @@ async def test_reads_are_retried_on_503_and_writes_are_not():
     assert calls == {"/get_model_info": 1, "/get_weight_version": 3, "/pause_generation": 1}
     assert refused.value.status == 503 and refused.value.message == "warming up"
     assert refused.value.endpoint == "/pause_generation"
+
+
+async def test_the_registry_replaces_only_the_clients_of_engines_that_moved(tmp_path):
+    from rollout_workers.engine_registry import follow_moved, read_engine_urls, write_engine_urls
+
+    assert read_engine_urls(tmp_path) is None
+    clients = [EngineClient("http://10.0.0.1:1"), EngineClient("http://10.0.0.2:2")]
+    kept = clients[0]
+    assert await follow_moved(clients, tmp_path, EngineClient) == []  # no registry: nothing moves
+    write_engine_urls(tmp_path, ["http://10.0.0.1:1", "http://10.0.0.3:3"])
+    assert await follow_moved(clients, tmp_path, EngineClient) == [1]
+    assert clients[0] is kept and clients[1].url == "http://10.0.0.3:3"
+    assert await follow_moved(clients, tmp_path, EngineClient) == []
+    write_engine_urls(tmp_path, ["http://10.0.0.1:1"])  # another run's shape: never half-applied
+    assert await follow_moved(clients, tmp_path, EngineClient) == []
