@@ -190,6 +190,18 @@ def test_tiny_recipe_learns_across_nodes_and_outsiders_cannot_submit(cluster, tm
     assert all(path.stat().st_mode & 0o077 == 0 for path in (tmp_path / "secrets").iterdir())
 
 
+def test_distributed_weight_sync_broadcasts_across_nodes(cluster, tmp_path):
+    """gloo from trainer rank 0, whose node hosts the group's store, to engines on both nodes."""
+    process = start_ray_run(cluster, tmp_path, "trainer.total_steps=8", "weight_sync.method=distributed")
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-4000:]
+    placement = placement_of(output)
+    assert placement["engine0"] != placement["engine1"]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(r["weight_sync/engines_missed"] == 0 for r in records)
+
+
 def test_killing_the_actors_of_one_node_mid_run_is_survived(cluster, tmp_path):
     steps = 40
     process = start_ray_run(cluster, tmp_path, f"trainer.total_steps={steps}", "run.restart_backoff_s=0.2")
