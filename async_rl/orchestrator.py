@@ -340,6 +340,7 @@ async def _run_placed(
     run_dir = config_path.parent
     python = sys.executable  # installed at the same path on every node of a cluster
     secrets_dir = run_dir / "secrets"
+    cwd = str(Path.cwd())  # relative paths of the recipe resolve alike on every node
     # Beyond loopback every ZMQ socket is CURVE-secured, with keys of this run handed over in the
     # children's environment (never argv or a file); the engines' API key is in config.json (0600).
     keys = RunKeys.generate() if not isinstance(placement, LocalPlacement) else None
@@ -444,8 +445,6 @@ async def _run_placed(
             ],
         )
 
-    cwd = str(Path.cwd())  # relative paths of the recipe resolve alike on every node
-
     print(
         f"run dir {run_dir}  model {model_dir}  engines {engines}  buffer {submit}  start version {start_version}",
         flush=True,
@@ -484,7 +483,9 @@ async def _run_placed(
             )
             await supervisor.start(trainer_process(), rebuilt(trainer_process))
             for w in range(config.rollout.workers):
-                await supervisor.start(worker_process(w), rebuilt(functools.partial(worker_process, w)))
+                # A worker binds nothing: wherever Ray re-places it, it connects to the others.
+                moves = functools.partial(placement.moved, f"worker{w}")
+                await supervisor.start(worker_process(w), rebuilt(functools.partial(worker_process, w), moves))
             await supervisor.guard(
                 _wait_ready(
                     engine_urls, config.engine.api_key, serve, curve, run_dir / "logs", config.engine.start_timeout_s
@@ -619,10 +620,15 @@ def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
     return args + list(config.engine.extra_args)
 
 
-def rebuilt(build: Callable[[], ProcessSpec]) -> Callable[[], Awaitable[ProcessSpec]]:
-    """A restart's spec built anew: with the engines where they listen now."""
+def rebuilt(
+    build: Callable[[], ProcessSpec], follow: Callable[[], Awaitable[bool]] | None = None
+) -> Callable[[], Awaitable[ProcessSpec]]:
+    """A restart's spec built anew, with the engines where they listen now; `follow` first accepts
+    a move of the component itself (one that binds nothing may run anywhere)."""
 
     async def respec() -> ProcessSpec:
+        if follow is not None:
+            await follow()
         return build()
 
     return respec

@@ -8,8 +8,10 @@ are the local runner's code. A host that dies (killed, its node lost) is brought
 (max_restarts) in its bundle, which Ray re-places on another node when its node is gone and the
 resources allow; the supervisor then starts the component in it again.
 
-Every endpoint binds to its node's address, never 0.0.0.0; the orchestrator secures them
-(CURVE keys and an engine API key generated per run, handed over in each child's environment).
+Every endpoint binds to its node's address, never 0.0.0.0; the orchestrator secures them with
+CURVE keys generated per run (in each child's environment) and an engine API key (in owner-only
+files). An engine or a worker that Ray re-places on another node follows it (`moved`); the buffer
+and the trainer, which others know by their address, end the run if they land elsewhere.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ class RayPlacement:
     async def spawn(self, spec: ProcessSpec, log_path: Path, restarts: int) -> RayProcess:
         host = self.hosts[spec.name]
         address = await self._await_host(spec.name, host)
-        if address != self.addresses[spec.name]:  # an engine's respec follows a move; no other component can
+        if address != self.addresses[spec.name]:  # a respec that follows moves ran moved() first
             raise RuntimeError(
                 f"{spec.name} was re-placed on another node ({self.addresses[spec.name]} -> {address}); "
                 f"its peers know it by its first address"
