@@ -280,10 +280,14 @@ async def lead(
                 await publisher.publish(WeightsPublished(version=trainer.version, method=method))
             last = time.perf_counter()
 
-            async def publish(step, batch: BatchResponse, export, dropped_now: dict[str, int]) -> None:
+            async def publish(step, batch: BatchResponse, export, dropped_now: dict[str, int], after) -> None:
                 """The engines load the step's weights, then its notice goes out and its metrics line is
-                written: meanwhile the trainer waits for the next batch (and with disk sync trains on it)."""
+                written: meanwhile the trainer waits for the next batch (and with disk sync trains on it).
+                Versions load in order: after `after`, the previous version's publish (its folder, with
+                disk sync, is written meanwhile)."""
                 nonlocal last
+                if after is not None:
+                    await after
                 sync = await load_into_engines(export)
                 await publisher.publish(
                     WeightsPublished(
@@ -312,6 +316,7 @@ async def lead(
 
             async with asyncio.TaskGroup() as background:
                 publishing: asyncio.Task | None = None
+                writing: asyncio.Task | None = None  # disk: the newest snapshot's folder being written
 
                 async def published() -> None:
                     """The newest step's notice is out (versions go out in order, one sync at a time)."""
@@ -348,14 +353,18 @@ async def lead(
                                     dropped_batches,
                                     exc,
                                 )
-                    await published()
+                    if method != "disk" or step is None:
+                        await published()
+                    elif writing is not None:  # one snapshot written at a time; the engines may still load the last
+                        await writing
                     if step is None:
                         await publisher.publish(
                             WeightsPublished(version=trainer.version, method=method, dropped_groups=dict(dropped))
                         )
                         continue
                     export = await export_weights(trainer, method, weights_dir, tracer)
-                    publishing = background.create_task(publish(step, batch, export, dict(dropped)))
+                    writing = export.written
+                    publishing = background.create_task(publish(step, batch, export, dict(dropped), publishing))
                     dropped.clear()
                     trained_log.write(step.version - 1, restarts, batch.trajectories)
                     if not checkpoints:

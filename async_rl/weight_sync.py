@@ -121,23 +121,34 @@ async def sync_weights(
 
 @dataclasses.dataclass(frozen=True)
 class SyncExport:
-    weights: WeightsExport  # tensor, distributed: the live parameters (do not train meanwhile)
+    weights: WeightsExport  # tensor, distributed: the live parameters (do not train meanwhile); disk: no tensors
     seconds: float  # the export itself
     started: float  # perf_counter and wall clock at its start: a sync lasts from there to the last engine
     started_wall: float
-    write: Callable[[], object] | None  # disk: writes the snapshot folder (load_weights calls it)
+    written: asyncio.Task[float] | None  # disk: writing the snapshot folder (its seconds), begun at export
 
 
 async def export_weights(trainer, method: str, weights_dir: Path, tracer: Tracer | None = None) -> SyncExport:
     """The trainer's weights in the form `method` sends. Once this returns, a disk export is a
-    snapshot (on the trainer's device or host): the trainer may train on while it is written and
-    the engines load it."""
+    snapshot (on the trainer's device or host) whose folder is being written: the trainer may train
+    on meanwhile, and the engines load it once written (load_weights waits for that). The snapshot's
+    tensors are let go once written, so only a write in flight holds one."""
     tracer = tracer or Tracer(None)
     started_wall, started = time.time(), time.perf_counter()
     with tracer.span("snapshot weights" if method == "disk" else "gather weights", SYNC_TRACK, version=trainer.version):
         export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
-    write = functools.partial(trainer.write_export, export) if method == "disk" else None
-    return SyncExport(export, time.perf_counter() - started, started, started_wall, write)
+    written = None
+    if method == "disk":
+        written = asyncio.create_task(_write(functools.partial(trainer.write_export, export), export.version, tracer))
+        export = export._replace(tensors={})
+    return SyncExport(export, time.perf_counter() - started, started, started_wall, written)
+
+
+async def _write(write: Callable[[], object], version: int, tracer: Tracer) -> float:
+    seconds = {"write snapshot": 0.0}
+    with _phase(tracer, "write snapshot", SYNC_TRACK, seconds, version=version):
+        await asyncio.to_thread(write)
+    return seconds["write snapshot"]
 
 
 async def load_weights(
@@ -151,7 +162,7 @@ async def load_weights(
     *,
     timeout_s: float | None = None,
 ) -> SyncResult:
-    """Write a disk export's folder, then pause (pause_mode) -> update -> continue on every engine at once.
+    """Once a disk export's folder is written, pause (pause_mode) -> update -> continue on every engine at once.
 
     `group` is the open broadcast_group, required by method distributed. Updates never ask the engine
     to flush its cache: SGLang asserts that a flush after an update succeeds, and with requests paused
@@ -167,10 +178,7 @@ async def load_weights(
     """
     tracer = tracer or Tracer(None)
     version, path, tensors = export.weights
-    written = {"write snapshot": 0.0}
-    if export.write is not None:
-        with _phase(tracer, "write snapshot", SYNC_TRACK, written, version=version):
-            await asyncio.to_thread(export.write)
+    write_s = await export.written if export.written is not None else 0.0
     send = None
     if method == "disk":
         update = lambda client: client.update_weights_from_disk(  # noqa: E731
@@ -247,7 +255,7 @@ async def load_weights(
         seconds=elapsed,
         path=path,
         export_s=export.seconds,
-        write_s=written["write snapshot"],
+        write_s=write_s,
         pause_s=slowest["pause"],
         update_s=slowest["update"],
         continue_s=slowest["continue"],
