@@ -75,7 +75,10 @@ class MetricsSink:
         if self._events is not None:
             self._events.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            wandb.teardown()  # stops W&B's service: its log is whole on disk once the sink is closed
 
     def __enter__(self) -> MetricsSink:
         return self
