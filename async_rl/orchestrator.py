@@ -398,7 +398,6 @@ async def _run_placed(
         return f"tcp://{placement.address(name)}:{await placement.free_port(name)}"
 
     submit, serve, versions = await endpoint("buffer"), await endpoint("buffer"), await endpoint("trainer")
-    engines = ",".join(engine_urls)
 
     def common() -> list[str]:  # the engines where they listen now (a restart follows a moved engine)
         return ["--config", str(config_path), "--model-dir", str(model_dir), "--engines", ",".join(engine_urls)]
@@ -446,7 +445,8 @@ async def _run_placed(
         )
 
     print(
-        f"run dir {run_dir}  model {model_dir}  engines {engines}  buffer {submit}  start version {start_version}",
+        f"run dir {run_dir}  model {model_dir}  engines {','.join(engine_urls)}  buffer {submit}  "
+        f"start version {start_version}",
         flush=True,
     )
     collector = RunCollector()

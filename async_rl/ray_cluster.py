@@ -96,13 +96,14 @@ class RayProcess:
         self.host = host
         self.pid = pid
         self.returncode: int | None = None
+        self._host_alive = True
         self._exit = asyncio.ensure_future(self._await_exit())
 
     async def _await_exit(self) -> int:
         try:
             code = await self.host.wait.remote(self.pid)
         except ray.exceptions.RayActorError:  # the host died (killed, node lost): so did its child
-            code = -signal.SIGKILL
+            code, self._host_alive = -signal.SIGKILL, False
         self.returncode = code
         return code
 
@@ -110,7 +111,8 @@ class RayProcess:
         return await asyncio.shield(self._exit)
 
     def signal_group(self, sig: signal.Signals) -> None:
-        if self.returncode is None:
+        """Also after the child exited, as locally: what it spawned may still be in its group."""
+        if self._host_alive:
             self.host.signal_group.remote(self.pid, int(sig))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -75,7 +76,7 @@ class EnginePool:
     def __init__(
         self, urls: list[str], api_key: str | None = None, vocab_size: int | None = None, run_dir: Path | None = None
     ):
-        self._new_client = lambda url: EngineClient(url, api_key=api_key, vocab_size=vocab_size)  # noqa: E731
+        self._new_client = functools.partial(EngineClient, api_key=api_key, vocab_size=vocab_size)
         self.clients = [self._new_client(url) for url in urls]
         self.run_dir = run_dir  # where the run's engine registry says where a restarted engine listens
         self.load = [0] * len(urls)
