@@ -9,7 +9,7 @@
 #   e2e async vs sync | april: APRIL vs async vs sync | bench: engine throughput, SGLang's hand-over
 #   intervals | perf512, perf2048 [perf512 carries .gpu/p2 .gpu/p3]: Qwen2-0.5B long tail, async vs
 #   sync | limits512: the saturated rates of perf512's async run | snapshot512: the CUDA snapshot
-#   test, perf512 and limits512 in one command | smolreward [.gpu/p4]: SmolLM2
+#   test and perf512 in one command | smolreward [.gpu/p4]: SmolLM2
 #   reward vs wall-clock, async and sync | synccost: weight sync phases vs their bounds
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -106,9 +106,10 @@ case "${1:?stage}" in
     qwen_long_tail 512 10 560; pack perf512 ;;
   limits512)  # the saturated rates of perf512's async run (on the same warm machine)
     limits512 560 ;;
-  snapshot512)  # the device snapshot on CUDA (its test), then perf512 and its limits in one command
-    timeout 90 python3 -m pytest -m gpu tests/test_trainer_core.py -k disk_export -p no:cacheprovider -q 2>&1 | tail -2
-    qwen_long_tail 512 10 330; limits512 150; pack snapshot512 ;;
+  snapshot512)  # the device snapshot on CUDA (its test), then perf512 (limits512 next, on the same machine)
+    cp .gpu/p2/* .gpu/p3/* /tmp/parts/
+    timeout 60 python3 -m pytest -m gpu tests/test_trainer_core.py -k disk_export -p no:cacheprovider -q 2>&1 | tail -2
+    qwen_long_tail 512 10 530; pack snapshot512 ;;
   perf2048)
     qwen_long_tail 2048 8 580; pack perf2048 ;;
   smolreward)
