@@ -119,6 +119,15 @@ def check_supported(config: RunConfig, on_cluster: bool = False) -> None:
         _check_cluster_devices(config)
     else:
         _check_broadcast_devices(config)
+    if config.trainer.backend == "megatron":
+        from async_rl.trainer.config import megatron_unavailable
+
+        trainer_device = config.trainer.device or config.model.device
+        problem = megatron_unavailable(
+            trainer_device if on_cluster else _device(trainer_device), check_cuda=not on_cluster
+        )
+        if problem:
+            raise ConfigError(problem)
 
 
 def _check_cluster_devices(config: RunConfig) -> None:

@@ -147,9 +147,9 @@ async def train(
     """One trainer process, or one rank of several under torchrun (trainer.processes > 1, FSDP2):
     rank 0 leads (buffer, engines, metrics, versions) and hands each batch to the other ranks.
     `curve_server` secures the versions PUB it binds, `curve_client` its buffer connection."""
-    from async_rl.trainer.trainer import Trainer
+    from async_rl.trainer.trainer import trainer_class
 
-    trainer = Trainer.resume_or_new(config.trainer, trainer_context(config, model_dir))
+    trainer = trainer_class(config.trainer).resume_or_new(config.trainer, trainer_context(config, model_dir))
     if trainer.rank == 0:
         await lead(trainer, config, engine_urls, serve, versions, curve_server, curve_client)
     else:

@@ -118,6 +118,7 @@ class _WireMetaInfo(msgspec.Struct, kw_only=True):
     completion_tokens: int = 0
     cached_tokens: int = 0
     output_token_logprobs: list[tuple[float | None, int, str | None]] | None = None
+    input_token_logprobs: list[tuple[float | None, int, str | None]] | None = None
     weight_version: str | int | None = None
     output_token_weight_versions: list[str | int] | None = None
     e2e_latency: float | None = None
@@ -506,6 +507,17 @@ class EngineClient:
         floor = await self._floor_before_request()
         body = await self._post("/generate", payload, timeout_s)
         return self._result(_decode(body, _WireGenerate, "/generate"), floor)
+
+    async def prompt_logprobs(self, input_ids: Sequence[int], timeout_s: float | None = None) -> list[float]:
+        """log p(token i | tokens < i) for i = 1 .. len - 1 under the engine's weights: what a trainer
+        recomputes for the same tokens (one token is generated, as SGLang needs, and ignored)."""
+        extra = {"logprob_start_len": 0}
+        payload = self._generate_payload(input_ids, None, {"max_new_tokens": 1}, True, None, False, extra)
+        meta = _decode(await self._post("/generate", payload, timeout_s), _WireGenerate, "/generate").meta_info
+        triples = meta.input_token_logprobs or []
+        if len(triples) != len(input_ids) or any(logprob is None for logprob, _, _ in triples[1:]):
+            raise EngineProtocolError(f"/generate gave {len(triples)} input logprobs for {len(input_ids)} tokens")
+        return [float(logprob) for logprob, _, _ in triples[1:]]  # type: ignore[arg-type]
 
     async def generate_batch(
         self,

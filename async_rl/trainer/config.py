@@ -7,6 +7,7 @@ staleness bound from [staleness], the rollout temperature). Torch-free: config l
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 import msgspec
@@ -48,6 +49,36 @@ class LossConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         check_field(self.is_cap >= 1, "is_cap", self.is_cap, ">= 1")
         check_field(self.adv_eps >= 0, "adv_eps", self.adv_eps, ">= 0")
         check_field(self.kl_coef >= 0, "kl_coef", self.kl_coef, ">= 0")
+
+
+class MegatronConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """[trainer.megatron] Parallelism of the megatron-core backend (trainer.backend = "megatron")."""
+
+    tensor_parallel: int = 1
+    """Ranks each layer is split over (divides trainer.processes; the rest is data parallel)."""
+    distributed_optimizer: bool = True
+    """Shard the optimizer state and float32 master weights over data-parallel ranks (ZeRO-1)."""
+
+    def __post_init__(self) -> None:
+        check_field(self.tensor_parallel >= 1, "tensor_parallel", self.tensor_parallel, ">= 1")
+
+
+def megatron_unavailable(device: str, *, check_cuda: bool) -> str | None:
+    """Why the megatron backend cannot run on `device` here, or None (megatron-core's layers need
+    CUDA); check_cuda=False where the trainer runs elsewhere (on a Ray node) and "auto" may be a GPU."""
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        return "trainer.backend = 'megatron' needs megatron-core: pip install 'async-rl[megatron]'"
+    if device == "cpu" or (check_cuda and not (device.startswith("cuda") and _cuda_available())):
+        return (
+            f"trainer.backend = 'megatron' needs a CUDA device (megatron-core runs on GPUs); the trainer's is {device}"
+        )
+    return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -99,6 +130,11 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     processes: int = 1
     """Data-parallel ranks (FSDP2, one per GPU; cpu uses gloo) launched under torchrun; rank 0 talks to
     the buffer and the engines."""
+    backend: Literal["torch", "megatron"] = "torch"
+    """torch: the HF model (FSDP2 across processes) | megatron: megatron-core's GPTModel built from the HF
+    config (tensor and data parallel; needs CUDA and megatron-core); both train with the same losses."""
+    megatron: MegatronConfig = msgspec.field(default_factory=MegatronConfig)
+    """[trainer.megatron]."""
     loss: LossConfig = msgspec.field(default_factory=LossConfig)
     """[trainer.loss]."""
 
@@ -110,6 +146,18 @@ class TrainerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
             "device",
             self.device,
             "cuda, cpu or auto when processes > 1 (rank r takes cuda:r)",
+        )
+        check_field(
+            self.processes % self.megatron.tensor_parallel == 0,
+            "processes",
+            self.processes,
+            f"a multiple of megatron.tensor_parallel ({self.megatron.tensor_parallel})",
+        )
+        check_field(
+            self.backend == "megatron" or self.megatron == MegatronConfig(),
+            "megatron",
+            self.megatron,
+            'left at its defaults unless backend = "megatron"',
         )
         check_field(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, ">= 1")
         check_field(self.lr >= 0, "lr", self.lr, ">= 0")

@@ -17,7 +17,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, cast
 
@@ -97,19 +97,8 @@ def token_logprobs(
 
     def logprobs_head(hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        flat_targets = targets.reshape(-1)
-        n = flat.shape[0]
-        step = chunk_tokens if 0 < chunk_tokens < n else n
-        run = (
-            _chunk_logprobs
-            if step == n
-            else functools.partial(recompute_in_backward, _chunk_logprobs, use_reentrant=False)
-        )
-        parts = [
-            run(flat[i : i + step], flat_targets[i : i + step], head.weight, head.bias, temperature)
-            for i in range(0, n, step)
-        ]
-        return torch.cat(parts).view(targets.shape)
+        per_chunk = functools.partial(_chunk_logprobs, weight=head.weight, bias=head.bias, temperature=temperature)
+        return chunked_logprobs(flat, targets.reshape(-1), chunk_tokens, per_chunk).view(targets.shape)
 
     head.forward = logprobs_head  # an instance attribute, deleted below
     try:
@@ -118,13 +107,36 @@ def token_logprobs(
         del head.forward
 
 
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    per_chunk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """per_chunk(hidden rows, their targets) -> their logprobs, over `chunk_tokens` rows at a time
+    (recomputed in backward); chunk_tokens 0 = all rows at once."""
+    n = hidden.shape[0]
+    step = chunk_tokens if 0 < chunk_tokens < n else n
+    run = per_chunk if step == n else functools.partial(recompute_in_backward, per_chunk, use_reentrant=False)
+    return torch.cat([run(hidden[i : i + step], targets[i : i + step]) for i in range(0, n, step)])
+
+
 def _chunk_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+    hidden: torch.Tensor, targets: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
     if temperature != 1.0:
         logits = logits / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def trainer_class(config: TrainerConfig) -> type[Trainer]:
+    """The trainer of `config.backend` (megatron-core is imported only when asked for)."""
+    if config.backend == "megatron":
+        from async_rl.trainer.megatron_trainer import MegatronTrainer
+
+        return MegatronTrainer
+    return Trainer
 
 
 def load_model(path: str | Path, device: torch.device) -> PreTrainedModel:
@@ -158,9 +170,14 @@ class Trainer:
         self.config = config
         self.context = context
         self.rank, self.world_size, self.device = init_distributed(context.device)
-        _seed_everything(config.seed + self.rank)
+        # Data parallelism: ranks that train on different rows (all of them here; megatron's
+        # tensor-parallel ranks share rows), reducing over `dp_group` (None: every rank).
+        self.dp_rank, self.dp_size, self.dp_group = self.rank, self.world_size, None
+        seed_everything(config.seed + self.rank)
         self.weights_path = Path(weights_from or context.model_path)
         self.model = load_model(self.weights_path, self.device)
+        self.hf_config = self.model.config
+        self.generation_config = getattr(self.model, "generation_config", None)
         self.vocab_size = int(self.model.config.vocab_size)
         if config.gradient_checkpointing:  # renamed in transformers 5.x; the old name still works
             enable = (
@@ -241,9 +258,9 @@ class Trainer:
                 skip_reasons.append(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}")
         self.version += 1
 
-        sums = all_reduce_sum(sums)
-        if dist.is_initialized() and self.world_size > 1:
-            dist.all_reduce(is_weight_max, op=dist.ReduceOp.MAX)
+        sums = all_reduce_sum(sums, self.dp_group)
+        if dist.is_initialized() and self.dp_size > 1:
+            dist.all_reduce(is_weight_max, op=dist.ReduceOp.MAX, group=self.dp_group)
         elapsed = time.perf_counter() - started
         tokens = max(float(sums[-1]), 1.0)
         metrics = {name: float(sums[i]) / tokens for i, name in enumerate(_TOKEN_SUMS)}
@@ -293,14 +310,7 @@ class Trainer:
         is_weight_max = torch.zeros((), dtype=torch.float32, device=self.device)
         for micro, weight in self._microbatches_of_this_rank(rows, batch.lengths):
             part = batch.rows(micro)
-            with self._autocast():
-                cur = token_logprobs(
-                    self.model,
-                    part.input_ids,
-                    part.attention_mask,
-                    self.context.logprob_temperature,
-                    self.config.logprob_chunk_tokens,
-                )
+            cur = self._token_logprobs(self.model, part)
             token_loss, diagnostics = policy_token_loss(
                 cur,
                 part.behav,
@@ -312,19 +322,35 @@ class Trainer:
             loss = aggregate_loss(
                 token_loss, part.loss_mask, loss_config.aggregation, num_tokens=num_tokens, num_seqs=num_seqs
             )
-            # FSDP averages gradients over ranks; each rank's loss is its share of the sum.
-            (loss * (weight * self.world_size)).backward()
+            # FSDP and megatron's DDP average gradients over ranks; each rank's loss is its share of the sum.
+            (loss * (weight * self.dp_size)).backward()
             if weight:
                 total += loss.detach().double()
                 is_weight_max = torch.maximum(is_weight_max, self._accumulate(sums, cur.detach(), part, diagnostics))
-        total_loss = float(all_reduce_sum(total))
+        total_loss = float(all_reduce_sum(total, self.dp_group))
+        return total_loss, self._apply_gradients(math.isfinite(total_loss)), is_weight_max
+
+    def _apply_gradients(self, loss_finite: bool) -> float:
+        """Clip to max_grad_norm and step unless the loss or the gradient is not finite; clear the
+        gradients. Returns the gradient norm before clipping."""
         grad_norm = float(
             full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
         )
-        if math.isfinite(total_loss) and math.isfinite(grad_norm):
+        if loss_finite and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_loss, grad_norm, is_weight_max
+        return grad_norm
+
+    def _token_logprobs(self, model: torch.nn.Module, part: PaddedBatch) -> torch.Tensor:
+        """[rows, L-1] float32 logprobs of `part`'s tokens under `model` (the policy or the reference)."""
+        with self._autocast():
+            return token_logprobs(
+                model,
+                part.input_ids,
+                part.attention_mask,
+                self.context.logprob_temperature,
+                self.config.logprob_chunk_tokens,
+            )
 
     def _accumulate(self, sums: torch.Tensor, cur: torch.Tensor, part: PaddedBatch, diagnostics: dict) -> torch.Tensor:
         """Add this micro-batch's masked token sums; return its max importance weight."""
@@ -349,26 +375,18 @@ class Trainer:
         so a rank short of work repeats one micro-batch with weight 0.
         """
         packs = pack_microbatches(rows, lengths, self.config.max_tokens_per_microbatch)
-        mine = [(pack, 1.0) for pack in packs[self.rank :: self.world_size]]
-        return mine + [(packs[0], 0.0)] * (math.ceil(len(packs) / self.world_size) - len(mine))
+        mine = [(pack, 1.0) for pack in packs[self.dp_rank :: self.dp_size]]
+        return mine + [(packs[0], 0.0)] * (math.ceil(len(packs) / self.dp_size) - len(mine))
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
         """[B, L-1] log-probabilities of every row under `model` as it is now, on every rank."""
         result = torch.zeros_like(batch.behav)
         for micro, weight in self._microbatches_of_this_rank(list(range(batch.size)), batch.lengths):
-            part = batch.rows(micro)
-            with self._autocast():
-                logprobs = token_logprobs(
-                    model,
-                    part.input_ids,
-                    part.attention_mask,
-                    self.context.logprob_temperature,
-                    self.config.logprob_chunk_tokens,
-                )
+            logprobs = self._token_logprobs(model, batch.rows(micro))
             if weight:
                 result[micro, : logprobs.shape[1]] = logprobs
-        return all_reduce_sum(result)
+        return all_reduce_sum(result, self.dp_group)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype == torch.float32 or self.world_size > 1:  # FSDP's mixed-precision policy casts instead
@@ -477,9 +495,9 @@ class Trainer:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         save_torch_state_dict(state, folder)
-        self.model.config.save_pretrained(folder)
-        if getattr(self.model, "generation_config", None) is not None:
-            self.model.generation_config.save_pretrained(folder)
+        self.hf_config.save_pretrained(folder)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(folder)
         checkpoint.copy_tokenizer_files(self.weights_path, folder)
 
     # ----------------------------------------------------------------- checkpoints
@@ -491,12 +509,11 @@ class Trainer:
         final = checkpoint.step_dir(self.context.ckpt_dir, self.version)
         tmp = final.parent / f".{final.name}.tmp"
         model_state = self._hf_state_dict()
-        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
         if self.rank == 0:
             self._write_hf_folder(tmp, model_state)
             (tmp / checkpoint.STATE_DIR).mkdir()
-            torch.save(optimizer_state, tmp / checkpoint.STATE_DIR / "optimizer.pt")
         self._barrier()
+        self._save_optimizer(tmp / checkpoint.STATE_DIR)
         torch.save(checkpoint.capture_rng(), tmp / checkpoint.STATE_DIR / f"rng_rank{self.rank}.pt")
         self._barrier()
         if self.rank == 0:
@@ -521,10 +538,7 @@ class Trainer:
         state_dir = path / checkpoint.STATE_DIR
         meta = checkpoint.read_meta(path)
         trainer = cls(config, context, weights_from=path)
-        optimizer_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(
-            trainer.model, trainer.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
-        )
+        trainer._load_optimizer(state_dir)
         trainer.version = int(meta["version"])
         rng_file = state_dir / f"rng_rank{trainer.rank}.pt"
         if rng_file.is_file():
@@ -541,6 +555,18 @@ class Trainer:
             return cls.resume(config, context)
         return cls(config, context)
 
+    def _save_optimizer(self, state_dir: Path) -> None:
+        """A collective: the whole optimizer state, written by rank 0 (any rank count can resume it)."""
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
+        if self.rank == 0:
+            torch.save(optimizer_state, state_dir / "optimizer.pt")
+
+    def _load_optimizer(self, state_dir: Path) -> None:
+        optimizer_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(
+            self.model, self.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
+        )
+
     def _barrier(self) -> None:
         if dist.is_initialized() and self.world_size > 1:
             dist.barrier()
@@ -550,7 +576,7 @@ def _take(tensor: torch.Tensor | None, rows: list[int], width: int) -> torch.Ten
     return None if tensor is None else tensor[rows, :width]
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
