@@ -517,7 +517,7 @@ class EngineClient:
         triples = meta.input_token_logprobs or []
         if len(triples) != len(input_ids) or any(logprob is None for logprob, _, _ in triples[1:]):
             raise EngineProtocolError(f"/generate gave {len(triples)} input logprobs for {len(input_ids)} tokens")
-        return [float(logprob) for logprob, _, _ in triples[1:]]  # type: ignore[arg-type]
+        return [float(logprob) for logprob, _, _ in triples[1:]]
 
     async def generate_batch(
         self,
