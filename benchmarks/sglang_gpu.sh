@@ -10,7 +10,9 @@
 #   intervals | perf512, perf2048 [perf512 carries .gpu/p2 .gpu/p3]: Qwen2-0.5B long tail, async vs
 #   sync | limits512: the saturated rates of perf512's async run | snapshot512: the CUDA snapshot
 #   test and perf512 in one command | smolreward [.gpu/p4]: SmolLM2
-#   reward vs wall-clock, async and sync | synccost: weight sync phases vs their bounds
+#   reward vs wall-clock, async and sync | synccost: weight sync phases vs their bounds |
+#   megatron [.gpu/p2 .gpu/p3]: the megatron backend's tests and parity | megatron_e2e [.gpu/p4]: SmolLM2
+#   runs with the megatron and the torch backend
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
@@ -118,6 +120,21 @@ case "${1:?stage}" in
       --max-new-tokens 24 --eta 2 --pause-modes in_place --steps 25 "${common[@]}" --set run.max_wall_s=260 \
       --keep $RUNS/smolreward 2>&1 | tee "$OUT/smolreward.txt" | tail -6
     python3 benchmarks/summarize_runs.py $RUNS/smolreward/* | tee -a "$OUT/smolreward.txt"; pack smolreward ;;
+  megatron)  # the megatron backend's GPU tests, then its parity and speed against the torch backend
+    cp .gpu/p2/* .gpu/p3/* /tmp/parts/
+    timeout 240 python3 -m pytest -m gpu tests/test_megatron.py -p no:cacheprovider -q -rs --timeout 200 2>&1 \
+      | tee "$OUT/megatron-tests.txt" | tail -15
+    timeout 300 python3 benchmarks/megatron_parity.py --model qwen2-0.5b --sglang-args "$SGL_ARGS" 2>&1 \
+      | tee "$OUT/megatron-parity.txt" | grep -E "RESULT|Error|error" | tail -8 ;;
+  megatron_e2e)  # SmolLM2 arithmetic with real SGLang, megatron backend then torch backend
+    cp .gpu/p4/part* /tmp/parts/ && install_smollm2
+    for backend in megatron torch; do
+      timeout 230 python3 -m async_rl.cli run recipes/smollm2_arithmetic.toml "${common[@]}" --set trainer.total_steps=30 \
+        --set trainer.backend=$backend --set run.max_wall_s=210 --set run.output_dir=$RUNS/smollm2-$backend \
+        > "$RUNS/smollm2-$backend.log" 2>&1
+      echo "smollm2 $backend exit $?"; tail -3 "$RUNS/smollm2-$backend.log"
+    done
+    python3 benchmarks/summarize_runs.py $RUNS/smollm2-* | tee "$OUT/megatron-e2e.txt"; pack megatron_e2e ;;
   synccost)
     timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda --methods disk,tensor --syncs 4 \
       2>&1 | tee "$OUT/synccost.txt" | tail -4

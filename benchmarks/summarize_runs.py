@@ -25,10 +25,13 @@ def summary(run_dir: Path) -> str:
     sync = statistics.mean(r.get("weight_sync/seconds", 0.0) for r in records)
     pause = statistics.mean(r.get("weight_sync/pause_s", 0.0) for r in records)
     span = records[-1]["time"] - records[0]["time"]
+    # The trainer's own speed (train_step alone), after its first step's warm-up.
+    train = statistics.mean(r.get("tokens_per_s", 0.0) for r in records[1:] or records)
     return (
         f"RUN {run_dir.name}: steps={records[-1]['step']} reward_first{window}={first:.3f} "
         f"reward_last{window}={last:.3f} staleness_max={max(r['staleness/max'] for r in records):g} "
-        f"sync_s={sync:.3f} pause_s={pause:.3f} s_per_step={span / max(len(records) - 1, 1):.3f}"
+        f"sync_s={sync:.3f} pause_s={pause:.3f} s_per_step={span / max(len(records) - 1, 1):.3f} "
+        f"train_tokens_s={train:.0f}"
     )
 
 
