@@ -181,14 +181,15 @@ class MegatronTrainer(Trainer):
         """What dist-checkpointing saves, or the template it loads into (with the optimizer's state
         initialised, which a fresh optimizer does not have yet)."""
         model_state = self.model.module.sharded_state_dict()
-        return {
-            "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading),
-        }
+        # megatron-LM's default format for the distributed optimizer (its older default,
+        # fully_sharded_model_space, is refused by 0.16's dist-checkpointing).
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+        optimizer_state = self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
+        return {"model": model_state, "optimizer": optimizer_state}
 
     def _save_optimizer(self, state_dir: Path) -> None:
         """Model and optimizer (float32 master weights included) with megatron's dist-checkpointing:
-        every rank writes its shards; another parallel layout can load them."""
+        every rank writes its shards; another data-parallel size can load them."""
         from megatron.core import dist_checkpointing
 
         folder = state_dir / _CHECKPOINT
