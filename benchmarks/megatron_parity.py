@@ -125,8 +125,12 @@ def main() -> None:
                 kind="sglang", model=str(exported), device="cuda", extra_args=shlex.split(args.sglang_args)
             )
         for name, spec in engines.items():
-            with EngineProcess(spec, log_path=Path(scratch) / f"{name}.log") as engine:
+            engine = EngineProcess(spec, log_path=Path(scratch) / f"{name}.log").start()
+            try:
+                engine.wait_healthy(timeout_s=400)  # SGLang's first start compiles kernels
                 worst, mean = gaps(asyncio.run(engine_logprobs(engine.url, sample)), want)
+            finally:
+                engine.stop()
             print(
                 f"RESULT megatron_engine_logprobs model={args.model} engine={name} dtype=bfloat16 "
                 f"sequences={len(sample)} max_abs_diff={worst:.4f} mean_abs_diff={mean:.5f}",
