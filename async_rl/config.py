@@ -232,9 +232,12 @@ class ClusterConfig(_Table, frozen=True):
     engine_strategy: Strategy = "SPREAD"
     """How the engines' bundles are placed when engines_per_node is 0 (Ray's placement strategies)."""
     trainer_gpus: float = 0
-    """GPUs per trainer rank (its trainer.processes ranks share one node: one bundle)."""
+    """GPUs per trainer rank."""
     trainer_cpus: float = 1
     """CPUs per trainer rank."""
+    trainer_nodes: int = 1
+    """Nodes the trainer.processes ranks are spread over, the same number on each (one bundle per node,
+    STRICT_SPREAD; torchrun's rendezvous on the first node); 1 = all ranks on one node."""
     service_cpus: float = 1
     """CPUs of the buffer service and of each rollout worker."""
     service_strategy: Strategy = "PACK"
@@ -248,6 +251,11 @@ class ClusterConfig(_Table, frozen=True):
         for name in ("engine_cpus", "trainer_cpus", "service_cpus"):  # a bundle reserves something
             check_field(getattr(self, name) > 0, name, getattr(self, name), "> 0")
         check_field(self.engines_per_node >= 0, "engines_per_node", self.engines_per_node, ">= 0")
+        check_field(self.trainer_nodes >= 1, "trainer_nodes", self.trainer_nodes, ">= 1")
+
+    def trainer_node_names(self) -> list[str]:
+        """The trainer's processes, one per node: "trainer" (global rank 0's, the one others address) first."""
+        return ["trainer", *(f"trainer_node{r}" for r in range(1, self.trainer_nodes))]
         check_field(self.ready_timeout_s > 0, "ready_timeout_s", self.ready_timeout_s, "> 0")
 
 
@@ -326,6 +334,12 @@ class RunConfig(_Table, frozen=True):
         if self.run.sync and self.staleness.eta != 0:
             raise ValueError(
                 f"run.sync = true trains strictly on-policy: set staleness.eta = 0 (got {self.staleness.eta})"
+            )
+        nodes = self.cluster.trainer_nodes
+        if self.trainer.processes % nodes:
+            raise ValueError(
+                f"trainer.processes = {self.trainer.processes} ranks cannot be spread evenly over "
+                f"cluster.trainer_nodes = {nodes} nodes"
             )
         if self.april.enabled and self.rollout.generate is not None:
             raise ValueError(

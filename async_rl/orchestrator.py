@@ -119,6 +119,8 @@ def check_supported(config: RunConfig, on_cluster: bool = False) -> None:
         _check_cluster_devices(config)
     else:
         _check_broadcast_devices(config)
+        if config.cluster.trainer_nodes > 1:
+            raise ConfigError("cluster.trainer_nodes > 1 spreads the trainer over Ray nodes: run with --ray-address")
     if config.trainer.backend == "megatron":
         from async_rl.trainer.config import megatron_unavailable
 
@@ -411,22 +413,32 @@ async def _run_placed(
     def common() -> list[str]:  # the engines where they listen now (a restart follows a moved engine)
         return ["--config", str(config_path), "--model-dir", str(model_dir), "--engines", ",".join(engine_urls)]
 
-    def trainer_process() -> ProcessSpec:
-        return ProcessSpec(
-            name="trainer",
-            finishes_run=True,
-            env=env | server_env | client_env,  # it publishes versions and asks the buffer
-            cwd=cwd,
-            restart=restart,  # it resumes from its latest checkpoint; the workers follow
-            argv=[
-                *_trainer_launcher(python, config.trainer.processes),
-                *common(),
-                "--serve",
-                serve,
-                "--versions",
-                versions,
-            ],
-        )
+    async def trainer_process() -> ProcessSpec:
+        """One process per trainer node (the first runs global rank 0). Several nodes rendezvous on the
+        first's address, at a port picked anew for every start; the others bind nothing, so they may
+        follow a move of their own bundle."""
+        names = config.cluster.trainer_node_names()
+        rendezvous = None
+        if len(names) > 1:
+            for name in names[1:]:
+                await placement.moved(name)
+            rendezvous = (placement.address("trainer"), await placement.free_port("trainer"))
+        launchers = [
+            _trainer_launcher(python, config.trainer.processes, len(names), rank, rendezvous)
+            for rank in range(len(names))
+        ]
+        first, *others = [
+            ProcessSpec(
+                name=name,
+                finishes_run=True,
+                env=env | server_env | client_env,  # it publishes versions and asks the buffer
+                cwd=cwd,
+                restart=restart,  # it resumes from its latest checkpoint; the workers follow
+                argv=[*launcher, *common(), "--serve", serve, "--versions", versions],
+            )
+            for name, launcher in zip(names, launchers, strict=True)
+        ]
+        return msgspec.structs.replace(first, members=others)
 
     def worker_process(w: int) -> ProcessSpec:
         return ProcessSpec(
@@ -490,7 +502,7 @@ async def _run_placed(
                     ],
                 )
             )
-            await supervisor.start(trainer_process(), rebuilt(trainer_process))
+            await supervisor.start(await trainer_process(), trainer_process)
             for w in range(config.rollout.workers):
                 # A worker binds nothing: wherever Ray re-places it, it connects to the others.
                 moves = functools.partial(placement.moved, f"worker{w}")
@@ -570,16 +582,24 @@ async def _merged_trace(run_dir: Path) -> AsyncIterator[None]:
                 print(f"trace {merged} (open in https://ui.perfetto.dev)", flush=True)
 
 
-def _trainer_launcher(python: str, processes: int) -> list[str]:
-    """Several data-parallel ranks go through torchrun, which also stops them all if one fails."""
+def _trainer_launcher(
+    python: str, processes: int, nodes: int = 1, node_rank: int = 0, rendezvous: tuple[str, int] | None = None
+) -> list[str]:
+    """Several ranks go through torchrun, which also stops a node's ranks if one fails; over several
+    nodes, node `node_rank`'s share of them, meeting the others at `rendezvous` (address, port)."""
     if processes == 1:
         return [python, "-m", "async_rl.trainer_main"]
+    where = ["--standalone"]
+    if nodes > 1:
+        assert rendezvous is not None
+        address, port = rendezvous
+        where = [f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--master-addr={address}", f"--master-port={port}"]
     return [
         python,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
+        *where,
+        f"--nproc_per_node={processes // nodes}",
         "-m",
         "async_rl.trainer_main",
     ]

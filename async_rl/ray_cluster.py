@@ -10,8 +10,9 @@ resources allow; the supervisor then starts the component in it again.
 
 Every endpoint binds to its node's address, never 0.0.0.0; the orchestrator secures them with
 CURVE keys generated per run (in each child's environment) and an engine API key (in owner-only
-files). An engine or a worker that Ray re-places on another node follows it (`moved`); the buffer
-and the trainer, which others know by their address, end the run if they land elsewhere.
+files). An engine, a worker or a trainer node other than the first that Ray re-places on another
+node follows it (`moved`); the buffer and the trainer's first node, which others know by their
+address, end the run if they land elsewhere.
 """
 
 from __future__ import annotations
@@ -245,19 +246,21 @@ def namespace(config: RunConfig) -> str:
 
 def plan_bundles(config: RunConfig) -> tuple[dict[str, Bundle], list[PlacementGroup]]:
     """One bundle per component, grouped as [cluster] asks: engines (spread, or packed per node),
-    the trainer's ranks in one bundle, the buffer and the workers together."""
+    the trainer's ranks in one bundle per trainer node, the buffer and the workers together."""
     cluster = config.cluster
     engine = _resources(cluster.engine_cpus, cluster.engine_gpus)
     names = [f"engine{i}" for i in range(config.engine.count)]
     per_node = cluster.engines_per_node or config.engine.count
     engine_groups = [names[i : i + per_node] for i in range(0, len(names), per_node)]
     strategy = "STRICT_PACK" if cluster.engines_per_node else cluster.engine_strategy
-    processes = config.trainer.processes
+    per_node_ranks = config.trainer.processes // cluster.trainer_nodes
     layout: list[tuple[list[str], list[dict[str, float]], str]] = [
         (group, [engine] * len(group), strategy) for group in engine_groups
     ]
+    trainer = _resources(cluster.trainer_cpus * per_node_ranks, cluster.trainer_gpus * per_node_ranks)
+    trainer_names = cluster.trainer_node_names()
     layout.append(
-        (["trainer"], [_resources(cluster.trainer_cpus * processes, cluster.trainer_gpus * processes)], "PACK")
+        (trainer_names, [trainer] * len(trainer_names), "STRICT_SPREAD" if len(trainer_names) > 1 else "PACK")
     )
     services = ["buffer", *(f"worker{w}" for w in range(config.rollout.workers))]
     layout.append((services, [_resources(cluster.service_cpus, 0)] * len(services), cluster.service_strategy))

@@ -61,6 +61,10 @@ class ProcessSpec(msgspec.Struct, frozen=True, kw_only=True):
     # not see its requests aborted by engines going down first.
     stop_early: bool = False
     restart: RestartPolicy = RestartPolicy()
+    # Further processes of the same component (its ranks on other nodes), each with its own name and
+    # log: started, stopped and restarted with it as one child, since a torch.distributed group cannot
+    # lose a member. The first of them to fail ends them all.
+    members: list[ProcessSpec] = []
 
 
 class ChildExit(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,6 +130,65 @@ class ChildProcess(Protocol):
 
 Spawner = Callable[[ProcessSpec, Path, int], Awaitable[ChildProcess]]
 """Starts `spec` with its output appended to the log path, told it is its Nth restart."""
+
+# How long the other members of a component may take to finish after one exited cleanly.
+MEMBERS_FINISH_S = 30.0
+
+
+class MemberGroup:
+    """A component of several processes (ProcessSpec.members) as one child: it exits when the first of
+    them fails (the others are killed, with what they spawned) or when all have finished."""
+
+    def __init__(self, processes: list[ChildProcess]):
+        self.processes = processes
+        self._exit = asyncio.ensure_future(self._await_exit())
+
+    @property
+    def pid(self) -> int:
+        return self.processes[0].pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exit.result() if self._exit.done() else None
+
+    async def _await_exit(self) -> int:
+        exits = [asyncio.ensure_future(process.wait()) for process in self.processes]
+        pending = set(exits)
+        code = 0
+        while pending and code == 0:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            code = next((task.result() for task in done if task.result() != 0), 0)
+            if code == 0 and pending:  # one finished: the rest should follow shortly
+                done, pending = await asyncio.wait(pending, timeout=MEMBERS_FINISH_S)
+                code = next((task.result() for task in done if task.result() != 0), 0)
+                if pending and code == 0:
+                    code = -signal.SIGKILL  # a member that does not finish with the others hangs
+        self.signal_group(signal.SIGKILL)
+        await asyncio.gather(*exits)
+        return code
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        for process in self.processes:
+            process.signal_group(sig)
+
+
+async def spawn_members(spawn: Spawner, spec: ProcessSpec, log_path: Path, restarts: int) -> ChildProcess:
+    """`spec` alone, or with its members (each logging beside it under its own name) as one MemberGroup."""
+    if not spec.members:
+        return await spawn(spec, log_path, restarts)
+    processes: list[ChildProcess] = []
+    try:
+        for member in (spec, *spec.members):
+            member_log = log_path if member is spec else log_path.with_name(f"{member.name}.log")
+            processes.append(await spawn(member, member_log, restarts))
+    except BaseException:
+        for process in processes:
+            process.signal_group(signal.SIGKILL)
+        raise
+    return MemberGroup(processes)
 
 
 class LocalProcess:
@@ -260,7 +323,7 @@ class Supervisor:
         if self._ended.done():
             raise _ended_error(self._ended.result())
         log_path = self.log_dir / f"{spec.name}.log"
-        child = _Child(spec, await self.spawn(spec, log_path, 0), log_path)
+        child = _Child(spec, await spawn_members(self.spawn, spec, log_path, 0), log_path)
         child.respec = respec
         self._children[spec.name] = child
         self._watchers.create_task(self._watch(child), name=f"watch-{spec.name}")
@@ -358,7 +421,7 @@ class Supervisor:
             return
         if child.respec is not None:
             child.spec = await child.respec()
-        child.process = await self.spawn(child.spec, child.log_path, child.restarts)
+        child.process = await spawn_members(self.spawn, child.spec, child.log_path, child.restarts)
         if self.on_restart is not None:
             await self.on_restart(child.spec.name, exit_)
 

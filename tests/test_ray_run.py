@@ -190,6 +190,20 @@ def test_tiny_recipe_learns_across_nodes_and_outsiders_cannot_submit(cluster, tm
     assert all(path.stat().st_mode & 0o077 == 0 for path in (tmp_path / "secrets").iterdir())
 
 
+def test_trainer_ranks_spread_over_two_nodes_train_together(cluster, tmp_path):
+    """trainer.processes = 2 over cluster.trainer_nodes = 2: one FSDP rank per node (gloo), meeting at
+    torchrun's rendezvous on the first trainer node; rank 0 leads, the other follows its batches."""
+    overrides = ("trainer.total_steps=12", "trainer.processes=2", "cluster.trainer_nodes=2")
+    process = start_ray_run(cluster, tmp_path, *overrides)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-4000:]
+    placement = placement_of(output)
+    assert placement["trainer"] != placement["trainer_node1"], placement
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 13))
+    second = (tmp_path / "logs" / "trainer_node1.log").read_text()
+    assert "Traceback" not in second, second[-2000:]
+
+
 def test_distributed_weight_sync_broadcasts_across_nodes(cluster, tmp_path):
     """gloo from trainer rank 0, whose node hosts the group's store, to engines on both nodes."""
     process = start_ray_run(cluster, tmp_path, "trainer.total_steps=8", "weight_sync.method=distributed")

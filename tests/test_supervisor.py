@@ -220,3 +220,35 @@ async def test_a_dying_child_is_restarted_within_its_budget_then_ends_the_run(tm
         and "after 1 restarts within 3600 s" in outcome.message
         and "start 2" in outcome.message
     )
+
+
+async def test_a_components_members_fail_and_restart_together(tmp_path):
+    """A component on several nodes (its members): one member dying kills the others, and all start
+    again as one; all finishing cleanly finishes the run."""
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    # Each start records itself; the member "b" fails on the first start, every process then finishes.
+    script = (
+        "import os, pathlib, sys, time\n"
+        f"d = pathlib.Path({str(starts)!r}); name = sys.argv[1]; n = int(os.environ['ASYNC_RL_RESTARTS'])\n"
+        "(d / f'{name}{n}').write_text(str(os.getpid()))\n"
+        "if name == 'b' and n == 0: time.sleep(0.5); sys.exit(5)\n"
+        "time.sleep(60 if n == 0 else 0.5)\n"
+    )
+    member = ProcessSpec(name="lead_b", argv=[PY, "-c", script, "b"])
+    spec = ProcessSpec(
+        name="lead",
+        argv=[PY, "-c", script, "a"],
+        finishes_run=True,
+        restart=RestartPolicy(max_restarts=1, backoff_s=0.05),
+        members=[member],
+    )
+    async with asyncio.timeout(30):
+        async with Supervisor(tmp_path / "logs", handle_signals=False) as supervisor:
+            await supervisor.start(spec)
+            outcome = await supervisor.wait()
+    assert outcome.status == "finished", outcome.message
+    assert sorted(path.name for path in starts.iterdir()) == ["a0", "a1", "b0", "b1"]
+    assert not alive(int((starts / "a0").read_text()))  # killed when its member failed
+    assert supervisor.restarts == {"lead": 1}
+    assert (tmp_path / "logs" / "lead_b.log").exists()
