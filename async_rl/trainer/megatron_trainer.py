@@ -10,7 +10,6 @@ trainer.processes; the rest is data parallel (megatron's DDP, optionally its dis
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,6 @@ from async_rl.trainer.trainer import Trainer, chunked_logprobs, seed_everything
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
 
-log = logging.getLogger(__name__)
 _CHECKPOINT = "megatron"  # dist-checkpointing folder of model + optimizer, in the checkpoint's state dir
 
 
