@@ -200,8 +200,10 @@ def test_trainer_ranks_spread_over_two_nodes_train_together(cluster, tmp_path):
     placement = placement_of(output)
     assert placement["trainer"] != placement["trainer_node1"], placement
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 13))
+    # The second node's rank loaded the model and no rank failed (torchrun's agents may log a lost
+    # exit barrier when the first node's agent, which hosts the rendezvous store, finishes first).
     second = (tmp_path / "logs" / "trainer_node1.log").read_text()
-    assert "Traceback" not in second, second[-2000:]
+    assert "Loading weights" in second and "ChildFailedError" not in second, second[-2000:]
 
 
 def test_distributed_weight_sync_broadcasts_across_nodes(cluster, tmp_path):
