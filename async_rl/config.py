@@ -252,11 +252,11 @@ class ClusterConfig(_Table, frozen=True):
             check_field(getattr(self, name) > 0, name, getattr(self, name), "> 0")
         check_field(self.engines_per_node >= 0, "engines_per_node", self.engines_per_node, ">= 0")
         check_field(self.trainer_nodes >= 1, "trainer_nodes", self.trainer_nodes, ">= 1")
+        check_field(self.ready_timeout_s > 0, "ready_timeout_s", self.ready_timeout_s, "> 0")
 
     def trainer_node_names(self) -> list[str]:
         """The trainer's processes, one per node: "trainer" (global rank 0's, the one others address) first."""
         return ["trainer", *(f"trainer_node{r}" for r in range(1, self.trainer_nodes))]
-        check_field(self.ready_timeout_s > 0, "ready_timeout_s", self.ready_timeout_s, "> 0")
 
 
 class RunOptions(_Table, frozen=True):

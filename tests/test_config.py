@@ -97,6 +97,12 @@ def test_overrides_parse_toml_literals_and_fall_back_to_strings(tmp_path):
         (dict(TASK), ("task.dataset=data.jsonl",), "task: set exactly one of generator or dataset"),
         (dict(TASK), ("run.sync=true",), "run.sync = true trains strictly on-policy: set staleness.eta = 0 (got 1)"),
         (dict(TASK), ("trainer.device=gpu1",), "trainer.device='gpu1' must be auto, cpu, cuda or cuda:N"),
+        (dict(TASK), ("cluster.ready_timeout_s=0",), "cluster.ready_timeout_s=0.0 must be > 0"),
+        (
+            dict(TASK),
+            ("trainer.processes=3", "cluster.trainer_nodes=2"),
+            "trainer.processes = 3 ranks cannot be spread evenly over cluster.trainer_nodes = 2 nodes",
+        ),
         ({}, (), "missing required key 'task'"),
         ({"task": 3}, (), "task: expected `object`, got `int`"),
     ],
