@@ -287,3 +287,11 @@ def test_exported_weights_give_the_trainers_logprobs_in_the_embedded_engine(hf_m
         got = asyncio.run(engine_logprobs(engine.url))
     gaps = [abs(a - b) for row, values in enumerate(got) for a, b in zip(values, want[row].tolist(), strict=False)]
     assert max(gaps) < 2e-2 and sum(gaps) / len(gaps) < 1e-3, (max(gaps), sum(gaps) / len(gaps))
+
+
+def test_a_megatron_weight_without_an_hf_name_is_an_error_not_dropped():
+    config = CONFIGS["llama"]()
+    layout = layout_of(config)
+    mcore = hf_to_megatron(hf_state(config), layout)
+    with pytest.raises(KeyError, match="embedding.position_embeddings.weight"):
+        megatron_to_hf({**mcore, "embedding.position_embeddings.weight": torch.zeros(1)}, layout)

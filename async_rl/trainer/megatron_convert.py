@@ -96,6 +96,7 @@ _TOP_RENAMES = {
     "model.norm.weight": "decoder.final_layernorm.weight",
     "lm_head.weight": "output_layer.weight",
 }
+_TOP_NAMES = frozenset(_TOP_RENAMES.values())
 
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
@@ -128,6 +129,8 @@ def megatron_to_hf(mcore: dict[str, torch.Tensor], layout: Layout) -> dict[str, 
     for name, tensor in mcore.items():
         match = _MCORE_LAYER.match(name)
         if not match:
+            if name not in _TOP_NAMES and not name.endswith("_extra_state"):
+                raise KeyError(f"megatron weight {name!r} has no HF name")
             continue
         prefix, suffix = f"model.layers.{match[1]}.", match[2]
         if suffix in back:
