@@ -252,3 +252,17 @@ async def test_a_components_members_fail_and_restart_together(tmp_path):
     assert not alive(int((starts / "a0").read_text()))  # killed when its member failed
     assert supervisor.restarts == {"lead": 1}
     assert (tmp_path / "logs" / "lead_b.log").exists()
+
+
+async def test_a_member_that_outlives_its_finished_peers_is_killed_and_fails_the_component(tmp_path, monkeypatch):
+    """All members finish together; one still running MEMBERS_FINISH_S after the first finished hangs."""
+    import async_rl.supervisor as supervisor_module
+
+    monkeypatch.setattr(supervisor_module, "MEMBERS_FINISH_S", 0.5)
+    hanging = ProcessSpec(name="lead_b", argv=SLEEP)
+    spec = ProcessSpec(name="lead", argv=[PY, "-c", "pass"], finishes_run=True, members=[hanging])
+    async with asyncio.timeout(20):
+        async with Supervisor(tmp_path / "logs", handle_signals=False) as supervisor:
+            await supervisor.start(spec)
+            outcome = await supervisor.wait()
+    assert outcome.status == "failed" and outcome.child.returncode == -signal.SIGKILL, outcome.message
