@@ -10,6 +10,7 @@ trainer.processes; the rest is data parallel (megatron's DDP, optionally its dis
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,9 +152,10 @@ class MegatronTrainer(Trainer):
         self.model.finish_grad_sync()
         optimizer = self.optimizer
         optimizer.prepare_grads()
-        grad_norm = float(optimizer.get_grad_norm())
-        if loss_finite and grad_norm == grad_norm and grad_norm != float("inf"):
-            optimizer.clip_grad_norm(self.config.max_grad_norm)
+        # As in the torch backend: the norm before clipping decides, and clipped non-finite gradients
+        # are cleared unused.
+        grad_norm = float(optimizer.clip_grad_norm(self.config.max_grad_norm))
+        if loss_finite and math.isfinite(grad_norm):
             optimizer.step_with_ready_grads()
         self.model.zero_grad_buffer()
         optimizer.zero_grad()
