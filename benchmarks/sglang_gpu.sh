@@ -11,7 +11,8 @@
 #   sync | limits512: the saturated rates of perf512's async run | snapshot512: the CUDA snapshot
 #   test and perf512 in one command | smolreward [.gpu/p4]: SmolLM2
 #   reward vs wall-clock, async and sync | synccost: weight sync phases vs their bounds |
-#   megatron [.gpu/p2 .gpu/p3]: the megatron backend's tests and parity | megatron_e2e [.gpu/p4]: SmolLM2
+#   megatron [.gpu/p2 .gpu/p3]: the megatron backend's GPU tests | megatron_parity: its parity and speed
+#   against the torch backend | megatron_e2e [.gpu/p4]: SmolLM2
 #   runs with the megatron and the torch backend
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -120,11 +121,12 @@ case "${1:?stage}" in
       --max-new-tokens 24 --eta 2 --pause-modes in_place --steps 25 "${common[@]}" --set run.max_wall_s=260 \
       --keep $RUNS/smolreward 2>&1 | tee "$OUT/smolreward.txt" | tail -6
     python3 benchmarks/summarize_runs.py $RUNS/smolreward/* | tee -a "$OUT/smolreward.txt"; pack smolreward ;;
-  megatron)  # the megatron backend's GPU tests, then its parity and speed against the torch backend
+  megatron)  # the megatron backend's GPU tests
     cp .gpu/p2/* .gpu/p3/* /tmp/parts/
-    timeout 240 python3 -m pytest -m gpu tests/test_megatron.py -p no:cacheprovider -q -rs --timeout 200 2>&1 \
-      | tee "$OUT/megatron-tests.txt" | tail -15
-    timeout 300 python3 benchmarks/megatron_parity.py --model qwen2-0.5b --sglang-args "$SGL_ARGS" 2>&1 \
+    timeout 540 python3 -m pytest -m gpu tests/test_megatron.py -p no:cacheprovider -q -rs --timeout 240 2>&1 \
+      | tee "$OUT/megatron-tests.txt" | tail -15 ;;
+  megatron_parity)  # one-step parity and speed against the torch backend, exported weights in both engines
+    timeout 560 python3 benchmarks/megatron_parity.py --model qwen2-0.5b --sglang-args "$SGL_ARGS" 2>&1 \
       | tee "$OUT/megatron-parity.txt" | grep -E "RESULT|Error|error" | tail -8 ;;
   megatron_e2e)  # SmolLM2 arithmetic with real SGLang, megatron backend then torch backend
     cp .gpu/p4/part* /tmp/parts/ && install_smollm2
