@@ -56,25 +56,31 @@ async def pause_latency(client, prompts: list[list[int]], how: str) -> float:
 
 
 async def engine_run(
-    url: str, prompts: list[list[int]], max_new_tokens: int, repeats: int
-) -> tuple[float, list[list[int]], dict[str, float]]:
+    url: str, prompts: list[list[int]], shapes: list[tuple[int, int]], repeats: int
+) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], list[list[int]]], dict[str, float]]:
+    """Best tok/s and the outputs of every (concurrency, max_new_tokens) shape, then the pause latencies."""
     from rollout_workers.client import EngineClient, SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    rates, outputs = {}, {}
     async with EngineClient(url) as client:
         await client.generate(prompts[0], sampling_params=SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
-        best = 0.0
-        for _ in range(repeats):
-            started = time.perf_counter()
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(client.generate(p, sampling_params=params, return_logprob=False)) for p in prompts
-                ]
-            elapsed = time.perf_counter() - started
-            outputs = [task.result().output_ids for task in tasks]
-            best = max(best, sum(map(len, outputs)) / elapsed)
-        pauses = {how: await pause_latency(client, prompts, how) for how in ("pause_generation", "client.pause")}
-    return best, outputs, pauses
+        for concurrency, max_new_tokens in shapes:
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+            best = 0.0
+            for _ in range(repeats):
+                started = time.perf_counter()
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(client.generate(p, sampling_params=params, return_logprob=False))
+                        for p in prompts[:concurrency]
+                    ]
+                elapsed = time.perf_counter() - started
+                done = [task.result().output_ids for task in tasks]
+                best = max(best, sum(map(len, done)) / elapsed)
+            rates[concurrency, max_new_tokens], outputs[concurrency, max_new_tokens] = best, done
+        first = prompts[: shapes[0][0]]
+        pauses = {how: await pause_latency(client, first, how) for how in ("pause_generation", "client.pause")}
+    return rates, outputs, pauses
 
 
 def hf_sequential_run(
@@ -125,6 +131,11 @@ def main() -> int:
     parser.add_argument("--sglang-args", default="", help="extra flags for the SGLang server, one string")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of CONCURRENCYxMAX_NEW_TOKENS run on one start of each engine (default: the two above)",
+    )
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument(
         "--threads",
@@ -155,14 +166,19 @@ def main() -> int:
     vocab_size = AutoConfig.from_pretrained(folder).vocab_size
     tokenizer = AutoTokenizer.from_pretrained(folder)
     specials = set(tokenizer.all_special_ids) | set(range(len(tokenizer), vocab_size))
-    prompts = make_prompts(args.concurrency, args.prompt_len, vocab_size, specials)
+    shapes = parse_shapes(args.shapes) if args.shapes else [(args.concurrency, args.max_new_tokens)]
+    prompts = make_prompts(max(c for c, _ in shapes), args.prompt_len, vocab_size, specials)
 
-    rates, outputs, pauses = {}, {}, {}
+    rates: dict[str, dict] = {}
+    outputs: dict[str, dict] = {}
+    pauses: dict[str, dict[str, float]] = {}
     for side in sides:
         if side == "hf":
-            rates[side], outputs[side] = hf_sequential_run(
-                folder, prompts, args.max_new_tokens, args.device, dtype, args.repeats
-            )
+            rates[side], outputs[side] = {}, {}
+            for shape in shapes:
+                rates[side][shape], outputs[side][shape] = hf_sequential_run(
+                    folder, prompts[: shape[0]], shape[1], args.device, dtype, args.repeats
+                )
             continue
         if side == "embedded":
             spec = EngineSpec(model=str(folder), device=args.device, extra_args=["--dtype", dtype])
@@ -178,42 +194,55 @@ def main() -> int:
         try:  # stopped before the next side starts, so two sides never share the machine
             engine.wait_healthy(args.startup_timeout)
             rates[side], outputs[side], pauses[side] = asyncio.run(
-                engine_run(engine.url, prompts, args.max_new_tokens, args.repeats)
+                engine_run(engine.url, prompts, shapes, args.repeats)
             )
         finally:
             engine.stop()
 
     first = sides[0]
     model_name = args.model if args.model in ("tiny", "tiny:qwen2", "qwen2-0.5b") else Path(args.model).name
-    for side in sides:
+    for side, p in pauses.items():
         print(
-            f"{side:>18}: {rates[side]:10.1f} tok/s"
-            + (
-                f"   pause(abort): SGLang's {pauses[side]['pause_generation']:.3f} s, "
-                f"EngineClient.pause {pauses[side]['client.pause']:.3f} s"
-                if side in pauses
-                else ""
-            )
+            f"{side:>18}: pause(abort): SGLang's {p['pause_generation']:.3f} s, EngineClient.pause {p['client.pause']:.3f} s"
         )
-    result = [
-        f"RESULT engine_throughput device={args.device} model={model_name} dtype={dtype} "
-        f"threads={threads or 'default'} concurrency={args.concurrency} prompt_len={args.prompt_len} "
-        f"max_new_tokens={args.max_new_tokens}"
-    ]
-    result += [f"{side}_tok_s={rates[side]:.1f}" for side in sides]
-    for other in sides[1:]:
-        # Sanity, not speed: the same greedy tokens (batched numerics may flip a near-tie, more so in bf16).
-        agreement = sum(a == b for a, b in zip(outputs[first], outputs[other])) / len(prompts)
-        result += [
-            f"ratio_{first}_over_{other}={rates[first] / rates[other]:.2f}",
-            f"greedy_agreement_{other}={agreement:.2f}",
+    for concurrency, max_new_tokens in shapes:
+        shape = (concurrency, max_new_tokens)
+        print(
+            "   ".join(f"{side}: {rates[side][shape]:.1f} tok/s" for side in sides),
+            f"({concurrency} x {max_new_tokens})",
+        )
+        result = [
+            f"RESULT engine_throughput device={args.device} model={model_name} dtype={dtype} "
+            f"threads={threads or 'default'} concurrency={concurrency} prompt_len={args.prompt_len} "
+            f"max_new_tokens={max_new_tokens}"
         ]
-    result += [
-        f"{side}_pause_abort_s={p['pause_generation']:.3f} {side}_client_pause_abort_s={p['client.pause']:.3f}"
-        for side, p in pauses.items()
-    ]
-    print(" ".join(result))
+        result += [f"{side}_tok_s={rates[side][shape]:.1f}" for side in sides]
+        for other in sides[1:]:
+            # Sanity, not speed: the same greedy tokens (batched numerics may flip a near-tie, more so in bf16).
+            same = sum(a == b for a, b in zip(outputs[first][shape], outputs[other][shape])) / concurrency
+            result += [
+                f"ratio_{first}_over_{other}={rates[first][shape] / rates[other][shape]:.2f}",
+                f"greedy_agreement_{other}={same:.2f}",
+            ]
+        print(" ".join(result))
+    print(
+        " ".join(
+            f"RESULT pause_abort {side}_pause_abort_s={p['pause_generation']:.3f} "
+            f"{side}_client_pause_abort_s={p['client.pause']:.3f}"
+            for side, p in pauses.items()
+        )
+    )
     return 0
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(part) for part in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+        raise SystemExit(f"--shapes {text!r}: expected a comma list like 32x64,128x1024")
+    return [(c, n) for c, n in shapes]
 
 
 if __name__ == "__main__":

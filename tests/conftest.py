@@ -45,6 +45,7 @@ def pytest_addoption(parser):
     )
     group.addoption("--engine-model", default="tiny:llama", help="model spec or folder the engine serves")
     group.addoption("--engine-args", default="", help="extra server flags, one shell-quoted string")
+    group.addoption("--engine-device", default="cpu", help="the embedded engine's device: cpu, cuda or cuda:N")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist turns the group marks into node ids

@@ -3,6 +3,7 @@
 The same tests drive the embedded engine (CI) and, unchanged, a real SGLang server:
 
     pytest tests/test_engine_api.py                                    # embedded engine, CPU
+    pytest tests/test_engine_api.py --engine-device cuda               # embedded engine, GPU
     pytest tests/test_engine_api.py --engine sglang --engine-args "--attention-backend triton ..."
 
 Where SGLang lacks a feature the project offers on its own engine, the test is marked
@@ -61,7 +62,7 @@ class EngineUnderTest:
         self.spec = EngineSpec(
             kind=self.kind,
             model=str(model),
-            device="cpu" if self.kind == "embedded" else None,
+            device=config.getoption("--engine-device") if self.kind == "embedded" else None,
             extra_args=extra,
             **spec_changes,
         )

@@ -77,12 +77,23 @@ def prompts_of_different_lengths() -> list[list[int]]:
 def full_forward_logprobs(model, prompt: list[int], output: list[int], temperature: float = 1.0) -> list[float]:
     """What the trainer computes: logprobs of softmax(logits / T), T = 0 (greedy) counting as 1."""
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt + output])).logits[0].float()
+        logits = model(torch.tensor([prompt + output], device=model.device)).logits[0].float()
     logprobs = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
     return [logprobs[len(prompt) - 1 + i, token].item() for i, token in enumerate(output)]
 
 
-def test_greedy_matches_hf_generate_with_staggered_arrivals(core, tiny):
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        output = model.generate(
+            torch.tensor([prompt], device=model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+def assert_greedy_matches_hf_generate_with_staggered_arrivals(core: EngineCore, model) -> None:
     tracker = Tracker()
     seqs = [
         tracker.seq(f"g{i}", p, 30 - 5 * i, temperature=0.0, stream=True)
@@ -92,14 +103,35 @@ def test_greedy_matches_hf_generate_with_staggered_arrivals(core, tiny):
     join_mid_generation(core, tracker, seqs[0], 2, seqs[2:])
     tracker.wait(*seqs)
     for seq in seqs:
-        reference = tiny.model.generate(
-            torch.tensor([seq.prompt_ids]), max_new_tokens=seq.max_new_tokens, do_sample=False, eos_token_id=None
-        )[0, len(seq.prompt_ids) :].tolist()
-        assert seq.output_ids == reference
+        assert seq.output_ids == hf_greedy(model, seq.prompt_ids, seq.max_new_tokens)
         assert seq.finish_reason == {"type": "length", "length": seq.max_new_tokens}
 
 
-def test_sampled_logprobs_equal_full_forward_and_batching_is_continuous(core, tiny):
+def test_greedy_matches_hf_generate_with_staggered_arrivals(core, tiny):
+    assert_greedy_matches_hf_generate_with_staggered_arrivals(core, tiny.model)
+
+
+def test_prompts_longer_than_a_chunk_are_prefilled_chunk_by_chunk(tiny):
+    """Chunks of 8 tokens: the 11- and 20-token prompts take several forwards; tokens, sampled
+    logprobs and input logprobs are those of one full forward."""
+    core = EngineCore(tiny.model, tiny.tokenizer, chunked_prefill_size=8, seed=0)
+    core.start()
+    try:
+        assert_greedy_matches_hf_generate_with_staggered_arrivals(core, tiny.model)
+        tracker = Tracker()
+        prompt = prompts_of_different_lengths()[-1]
+        seq = tracker.seq("long", prompt, 6, logprob_start_len=0)
+        core.submit([seq])
+        tracker.wait(seq)
+        assert seq.input_logprobs[0] is None
+        expected = full_forward_logprobs(tiny.model, prompt[:1], prompt[1:] + seq.output_ids)
+        assert seq.input_logprobs[1:] == pytest.approx(expected[: len(prompt) - 1], abs=1e-4)
+        assert seq.output_logprobs == pytest.approx(expected[len(prompt) - 1 :], abs=1e-4)
+    finally:
+        core.stop(timeout_s=WAIT_S)
+
+
+def assert_sampled_logprobs_equal_full_forward(core: EngineCore, model, tolerance: float) -> None:
     tracker = Tracker()
     settings = [
         dict(temperature=1.0),
@@ -117,12 +149,16 @@ def test_sampled_logprobs_equal_full_forward_and_batching_is_continuous(core, ti
     join_mid_generation(core, tracker, seqs[1], 2, seqs[3:])
     tracker.wait(*seqs)
     for seq in seqs:
-        expected = full_forward_logprobs(tiny.model, seq.prompt_ids, seq.output_ids, seq.temperature)
-        assert max(abs(a - b) for a, b in zip(seq.output_logprobs, expected)) <= 1e-4
+        expected = full_forward_logprobs(model, seq.prompt_ids, seq.output_ids, seq.temperature)
+        assert max(abs(a - b) for a, b in zip(seq.output_logprobs, expected)) <= tolerance
         assert seq.output_versions == ["0"] * len(seq.output_ids)
     stats = core.stats
     assert stats.max_batch_size == 5
     assert stats.decode_forwards < sum(len(seq.output_ids) for seq in seqs)
+
+
+def test_sampled_logprobs_equal_full_forward_and_batching_is_continuous(core, tiny):
+    assert_sampled_logprobs_equal_full_forward(core, tiny.model, 1e-4)
 
 
 def test_top_k_1_is_greedy_and_n_samples_differ(core):
@@ -237,3 +273,63 @@ def test_requests_that_arrive_while_paused_wait_outside_the_scheduler(core):
     core.call(core.resume).result(WAIT_S)
     tracker.wait(other)
     assert other.finish_reason["type"] == "length" and len(other.output_ids) == 3
+
+
+# ---- CUDA: the decode step replayed from CUDA graphs (gpu-marked; skipped without CUDA) ----
+
+
+def cuda_core(folder, dtype: str) -> tuple[EngineCore, object]:
+    loaded = load_model(folder, device="cuda", dtype=dtype)
+    core = EngineCore(loaded.model, loaded.tokenizer, device="cuda", seed=0)
+    core.start()
+    return core, loaded.model
+
+
+@pytest.fixture(scope="module")
+def gqa_folders(tmp_path_factory):
+    """Grouped-query attention (4 query heads over 2 KV heads), the shape of Qwen2-0.5B's attention."""
+    root = tmp_path_factory.mktemp("gqa")
+    return [
+        create_tiny_model(
+            root / f"seed{seed}", "qwen2", hidden_size=128, num_layers=3, seed=seed, num_key_value_heads=2
+        )
+        for seed in (0, 1)
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-4), ("bfloat16", 2e-2)])
+def test_cuda_graph_decode_gives_full_forward_logprobs(gqa_folders, dtype, tolerance):
+    core, model = cuda_core(gqa_folders[0], dtype)
+    try:
+        assert_sampled_logprobs_equal_full_forward(core, model, tolerance)
+        assert core.decoder.graphs is not None and core.decoder.graphs.graphs, "no decode step ran from a graph"
+        if dtype == "float32":
+            assert_greedy_matches_hf_generate_with_staggered_arrivals(core, model)
+    finally:
+        core.stop(timeout_s=WAIT_S)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_see_weight_updates_and_survive_memory_release(gqa_folders):
+    core, model = cuda_core(gqa_folders[0], "float32")
+    other = load_model(gqa_folders[1], device="cuda", dtype="float32").model
+    try:
+        prompt = prompts_of_different_lengths()[1]
+
+        def greedy() -> list[int]:
+            tracker = Tracker()
+            seq = tracker.seq(f"q{core.stats.finished_requests}", prompt, 24, temperature=0.0)
+            core.submit([seq])
+            tracker.wait(seq)
+            return seq.output_ids
+
+        assert greedy() == hf_greedy(model, prompt, 24)
+        ok, _ = core.call(core.load_weights, dict(other.state_dict()), "1").result(WAIT_S)
+        assert ok
+        assert greedy() == hf_greedy(other, prompt, 24)
+        assert core.call(core.release_memory, ["weights", "kv_cache"]).result(WAIT_S)[0]
+        assert core.call(core.resume_memory, ["weights", "kv_cache"]).result(WAIT_S)[0]
+        assert greedy() == hf_greedy(other, prompt, 24)
+    finally:
+        core.stop(timeout_s=WAIT_S)

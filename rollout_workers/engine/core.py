@@ -1,11 +1,11 @@
 """The engine core: continuous batching on one thread, controlled at step boundaries.
 
-Requests join and leave the running batch at every decode step. The batch keeps
-one left-padded KV cache; newcomers are prefilled together and merged into it,
-finished rows are dropped by index. All control (abort, pause, weight updates,
-memory release) runs on the engine thread between steps, so weights never change
-in the middle of a forward pass. Other threads talk to the core only through
-`call`, which returns a concurrent Future.
+Requests join and leave the running batch at every decode step. Each row keeps its KV in
+a cache slot written in place (`decoder`); newcomers are prefilled in chunks of at most
+`chunked_prefill_size` tokens into the slots after the running rows. All control (abort,
+pause, weight updates, memory release) runs on the engine thread between steps, so
+weights never change in the middle of a forward pass. Other threads talk to the core
+only through `call`, which returns a concurrent Future.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from rollout_workers.engine import kv_cache
-from rollout_workers.engine.sampling import RowSettings, sample
+from rollout_workers.engine.batch import RowState, RunningBatch
+from rollout_workers.engine.decoder import Decoder
+from rollout_workers.engine.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -93,51 +94,6 @@ class EngineStats:
     waiting: int = 0
 
 
-class RunningBatch:
-    """Rows being decoded together, their shared left-padded cache and per-row state."""
-
-    def __init__(
-        self, rows: list[Sequence], cache, mask: torch.Tensor, next_positions: torch.Tensor, last_tokens: torch.Tensor
-    ):
-        self.rows = rows
-        self.cache = cache
-        self.mask = mask  # (B, L): 1 where the cache column holds a real token of that row
-        self.next_positions = next_positions  # (B,): position id of each row's next input token
-        self.last_tokens = last_tokens  # (B,): sampled, not yet in the cache
-        self.settings = _row_settings(rows, mask.device)
-
-    def keep(self, keep: list[bool]) -> None:
-        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.mask.device)
-        self.rows = [row for row, k in zip(self.rows, keep) if k]
-        mask = self.mask.index_select(0, index)
-        first_column = int(mask.any(dim=0).long().argmax())  # leading columns that are padding for every row
-        kv_cache.select_rows(self.cache, index, first_column)
-        self.mask = mask[:, first_column:]
-        self.next_positions = self.next_positions.index_select(0, index)
-        self.last_tokens = self.last_tokens.index_select(0, index)
-        self.settings = _row_settings(self.rows, self.mask.device)
-
-    def merge(self, other: RunningBatch) -> None:
-        kv_cache.merge(self.cache, other.cache)
-        length = max(self.mask.shape[1], other.mask.shape[1])
-        self.mask = torch.cat([_left_pad_mask(self.mask, length), _left_pad_mask(other.mask, length)])
-        self.rows += other.rows
-        self.next_positions = torch.cat([self.next_positions, other.next_positions])
-        self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
-        self.settings = _row_settings(self.rows, self.mask.device)
-
-
-def _row_settings(rows: list[Sequence], device) -> RowSettings:
-    return RowSettings(
-        [r.temperature for r in rows], [r.top_p for r in rows], [r.top_k for r in rows], [r.min_p for r in rows], device
-    )
-
-
-def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - mask.shape[1]
-    return torch.nn.functional.pad(mask, (missing, 0)) if missing else mask
-
-
 class EngineCore:
     def __init__(
         self,
@@ -147,12 +103,17 @@ class EngineCore:
         device: str = "cpu",
         max_running_requests: int = 256,
         max_total_tokens: int | None = None,
+        chunked_prefill_size: int = 8192,
+        cuda_graph_max_bs: int = 256,
         weight_version: str = "0",
         seed: int = 0,
     ):
+        """cuda_graph_max_bs: decode steps of up to this many rows replay CUDA graphs (0: never)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.decoder = Decoder(model, self.device, cuda_graph_max_bs)
+        self.chunked_prefill_size = chunked_prefill_size
         config = model.config
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
@@ -271,8 +232,7 @@ class EngineCore:
     def flush_cache(self) -> tuple[bool, str]:
         if self.has_requests():
             return False, "cannot flush the cache while requests are running, waiting or paused in place"
-        self.batch = None
-        _empty_device_cache(self.device)
+        self.batch = None  # the slots stay allocated: they hold no prefix anyone could reuse
         return True, "Cache flushed."
 
     def release_memory(self, tags: list[str]) -> tuple[bool, str]:
@@ -280,6 +240,7 @@ class EngineCore:
             return False, "cannot release memory while requests are running, waiting or paused; abort them first"
         if "weights" in tags and "weights" not in self.released and self.device.type != "cpu":
             self.model.to("cpu")  # host copy keeps the weights; the device memory is what gets freed
+        self.decoder.reset()  # the cache, and the graphs captured over the weights' old addresses
         self.released.update(tags)
         _empty_device_cache(self.device)
         return True, f"released {', '.join(sorted(tags))}"
@@ -289,6 +250,7 @@ class EngineCore:
             return False, f"not released: {', '.join(not_released)}"
         if "weights" in tags and "weights" in self.released and self.device.type != "cpu":
             self.model.to(self.device)
+            self.decoder.reset()
         self.released.difference_update(tags)
         return True, f"resumed {', '.join(sorted(tags))}"
 
@@ -377,90 +339,102 @@ class EngineCore:
         self.stats.max_batch_size = max(self.stats.max_batch_size, running)
 
     def _admit(self) -> list[Sequence]:
+        """Newcomers for this step's prefill: within the token budget, the batch size and one chunk
+        (right-padded), and at least one, so that a prompt longer than a chunk goes alone."""
         rows = self.batch.rows if self.batch is not None else []
         budget = self.max_total_tokens - sum(len(r.prompt_ids) + r.max_new_tokens for r in rows)
         admitted: list[Sequence] = []
+        widest = 0
         while self.waiting and len(rows) + len(admitted) < self.max_running_requests:
-            need = len(self.waiting[0].prompt_ids) + self.waiting[0].max_new_tokens
+            head = self.waiting[0]
+            need = len(head.prompt_ids) + head.max_new_tokens
             if need > budget and (rows or admitted):
                 break
+            width = max(widest, len(head.prompt_ids) + len(head.output_ids))
+            if admitted and width * (len(admitted) + 1) > self.chunked_prefill_size:
+                break
             budget -= need
+            widest = width
             admitted.append(self.waiting.popleft())
         return admitted
-
-    def _forward(self, input_ids, mask, positions, cache, logits_to_keep: int = 1) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
-        return out.logits
 
     def _decode(self) -> None:
         batch = self.batch
         assert batch is not None  # _step decodes only while a batch runs
-        ones = torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=self.device)
-        batch.mask = torch.cat([batch.mask, ones], dim=1)
-        logits = self._forward(
-            batch.last_tokens.unsqueeze(1), batch.mask, batch.next_positions.unsqueeze(1), batch.cache
-        )
+        logits = self.decoder.decode(batch.last_tokens, batch.positions, batch.longest + 1)
         self.stats.decode_forwards += 1
-        batch.next_positions += 1
-        tokens, logprobs = sample(logits[:, -1], batch.settings, self.generator)
+        batch.advance()
+        tokens, logprobs = sample(logits, batch.state, self.generator)
         batch.last_tokens = tokens
-        self._keep_rows(self._record(batch.rows, tokens, logprobs))
+        self._keep_rows(self._record(batch.rows, batch.state, tokens, logprobs))
 
     def _prefill(self, sequences: list[Sequence]) -> None:
+        """Prefill `sequences` into the slots after the running rows; they join the batch."""
+        first = len(self.batch) if self.batch is not None else 0
         texts = [seq.prompt_ids + seq.output_ids for seq in sequences]
-        width = max(len(t) for t in texts)
-        ids = torch.full((len(texts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), width), dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids[i, width - len(text) :] = torch.tensor(text, dtype=torch.long)
-            mask[i, width - len(text) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-        wants_input_logprobs = [seq.logprob_start_len >= 0 and seq.input_logprobs is None for seq in sequences]
-        cache = kv_cache.new_cache()
-        logits = self._forward(ids, mask, positions, cache, logits_to_keep=0 if any(wants_input_logprobs) else 1)
+        lengths = [len(t) for t in texts]
+        longest = max(n + seq.remaining for n, seq in zip(lengths, sequences))
+        self.decoder.cache.reserve(first + len(texts), longest)
+        last_hidden = self._prefill_hidden(texts, first, sequences)
         self.stats.prefill_forwards += 1
-        for i, seq in enumerate(sequences):
-            if wants_input_logprobs[i]:
-                seq.input_logprobs = _input_logprobs(
-                    logits[i, width - len(texts[i]) :], texts[i], seq.logprob_start_len
-                )
-        tokens, logprobs = sample(logits[:, -1], _row_settings(sequences, self.device), self.generator)
-        lengths = torch.tensor([len(t) for t in texts], dtype=torch.long, device=self.device)
-        fresh = RunningBatch(sequences, cache, mask, lengths, tokens)
+        state = RowState.of(sequences, self.device)
+        tokens, logprobs = sample(self.decoder.logits(last_hidden), state, self.generator)
+        fresh = RunningBatch(sequences, lengths, tokens, state)
         keep = [seq.remaining > 0 for seq in sequences]
         for seq, k in zip(sequences, keep):
             if not k:  # max_new_tokens == 0: a prefill for logprobs only
                 self._finish(seq, {"type": "length", "length": seq.max_new_tokens})
-        kept = [i for i, k in enumerate(keep) if k]
-        keep2 = self._record([sequences[i] for i in kept], tokens[kept], logprobs[kept])
-        for i, k in zip(kept, keep2):
+        generating = [i for i, k in enumerate(keep) if k]
+        index = torch.tensor(generating, dtype=torch.long, device=self.device)
+        going_on = self._record([sequences[i] for i in generating], state, tokens, logprobs, index)
+        for i, k in zip(generating, going_on):
             keep[i] = k
-        if not any(keep):
-            return
-        if not all(keep):
-            fresh.keep(keep)
         if self.batch is None:
             self.batch = fresh
+            self._keep_rows(keep)
         else:
-            self.batch.merge(fresh)
+            self.batch.extend(fresh)
+            self._keep_rows([True] * first + keep)
 
-    def _record(self, rows: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> list[bool]:
-        """Append each row's new token; finish rows that are done. Returns which rows go on."""
+    def _prefill_hidden(self, texts: list[list[int]], first: int, sequences: list[Sequence]) -> torch.Tensor:
+        """The final hidden state at each text's last token (rows, hidden), written to slots from `first`;
+        fills input logprobs where asked. The texts go in one right-padded forward; a text longer than
+        a chunk (admitted alone) goes chunk by chunk."""
+        width = max(len(t) for t in texts)
+        chunk = width if len(texts) > 1 else min(width, self.chunked_prefill_size)
+        ids = torch.full((len(texts), width), self.pad_token_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids[i, : len(text)] = torch.tensor(text, dtype=torch.long)
+        ids = ids.to(self.device)
+        pieces = [self.decoder.prefill(ids[:, start : start + chunk], first, start) for start in range(0, width, chunk)]
+        hidden = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        for i, seq in enumerate(sequences):
+            if seq.logprob_start_len >= 0 and seq.input_logprobs is None:
+                logits = self.decoder.logits(hidden[i, : len(texts[i])])
+                seq.input_logprobs = _input_logprobs(logits, texts[i], seq.logprob_start_len)
+        ends = torch.tensor([len(t) - 1 for t in texts], device=self.device)
+        return hidden[torch.arange(len(texts), device=self.device), ends]
+
+    def _record(
+        self,
+        rows: list[Sequence],
+        state: RowState,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor,
+        index: torch.Tensor | None = None,
+    ) -> list[bool]:
+        """Append each row's new token; finish rows that are done. Returns which rows go on.
+        `index` picks `rows` out of the state's rows where not all of them generate."""
+        done = state.finished(tokens)
+        if index is not None:
+            tokens, logprobs, done = tokens[index], logprobs[index], done[index]
         keep = []
         version = self.weight_version
-        for seq, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+        for seq, token, logprob, finished in zip(rows, tokens.tolist(), logprobs.tolist(), done.tolist()):
             seq.output_ids.append(token)
             seq.output_logprobs.append(logprob)
             seq.output_versions.append(version)
-            reason = seq.finish_after(token, self.tokenizer)
+            reason = seq.finish_after(token, self.tokenizer) if finished or seq.stop_strings else None
             if reason is None:
                 keep.append(True)
                 if seq.stream:
@@ -478,7 +452,7 @@ class EngineCore:
             self.batch = None
         else:
             assert self.batch is not None  # `keep` has one entry per row of the running batch
-            self.batch.keep(keep)
+            self.batch.keep(keep, self.decoder.cache)
 
     def _finish(self, seq: Sequence, reason: dict[str, Any]) -> None:
         seq.finish_reason = reason

@@ -604,6 +604,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="bound on prompt + max_new_tokens summed over the running batch",
     )
+    # SGLang's flags of the same names and meanings
+    parser.add_argument("--chunked-prefill-size", type=int, default=8192, help="tokens per prefill forward")
+    parser.add_argument(
+        "--cuda-graph-max-bs", type=int, default=256, help="decode steps up to this many rows replay CUDA graphs"
+    )
+    parser.add_argument("--disable-cuda-graph", action="store_true")
     parser.add_argument("--weight-version", default="0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-level", default="info")
@@ -626,6 +632,8 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         max_running_requests=args.max_running_requests,
         max_total_tokens=args.max_total_tokens,
+        chunked_prefill_size=args.chunked_prefill_size,
+        cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
         weight_version=args.weight_version,
         seed=args.seed,
     )

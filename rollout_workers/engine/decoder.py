@@ -1,0 +1,226 @@
+"""The embedded engine's forward pass: a Llama/Qwen2 model's own modules over the slot KV cache.
+
+HF's forward re-pads a left-aligned cache as rows join and leave and costs hundreds of Python
+calls per layer. Here the same modules (norms, projections, MLP, LM head; same weights, so a
+weight update or the trainer's export is seen as it is) run around an attention that reads
+the slot cache in place. A decode step folds the query heads that share a KV head into the
+query-length axis, so grouped-query attention needs no repeated keys, and on CUDA it is
+replayed from a CUDA graph captured once per (batch bucket, length bucket).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from rollout_workers.engine.kv_cache import SlotCache, batch_bucket, length_bucket
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("llama", "qwen2")
+# RoPE variants whose angles depend on the position alone (a table per position holds them).
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def unsupported(config) -> str | None:
+    """Why the embedded engine cannot run this model, or None."""
+    if config.model_type not in FAMILIES:
+        return (
+            f"model type {config.model_type!r} (the embedded engine runs {', '.join(FAMILIES)}; use engine.kind=sglang)"
+        )
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention"
+    rope = (getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}).get(
+        "rope_type", "default"
+    )
+    if rope not in STATIC_ROPE:
+        return f"rope type {rope!r} (its angles depend on the sequence length)"
+    return None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class Decoder:
+    def __init__(self, model, device: torch.device, cuda_graph_max_bs: int = 0):
+        config = model.config
+        if reason := unsupported(config):
+            raise ValueError(f"the embedded engine cannot run this model: {reason}")
+        self.model = model
+        self.device = device
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.cache = SlotCache(config.num_hidden_layers, self.kv_heads, self.head_dim, model.dtype, device)
+        self.graphs = DecodeGraphs(self, cuda_graph_max_bs) if device.type == "cuda" and cuda_graph_max_bs else None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        """Forget the cache and everything captured over the weights (they moved, or memory is released)."""
+        self.cache.clear()
+        self._rope = None
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position, from the model's own rotary module (its scaling included)."""
+        if self._rope is None:
+            inner = self.model.model
+            positions = torch.arange(self.context_length, device=self.device).unsqueeze(0)
+            probe = torch.empty(0, dtype=self.model.dtype, device=self.device)
+            cos, sin = inner.rotary_emb(probe, positions)
+            self._rope = cos[0], sin[0]
+        return self._rope
+
+    # ---- prefill: new rows' tokens, written into their slots ----
+
+    def prefill(self, tokens: torch.Tensor, first: int, start: int) -> torch.Tensor:
+        """Final hidden states (n, T, hidden) of right-padded `tokens` (n, T), stored in slots
+        [first, first + n) from column `start`; start > 0 (a later chunk of one long row) attends
+        to the columns before it."""
+        n, width = tokens.shape
+        self.cache.reserve(first + n, start + width)
+        cos, sin = (table[start : start + width] for table in self.rope())
+        inner = self.model.model
+        hidden = inner.embed_tokens(tokens)
+        slots, columns = slice(first, first + n), slice(start, start + width)
+        causal = None
+        if start:
+            seen = torch.arange(start + width, device=self.device).unsqueeze(0)
+            causal = seen <= (start + torch.arange(width, device=self.device)).unsqueeze(1)
+        for layer, keys, values in zip(inner.layers, self.cache.keys, self.cache.values, strict=True):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(n, width, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            keys[slots, :, columns] = k
+            values[slots, :, columns] = v
+            if start:
+                k, v = keys[slots, :, : start + width], values[slots, :, : start + width]
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=causal, is_causal=causal is None, scale=self.scale, enable_gqa=True
+            )
+            hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(n, width, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return inner.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    # ---- decode: one token for each of the first `rows` slots ----
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
+        """Logits (rows, vocab) of each row's next token; `tokens` and `positions` (rows,) are where
+        they go in the cache, `longest` bounds positions + 1 (known on the host: no sync)."""
+        rows = tokens.shape[0]
+        self.cache.reserve(rows, longest)
+        if self.graphs is not None and rows <= self.graphs.max_rows:
+            return self.graphs.run(tokens, positions, longest)
+        slots = torch.arange(rows, device=self.device)
+        return self.decode_step(tokens, positions, slots, longest)
+
+    def decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, columns: int, out=None
+    ) -> torch.Tensor:
+        """The step itself (what a graph captures): rows = len(tokens) reads slots [0, rows)."""
+        rows = tokens.shape[0]
+        cos_table, sin_table = self.rope()
+        cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)  # (rows, 1, dim)
+        visible = torch.arange(columns, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)
+        mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=self.device)
+        mask = mask.masked_fill(~visible, float("-inf")).view(rows, 1, 1, columns)
+        group = self.heads // self.kv_heads
+        inner = self.model.model
+        hidden = inner.embed_tokens(tokens)  # (rows, hidden)
+        for layer, keys, values in zip(inner.layers, self.cache.keys, self.cache.values, strict=True):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = _rotate(attn.q_proj(x).view(rows, self.heads, self.head_dim), cos, sin)
+            k = _rotate(attn.k_proj(x).view(rows, self.kv_heads, self.head_dim), cos, sin)
+            keys[slots, :, positions] = k
+            values[slots, :, positions] = attn.v_proj(x).view(rows, self.kv_heads, self.head_dim)
+            o = F.scaled_dot_product_attention(
+                q.view(rows, self.kv_heads, group, self.head_dim),
+                keys[:rows, :, :columns],
+                values[:rows, :, :columns],
+                attn_mask=mask,
+                scale=self.scale,
+            )
+            hidden = hidden + attn.o_proj(o.reshape(rows, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = inner.norm(hidden)
+        head = self.model.lm_head
+        if out is None:
+            return head(hidden)
+        return torch.matmul(hidden, head.weight.t(), out=out)
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode step, captured on first use per (batch bucket, length bucket).
+
+    Inputs live in static buffers; rows beyond the live ones pad the bucket and write their
+    keys to the cache's scratch slot. Every graph writes its logits into one shared buffer,
+    read (by sampling) before the next replay.
+    """
+
+    def __init__(self, decoder: Decoder, max_rows: int):
+        self.decoder = decoder
+        self.max_rows = max_rows
+        device = decoder.device
+        width = batch_bucket(max_rows)
+        vocab = decoder.model.lm_head.weight.shape[0]
+        self.tokens = torch.zeros(width, dtype=torch.long, device=device)
+        self.positions = torch.zeros(width, dtype=torch.long, device=device)
+        self.slots = torch.zeros(width, dtype=torch.long, device=device)
+        self.logits = torch.empty((width, vocab), dtype=decoder.model.dtype, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.generation = -1
+        self.pool = None
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
+        cache = self.decoder.cache
+        if cache.generation != self.generation:  # captured over tensors that no longer exist
+            self.clear()
+            self.generation = cache.generation
+        rows = tokens.shape[0]
+        bucket = batch_bucket(rows)
+        columns = min(length_bucket(longest), cache.length)
+        self.tokens[:rows] = tokens
+        self.tokens[rows:bucket] = 0
+        self.positions[:rows] = positions
+        self.positions[rows:bucket] = 0
+        torch.arange(bucket, out=self.slots[:bucket])
+        self.slots[rows:bucket] = cache.scratch
+        key = (bucket, columns)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(bucket, columns)
+        graph.replay()
+        return self.logits[:rows]
+
+    def _capture(self, bucket: int, columns: int) -> torch.cuda.CUDAGraph:
+        args = (self.tokens[:bucket], self.positions[:bucket], self.slots[:bucket], columns)
+        out = self.logits[:bucket]
+        side = torch.cuda.Stream(self.decoder.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy library initialisation)
+            self.decoder.decode_step(*args, out=out)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.decoder.decode_step(*args, out=out)
+        self.pool = graph.pool()
+        log.debug("captured a decode graph for %d rows x %d columns (%d graphs)", bucket, columns, len(self.graphs) + 1)
+        return graph
