@@ -93,6 +93,11 @@ class EngineConfig(_Table, frozen=True):
     health_failures: int = 3
     """Missed deadlines in a row after which the engine counts as hung: it is killed and restarted
     (run.max_restarts); 0 = no health monitor."""
+    trainer_logprobs: bool = False
+    """Embedded engines report, for every finished sample, the logprobs the trainer computes for it
+    (its own function, one sequence per forward on both sides), so that on-policy importance ratios
+    are exactly 1; the tokens are still sampled from the engine's fast forward. Costs one forward per
+    sample in the engine and one sequence per micro-batch in the trainer."""
 
     def __post_init__(self) -> None:
         check_device("device", self.device)
@@ -341,10 +346,25 @@ class RunConfig(_Table, frozen=True):
                 f"trainer.processes = {self.trainer.processes} ranks cannot be spread evenly over "
                 f"cluster.trainer_nodes = {nodes} nodes"
             )
+        if self.engine.trainer_logprobs:
+            self._check_trainer_logprobs()
         if self.april.enabled and self.rollout.generate is not None:
             raise ValueError(
                 f"april.enabled retracts and resumes samples, which the worker-driven path does: unset "
                 f"rollout.generate ({self.rollout.generate}) and use rollout.sample_plan"
+            )
+
+    def _check_trainer_logprobs(self) -> None:
+        """Only where the engine can run the trainer's exact numerics."""
+        if self.engine.kind != "embedded":
+            raise ValueError("engine.trainer_logprobs needs embedded engines (SGLang computes logprobs its own way)")
+        if self.trainer.backend != "torch":
+            raise ValueError('engine.trainer_logprobs needs trainer.backend = "torch" (the HF forward the engine has)')
+        if self.model.dtype != "float32" and self.trainer.processes == 1:
+            raise ValueError(
+                f"engine.trainer_logprobs with model.dtype = {self.model.dtype!r} needs trainer.processes >= 2: one "
+                "trainer process computes in autocast over float32 master weights, which the engine does not hold "
+                "(FSDP's mixed precision computes with the same low-precision weights the engines get)"
             )
 
     @property

@@ -644,6 +644,8 @@ def _engine_args(config: RunConfig, version: int, seed: int) -> list[str]:
     args = ["--weight-version", str(version), "--max-running-requests", str(config.engine.max_running_requests)]
     if config.engine.kind == "embedded":
         args += ["--dtype", config.model.dtype, "--seed", str(seed)]
+        if config.engine.trainer_logprobs:
+            args += ["--trainer-logprobs-chunk", str(config.trainer.logprob_chunk_tokens)]
     else:
         args += ["--random-seed", str(seed)]
     return args + list(config.engine.extra_args)

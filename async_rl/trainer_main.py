@@ -52,6 +52,7 @@ def trainer_context(config: RunConfig, model_dir: Path):
         max_staleness=config.staleness.eta,
         # Engines report logprobs of the distribution they sampled from: softmax(logits / T).
         logprob_temperature=config.rollout.temperature or 1.0,
+        one_row_per_microbatch=config.engine.trainer_logprobs,
     )
 
 

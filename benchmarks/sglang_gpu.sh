@@ -14,7 +14,8 @@
 #   megatron [.gpu/p2 .gpu/p3]: the megatron backend's GPU tests | megatron_parity: its parity and speed
 #   against the torch backend | megatron_e2e [.gpu/p4]: SmolLM2
 #   runs with the megatron and the torch backend | engine: the embedded engine on the GPU (tests, contract,
-#   throughput beside SGLang at five shapes)
+#   throughput beside SGLang at five shapes) | exact: behaviour vs trainer logprobs, engine.trainer_logprobs
+#   on and off
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
@@ -147,6 +148,19 @@ case "${1:?stage}" in
       --dtype bfloat16 --shapes 32x64,128x128,256x128,128x1024,256x1024 --prompt-len 64 --repeats 2 \
       --sglang-args "${SGL_ARGS/--cuda-graph-max-bs 160/--cuda-graph-max-bs 256}" 2>&1 | tee "$OUT/throughput.txt" \
       | grep -E "RESULT|tok/s|Error" ;;
+  exact)  # issue 16: behaviour vs trainer logprobs on the GPU, embedded engine, with and without engine.trainer_logprobs
+    for model in tiny:llama qwen2-0.5b; do
+      for tl in true false; do
+        name=exact-${model/:/-}-$tl
+        timeout 140 python3 -m async_rl.cli run recipes/tiny.toml --sync --set model.spec=$model --set model.device=cuda \
+          --set rollout.max_new_tokens=16 --set trainer.total_steps=5 --set engine.trainer_logprobs=$tl \
+          --set run.max_wall_s=120 --set run.output_dir=$RUNS/$name > "$RUNS/$name.log" 2>&1
+        echo "$name exit $?"
+        python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('RESULT', sys.argv[2], 'max_abs', \
+          max(x['logprob/behav_current_max_abs'] for x in r), 'is_weight_max', max(x['is_weight/max'] for x in r), \
+          'steps', len(r))" $RUNS/$name/metrics.jsonl $name
+      done
+    done; pack exact ;;
   synccost)
     timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda --methods disk,tensor --syncs 4 \
       2>&1 | tee "$OUT/synccost.txt" | tail -4

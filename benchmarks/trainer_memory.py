@@ -49,8 +49,9 @@ def measure(args: argparse.Namespace) -> dict:
     """One path, in this process: its logprobs go to args.logprobs_out, its numbers are returned."""
     import torch
 
+    from async_rl.logprobs import token_logprobs
     from async_rl.trainer.config import TrainerConfig, TrainerContext
-    from async_rl.trainer.trainer import Trainer, token_logprobs
+    from async_rl.trainer.trainer import Trainer
     from rollout_workers.engine.model import resolve_model_spec
 
     config = TrainerConfig(

@@ -143,6 +143,19 @@ def test_run_refuses_april_with_a_generate_function_it_cannot_resume():
         load_config("april_tiny", ["rollout.generate=recipes.tool_calling:calculator"])
 
 
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["engine.kind=sglang"], "needs embedded engines"),
+        (["trainer.backend=megatron"], "trainer.backend"),
+        (["model.dtype=bfloat16"], "trainer.processes >= 2"),
+    ],
+)
+def test_trainer_logprobs_are_refused_where_the_engine_cannot_compute_them(overrides, refused):
+    assert refused in config_error(TASK, "engine.trainer_logprobs=true", *overrides)
+    load_config("tiny", ["engine.trainer_logprobs=true", "model.dtype=bfloat16", "trainer.processes=2"])
+
+
 def test_tensor_sync_is_refused_for_sglang_engines():
     message = config_error(TASK, "engine.kind=sglang", "weight_sync.method=tensor")
     assert "MultiprocessingSerializer" in message and "disk" in message

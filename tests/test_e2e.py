@@ -67,6 +67,29 @@ def test_sync_mode_equals_a_synchronous_replay_of_its_batches(tmp_path):
         torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_trainer_logprobs_make_on_policy_importance_ratios_exactly_one(tmp_path):
+    """engine.trainer_logprobs: the engine reports the trainer's own logprobs, so a synchronous run's
+    behaviour and current logprobs are bitwise equal (without it they differ in the last bits)."""
+    code, output = finish(
+        start_run(
+            tmp_path,
+            "--sync",
+            "--set",
+            "trainer.total_steps=5",
+            "--set",
+            "rollout.max_new_tokens=4",
+            "--set",
+            "engine.trainer_logprobs=true",
+        )
+    )
+    assert code == 0, output
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(records) == 5
+    assert all(r["logprob/behav_current_max_abs"] == 0.0 and r["is_weight/max"] == 1.0 for r in records), [
+        (r["logprob/behav_current_max_abs"], r["is_weight/max"]) for r in records
+    ]
+
+
 def test_an_interrupted_run_resumes_its_version_count(tmp_path):
     """Interrupted at step >= 12 of a run that cannot finish first (1000 steps), then resumed from its
     latest checkpoint for 10 more steps."""

@@ -333,3 +333,63 @@ def test_cuda_graphs_see_weight_updates_and_survive_memory_release(gqa_folders):
         assert greedy() == hf_greedy(other, prompt, 24)
     finally:
         core.stop(timeout_s=WAIT_S)
+
+
+def test_trainer_logprobs_are_the_trainers_function_on_each_version(tiny):
+    """With trainer_logprobs_chunk set, a sample's logprobs are exactly async_rl.logprobs' on its row;
+    across a weight update mid-sample, the tokens before it keep the old weights' logprobs."""
+    from async_rl.logprobs import token_logprobs
+
+    old = {name: tensor.clone() for name, tensor in tiny.model.state_dict().items()}
+    core = EngineCore(tiny.model, tiny.tokenizer, trainer_logprobs_chunk=4, seed=0)
+    core.start()
+    try:
+        tracker = Tracker()
+        seqs = [
+            tracker.seq(f"t{i}", p, 12, temperature=0.8, stream=True)
+            for i, p in enumerate(prompts_of_different_lengths())
+        ]
+        core.submit(seqs)
+        tracker.wait(*seqs)
+
+        def trainer(seq: Sequence, model) -> list[float]:
+            ids = torch.tensor([seq.prompt_ids + seq.output_ids])
+            with torch.no_grad():
+                values = token_logprobs(model, ids, torch.ones_like(ids), seq.temperature, 4)
+            return values[0, len(seq.prompt_ids) - 1 :].tolist()
+
+        for seq in seqs:
+            assert seq.output_logprobs == trainer(seq, tiny.model)  # bitwise: ratios exactly 1
+
+        run = tracker.seq("across", [5, 6, 7], 20, temperature=1.0, stream=True)
+        core.submit([run])
+        tracker.wait_until(lambda: len(run.output_ids) >= 5)
+        core.call(core.pause, "in_place").result(WAIT_S)
+        before = len(run.output_ids)
+        scaled = {name: tensor * 1.5 for name, tensor in old.items()}
+        assert core.call(core.load_weights, scaled, "1", False).result(WAIT_S)[0]
+        core.call(core.resume).result(WAIT_S)
+        tracker.wait(run)
+        new_weights = trainer(run, tiny.model)
+        assert run.output_logprobs[before:] == new_weights[before:]
+        tiny.model.load_state_dict(old)
+        assert run.output_logprobs[:before] == pytest.approx(trainer(run, tiny.model)[:before], abs=1e-5)
+        assert run.output_logprobs[:before] != pytest.approx(new_weights[:before], abs=1e-3)
+    finally:
+        tiny.model.load_state_dict(old)
+        core.stop(timeout_s=WAIT_S)
+
+
+def test_max_total_tokens_bounds_rows_times_the_longest_row(tiny):
+    """The cache holds the longest row's prompt + max_new_tokens for every row: 2 x 45 fit in 100, 3 do not."""
+    core = EngineCore(tiny.model, tiny.tokenizer, max_total_tokens=100, seed=0)
+    core.start()
+    try:
+        tracker = Tracker()
+        seqs = [tracker.seq(f"b{i}", [5, 6, 7, 8, 9], 40 - 30 * (i == 3), temperature=0.0) for i in range(4)]
+        core.submit(seqs)
+        tracker.wait(*seqs)
+        assert core.stats.max_batch_size == 2
+        assert all(len(seq.output_ids) == seq.max_new_tokens for seq in seqs)
+    finally:
+        core.stop(timeout_s=WAIT_S)

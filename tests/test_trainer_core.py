@@ -16,13 +16,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from async_rl.logprobs import token_logprobs
 from async_rl.messages import Trajectory, encode
 from async_rl.trainer.batch import BatchError, pack_microbatches
 from async_rl.trainer.checkpoint import latest_checkpoint
 from async_rl.trainer.config import LossConfig, TrainerConfig, TrainerContext
 from async_rl.trainer.distributed import full_tensor
 from async_rl.trainer.reference import reference_loss
-from async_rl.trainer.trainer import Trainer, token_logprobs
+from async_rl.trainer.trainer import Trainer
 from staleness import StalenessBoundError
 
 

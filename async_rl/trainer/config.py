@@ -196,6 +196,9 @@ class TrainerContext(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     """Refuse a batch holding a sample staler than this (staleness.eta); None = no check."""
     logprob_temperature: float = 1.0
     """The rollout temperature: logprobs are of softmax(logits / T), the distribution the engines sampled from."""
+    one_row_per_microbatch: bool = False
+    """Every forward sees one unpadded sequence, as an engine computing the trainer's logprobs does
+    (engine.trainer_logprobs): the same shapes, so the same kernels and sums."""
 
     def __post_init__(self) -> None:
         check_field(bool(self.model_path), "model_path", self.model_path, "a local HF model folder")

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from async_rl.logprobs import chunked_logprobs
 from async_rl.trainer.batch import PaddedBatch
 from async_rl.trainer.config import TrainerConfig, TrainerContext, megatron_unavailable
 from async_rl.trainer.distributed import init_distributed
 from async_rl.trainer.megatron_convert import check_parallel_sizes, layout_of
 from async_rl.trainer.megatron_model import hf_tensors, load_gpt, transformer_config
-from async_rl.trainer.trainer import Trainer, chunked_logprobs, seed_everything
+from async_rl.trainer.trainer import Trainer, seed_everything
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel

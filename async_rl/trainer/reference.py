@@ -13,10 +13,11 @@ from collections.abc import Iterable
 
 import torch
 
+from async_rl.logprobs import token_logprobs
 from async_rl.messages import Trajectory
 from async_rl.trainer.config import LossConfig, TrainerConfig, TrainerContext
 from async_rl.trainer.loss import aggregate_loss, group_advantages, policy_token_loss
-from async_rl.trainer.trainer import Trainer, token_logprobs
+from async_rl.trainer.trainer import Trainer
 
 
 def reference_loss(model: torch.nn.Module, trajectories: list[Trajectory], config: LossConfig) -> torch.Tensor:

@@ -17,7 +17,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, cast
 
@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
+from async_rl.logprobs import token_logprobs
 from async_rl.messages import Trajectory
 from async_rl.trainer import checkpoint
 from async_rl.trainer.batch import (
@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Per-token quantities summed over valid tokens, then divided by the token count.
+# Per-token quantities whose maximum over valid tokens is reported: the largest importance weight,
+# and the largest |behaviour - current| logprob (0 on-policy when engine.trainer_logprobs is on).
+_TOKEN_MAXIMA = ("is_weight/max", "logprob/behav_current_max_abs")
 _TOKEN_SUMS = (
     "clip_frac",
     "is_weight/mean",
@@ -76,58 +79,6 @@ class StepResult(msgspec.Struct, kw_only=True):
     staleness_histogram: dict[int, int]
     skipped: bool = False  # True when a non-finite loss or gradient skipped an update
     skip_reason: str = ""
-
-
-def token_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperature: float = 1.0,
-    chunk_tokens: int = 0,
-) -> torch.Tensor:
-    """log p(token at j+1 | tokens <= j) under softmax(logits / temperature), in float32: [B, L-1].
-
-    With chunk_tokens > 0 the LM head runs on that many positions at a time and each chunk's
-    logits are recomputed in the backward pass, so full-vocabulary float32 logits never exist for
-    more than one chunk (a 150k vocabulary makes them ~0.6 MB per token). The head is swapped for
-    the call only, inside the model's own forward, so FSDP's hooks gather its weight as usual.
-    """
-    head = model.get_output_embeddings()
-    targets = input_ids[:, 1:]
-
-    def logprobs_head(hidden: torch.Tensor) -> torch.Tensor:
-        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        per_chunk = functools.partial(_chunk_logprobs, weight=head.weight, bias=head.bias, temperature=temperature)
-        return chunked_logprobs(flat, targets.reshape(-1), chunk_tokens, per_chunk).view(targets.shape)
-
-    head.forward = logprobs_head  # an instance attribute, deleted below
-    try:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    finally:
-        del head.forward
-
-
-def chunked_logprobs(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_tokens: int,
-    per_chunk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """per_chunk(hidden rows, their targets) -> their logprobs, over `chunk_tokens` rows at a time
-    (recomputed in backward); chunk_tokens 0 = all rows at once."""
-    n = hidden.shape[0]
-    step = chunk_tokens if 0 < chunk_tokens < n else n
-    run = per_chunk if step == n else functools.partial(recompute_in_backward, per_chunk, use_reentrant=False)
-    return torch.cat([run(hidden[i : i + step], targets[i : i + step]) for i in range(0, n, step)])
-
-
-def _chunk_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
-) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def trainer_class(config: TrainerConfig) -> type[Trainer]:
@@ -247,28 +198,28 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums = torch.zeros(len(_TOKEN_SUMS) + 1, dtype=torch.float64, device=self.device)  # + token count
-        is_weight_max = torch.zeros((), dtype=torch.float32, device=self.device)
+        maxima = torch.zeros(len(_TOKEN_MAXIMA), dtype=torch.float32, device=self.device)
         losses, grad_norms, skip_reasons = [], [], []
         for rows in minibatches:
-            loss, grad_norm, weight_max = self._update(batch, rows, advantages, prox, ref, sums)
+            loss, grad_norm, update_maxima = self._update(batch, rows, advantages, prox, ref, sums)
             losses.append(loss)
             grad_norms.append(grad_norm)
-            is_weight_max = torch.maximum(is_weight_max, weight_max)
+            maxima = torch.maximum(maxima, update_maxima)
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 skip_reasons.append(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}")
         self.version += 1
 
         sums = all_reduce_sum(sums, self.dp_group)
         if dist.is_initialized() and self.dp_size > 1:
-            dist.all_reduce(is_weight_max, op=dist.ReduceOp.MAX, group=self.dp_group)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.dp_group)
         elapsed = time.perf_counter() - started
         tokens = max(float(sums[-1]), 1.0)
         metrics = {name: float(sums[i]) / tokens for i, name in enumerate(_TOKEN_SUMS)}
+        metrics.update(zip(_TOKEN_MAXIMA, maxima.tolist(), strict=True))
         metrics.update(staleness_summary(histogram))
         metrics.update(
             {
                 "loss": float(np.mean(losses)),
-                "is_weight/max": float(is_weight_max),
                 "grad_norm": float(np.mean(grad_norms)),
                 "reward/mean": float(batch.rewards.mean()),
                 "reward/std": float(batch.rewards.std(unbiased=False)),
@@ -301,13 +252,13 @@ class Trainer:
     ) -> tuple[float, float, torch.Tensor]:
         """One optimizer update on minibatch `rows`, skipped if the loss or gradient is not finite.
 
-        Returns (loss over all ranks, gradient norm, max importance weight); adds token sums to `sums`.
+        Returns (loss over all ranks, gradient norm, the _TOKEN_MAXIMA); adds token sums to `sums`.
         """
         loss_config = self.config.loss
         num_tokens = int(batch.loss_mask[rows].sum())
         num_seqs = int(batch.loss_mask[rows].any(-1).sum())
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        is_weight_max = torch.zeros((), dtype=torch.float32, device=self.device)
+        maxima = torch.zeros(len(_TOKEN_MAXIMA), dtype=torch.float32, device=self.device)
         for micro, weight in self._microbatches_of_this_rank(rows, batch.lengths):
             part = batch.rows(micro)
             cur = self._token_logprobs(self.model, part)
@@ -326,9 +277,9 @@ class Trainer:
             (loss * (weight * self.dp_size)).backward()
             if weight:
                 total += loss.detach().double()
-                is_weight_max = torch.maximum(is_weight_max, self._accumulate(sums, cur.detach(), part, diagnostics))
+                maxima = torch.maximum(maxima, self._accumulate(sums, cur.detach(), part, diagnostics))
         total_loss = float(all_reduce_sum(total, self.dp_group))
-        return total_loss, self._apply_gradients(math.isfinite(total_loss)), is_weight_max
+        return total_loss, self._apply_gradients(math.isfinite(total_loss)), maxima
 
     def _apply_gradients(self, loss_finite: bool) -> float:
         """Clip to max_grad_norm and step unless the loss or the gradient is not finite; clear the
@@ -353,7 +304,7 @@ class Trainer:
             )
 
     def _accumulate(self, sums: torch.Tensor, cur: torch.Tensor, part: PaddedBatch, diagnostics: dict) -> torch.Tensor:
-        """Add this micro-batch's masked token sums; return its max importance weight."""
+        """Add this micro-batch's masked token sums; return its _TOKEN_MAXIMA."""
         mask = part.loss_mask
         values = (
             diagnostics["clipped"],
@@ -366,7 +317,9 @@ class Trainer:
         for i, value in enumerate(values):
             sums[i] += torch.where(mask, value, torch.zeros_like(value)).sum().double()
         sums[-1] += mask.sum()
-        return torch.where(mask, diagnostics["is_weight"], torch.zeros_like(cur)).max()
+        zero = torch.zeros_like(cur)
+        gap = (part.behav - cur).abs()
+        return torch.stack([torch.where(mask, v, zero).max() for v in (diagnostics["is_weight"], gap)]).float()
 
     def _microbatches_of_this_rank(self, rows: list[int], lengths: list[int]) -> list[tuple[list[int], float]]:
         """This rank's share of the micro-batches, as (rows, weight).
@@ -374,7 +327,8 @@ class Trainer:
         FSDP needs every rank to run the same number of forward/backward passes,
         so a rank short of work repeats one micro-batch with weight 0.
         """
-        packs = pack_microbatches(rows, lengths, self.config.max_tokens_per_microbatch)
+        budget = 1 if self.context.one_row_per_microbatch else self.config.max_tokens_per_microbatch
+        packs = pack_microbatches(rows, lengths, budget)
         mine = [(pack, 1.0) for pack in packs[self.dp_rank :: self.dp_size]]
         return mine + [(packs[0], 0.0)] * (math.ceil(len(packs) / self.dp_size) - len(mine))
 

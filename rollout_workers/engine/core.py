@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,9 +23,10 @@ from typing import Any
 
 import torch
 
+from async_rl.logprobs import token_logprobs
 from rollout_workers.engine.batch import RowState, RunningBatch
 from rollout_workers.engine.decoder import Decoder
-from rollout_workers.engine.sampling import sample
+from rollout_workers.engine.sampling import RETURN_ORIGINAL_LOGPROB, sample
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ class RequestRefused(Exception):
 
 @dataclass(eq=False)
 class Sequence:
-    """One sample being generated. Its lists only ever grow, so other threads may read prefixes."""
+    """One sample being generated. Its lists only ever grow, so other threads may read prefixes
+    (with trainer logprobs on, output_logprobs values are replaced where they are settled)."""
 
     sid: str  # meta_info.id
     rid: str  # abort key, shared by the n samples of one input
@@ -61,6 +64,7 @@ class Sequence:
     input_logprobs: list[float | None] | None = None
     finish_reason: dict[str, Any] | None = None
     finish_version: str | None = None
+    trainer_logprobs_upto: int = 0  # output_logprobs before this index are the trainer's (trainer_logprobs_chunk)
     created: float = field(default_factory=time.time)
 
     @property
@@ -105,15 +109,19 @@ class EngineCore:
         max_total_tokens: int | None = None,
         chunked_prefill_size: int = 8192,
         cuda_graph_max_bs: int = 256,
+        trainer_logprobs_chunk: int | None = None,
         weight_version: str = "0",
         seed: int = 0,
     ):
-        """cuda_graph_max_bs: decode steps of up to this many rows replay CUDA graphs (0: never)."""
+        """cuda_graph_max_bs: decode steps of up to this many rows replay CUDA graphs (0: never).
+        trainer_logprobs_chunk: report each finished sequence's logprobs as the trainer computes them
+        (async_rl.logprobs, one sequence, the trainer's logprob_chunk_tokens); None: the sampler's."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.decoder = Decoder(model, self.device, cuda_graph_max_bs)
-        self.chunked_prefill_size = chunked_prefill_size
+        self.chunked_prefill_size = chunked_prefill_size if chunked_prefill_size > 0 else sys.maxsize
+        self.trainer_logprobs_chunk = trainer_logprobs_chunk
         config = model.config
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
@@ -226,6 +234,9 @@ class EngineCore:
             self.waiting.extendleft(reversed(self.batch.rows))
             self.batch = None
 
+    def _live_sequences(self) -> list[Sequence]:
+        return [*(self.batch.rows if self.batch is not None else []), *self.waiting, *self.held]
+
     def has_requests(self) -> bool:
         return bool(self.waiting) or self.batch is not None
 
@@ -281,6 +292,8 @@ class EngineCore:
                 return False, f"parameter {name!r} has non-finite values"
         if not tensors:
             return False, "no tensors given"
+        for seq in self._live_sequences():
+            self._settle_trainer_logprobs(seq)
         for name, tensor in tensors.items():
             state[name].copy_(tensor)
         if weight_version is not None:
@@ -339,22 +352,22 @@ class EngineCore:
         self.stats.max_batch_size = max(self.stats.max_batch_size, running)
 
     def _admit(self) -> list[Sequence]:
-        """Newcomers for this step's prefill: within the token budget, the batch size and one chunk
-        (right-padded), and at least one, so that a prompt longer than a chunk goes alone."""
+        """Newcomers for this step's prefill: within the cache budget (slots hold the longest row's
+        prompt + max_new_tokens each), the batch size and one chunk (right-padded), and at least one,
+        so that a prompt longer than a chunk goes alone."""
         rows = self.batch.rows if self.batch is not None else []
-        budget = self.max_total_tokens - sum(len(r.prompt_ids) + r.max_new_tokens for r in rows)
+        longest = max((len(r.prompt_ids) + r.max_new_tokens for r in rows), default=0)
         admitted: list[Sequence] = []
         widest = 0
         while self.waiting and len(rows) + len(admitted) < self.max_running_requests:
             head = self.waiting[0]
-            need = len(head.prompt_ids) + head.max_new_tokens
-            if need > budget and (rows or admitted):
+            need = max(longest, len(head.prompt_ids) + head.max_new_tokens)
+            if (len(rows) + len(admitted) + 1) * need > self.max_total_tokens and (rows or admitted):
                 break
             width = max(widest, len(head.prompt_ids) + len(head.output_ids))
             if admitted and width * (len(admitted) + 1) > self.chunked_prefill_size:
                 break
-            budget -= need
-            widest = width
+            longest, widest = need, width
             admitted.append(self.waiting.popleft())
         return admitted
 
@@ -455,6 +468,7 @@ class EngineCore:
             self.batch.keep(keep, self.decoder.cache)
 
     def _finish(self, seq: Sequence, reason: dict[str, Any]) -> None:
+        self._settle_trainer_logprobs(seq)
         seq.finish_reason = reason
         seq.finish_version = self.weight_version
         self.stats.finished_requests += 1
@@ -466,6 +480,21 @@ class EngineCore:
             seq.on_update(seq)
         except Exception:
             log.exception("finish callback of %s failed", seq.sid)
+
+    def _settle_trainer_logprobs(self, seq: Sequence) -> None:
+        """With trainer_logprobs_chunk set, replace the logprobs of the tokens generated under the current
+        weights by the trainer's: its function on its input (prompt + response so far, one unpadded row).
+        Runs at finish and, for every live sequence, before new weights load, so each token's logprob
+        is of the weights that sampled it; a finished sequence's latest tokens get exactly the trainer's
+        numbers (the same row it will compute)."""
+        if self.trainer_logprobs_chunk is None or seq.trainer_logprobs_upto == len(seq.output_ids):
+            return
+        ids = torch.tensor([seq.prompt_ids + seq.output_ids], device=self.device)
+        temperature = 1.0 if RETURN_ORIGINAL_LOGPROB or seq.temperature == 0 else seq.temperature
+        values = token_logprobs(self.model, ids, torch.ones_like(ids), temperature, self.trainer_logprobs_chunk)
+        start, prompt = seq.trainer_logprobs_upto, len(seq.prompt_ids)
+        seq.output_logprobs[start:] = values[0, prompt - 1 + start :].tolist()
+        seq.trainer_logprobs_upto = len(seq.output_ids)
 
 
 def _input_logprobs(logits: torch.Tensor, tokens: list[int], start: int) -> list[float | None]:

@@ -602,7 +602,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-total-tokens",
         type=int,
         default=None,
-        help="bound on prompt + max_new_tokens summed over the running batch",
+        help="bound on the KV cache in tokens: running rows x the longest row's prompt + max_new_tokens",
     )
     # SGLang's flags of the same names and meanings
     parser.add_argument("--chunked-prefill-size", type=int, default=8192, help="tokens per prefill forward")
@@ -610,6 +610,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph-max-bs", type=int, default=256, help="decode steps up to this many rows replay CUDA graphs"
     )
     parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument(
+        "--trainer-logprobs-chunk",
+        type=int,
+        default=None,
+        help="report finished samples' logprobs as the trainer computes them, with its logprob_chunk_tokens",
+    )
     parser.add_argument("--weight-version", default="0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-level", default="info")
@@ -634,6 +640,7 @@ def main(args: argparse.Namespace) -> int:
         max_total_tokens=args.max_total_tokens,
         chunked_prefill_size=args.chunked_prefill_size,
         cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
+        trainer_logprobs_chunk=args.trainer_logprobs_chunk,
         weight_version=args.weight_version,
         seed=args.seed,
     )
