@@ -78,6 +78,9 @@ async def engine_run(
                 done = [task.result().output_ids for task in tasks]
                 best = max(best, sum(map(len, done)) / elapsed)
             rates[concurrency, max_new_tokens], outputs[concurrency, max_new_tokens] = best, done
+            print(
+                f"  {url}: {concurrency} x {max_new_tokens}: {best:.1f} tok/s", flush=True
+            )  # kept if a later shape times out
         first = prompts[: shapes[0][0]]
         pauses = {how: await pause_latency(client, first, how) for how in ("pause_generation", "client.pause")}
     return rates, outputs, pauses

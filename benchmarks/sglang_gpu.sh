@@ -13,8 +13,8 @@
 #   reward vs wall-clock, async and sync | synccost: weight sync phases vs their bounds |
 #   megatron [.gpu/p2 .gpu/p3]: the megatron backend's GPU tests | megatron_parity: its parity and speed
 #   against the torch backend | megatron_e2e [.gpu/p4]: SmolLM2
-#   runs with the megatron and the torch backend | engine: the embedded engine on the GPU (tests, contract,
-#   throughput beside SGLang at five shapes) | exact: behaviour vs trainer logprobs, engine.trainer_logprobs
+#   runs with the megatron and the torch backend | engine: the embedded engine's GPU tests and contract suite on CUDA |
+#   enginebench: its throughput beside SGLang's at five shapes | exact: behaviour vs trainer logprobs, engine.trainer_logprobs
 #   on and off
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -139,15 +139,16 @@ case "${1:?stage}" in
       echo "smollm2 $backend exit $?"; tail -3 "$RUNS/smollm2-$backend.log"
     done
     python3 benchmarks/summarize_runs.py $RUNS/smollm2-* | tee "$OUT/megatron-e2e.txt"; pack megatron_e2e ;;
-  engine)  # issue 16: the embedded engine's GPU tests and contract suite, then its throughput beside SGLang's
+  engine)  # issue 16: the embedded engine's GPU tests and the contract suite on CUDA
     timeout 150 python3 -m pytest -m gpu tests/test_engine_core.py -p no:cacheprovider -q -rs --timeout 120 2>&1 \
       | tee "$OUT/engine-gpu-tests.txt" | tail -8
-    timeout 150 python3 -m pytest tests/test_engine_api.py --engine-device cuda -p no:cacheprovider -q -rs --timeout 60 \
-      2>&1 | tee "$OUT/contract-embedded-cuda.txt" | tail -4
-    timeout 290 python3 benchmarks/engine_throughput.py --sides embedded,sglang --device cuda --model qwen2-0.5b \
-      --dtype bfloat16 --shapes 32x64,128x128,256x128,128x1024,256x1024 --prompt-len 64 --repeats 2 \
+    timeout 400 python3 -m pytest tests/test_engine_api.py --engine-device cuda -p no:cacheprovider -q -rs --timeout 60 \
+      2>&1 | tee "$OUT/contract-embedded-cuda.txt" | tail -4 ;;
+  enginebench)  # issue 16: the embedded engine's throughput beside SGLang's (SGLang with graphs up to 256 rows too)
+    timeout 580 python3 benchmarks/engine_throughput.py --sides embedded,sglang --device cuda --model qwen2-0.5b \
+      --dtype bfloat16 --shapes 32x64,128x128,256x128,128x1024,256x1024 --prompt-len 64 \
       --sglang-args "${SGL_ARGS/--cuda-graph-max-bs 160/--cuda-graph-max-bs 256}" 2>&1 | tee "$OUT/throughput.txt" \
-      | grep -E "RESULT|tok/s|Error" ;;
+      | grep -E "RESULT|tok/s|Error|error" ;;
   exact)  # issue 16: behaviour vs trainer logprobs on the GPU, embedded engine, with and without engine.trainer_logprobs
     for model in tiny:llama qwen2-0.5b; do
       for tl in true false; do
