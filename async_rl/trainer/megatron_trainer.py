@@ -202,6 +202,18 @@ class MegatronTrainer(Trainer):
     def _load_optimizer(self, state_dir: Path) -> None:
         from megatron.core import dist_checkpointing
 
+        inner = self.optimizer.optimizer
+        if not inner.state:
+            # Without TransformerEngine or Apex, megatron's distributed optimizer reads every state's
+            # "step" to build even the loading template, and a fresh torch AdamW has no state yet (its
+            # assert fails): give it AdamW's own initial state, which the load then overwrites.
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
         state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(state_dir / _CHECKPOINT))
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
