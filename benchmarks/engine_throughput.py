@@ -78,12 +78,26 @@ async def engine_run(
                 done = [task.result().output_ids for task in tasks]
                 best = max(best, sum(map(len, done)) / elapsed)
             rates[concurrency, max_new_tokens], outputs[concurrency, max_new_tokens] = best, done
-            print(
-                f"  {url}: {concurrency} x {max_new_tokens}: {best:.1f} tok/s", flush=True
-            )  # kept if a later shape times out
+            # printed now, so that it is kept if a later shape times out
+            print(f"  {url}: {concurrency} x {max_new_tokens}: {best:.1f} tok/s", flush=True)
+            print(f"    {await step_breakdown(client)}", flush=True)
         first = prompts[: shapes[0][0]]
         pauses = {how: await pause_latency(client, first, how) for how in ("pause_generation", "client.pause")}
     return rates, outputs, pauses
+
+
+async def step_breakdown(client) -> str:
+    """The embedded engine's own account of its decode steps so far (SGLang reports none of this)."""
+    stats = ((await client.get_server_info()).get("internal_states") or [{}])[0]
+    steps = stats.get("decode_forwards", 0)
+    if not steps or "decode_wait_s" not in stats:
+        return "no step breakdown from this engine"
+    per_step = {key: 1e3 * stats[f"decode_{key}_s"] / steps for key in ("launch", "wait", "record")}
+    return (
+        f"so far: {steps} decode steps, ms/step launch {per_step['launch']:.2f} wait {per_step['wait']:.2f} "
+        f"record {per_step['record']:.2f}; prefill {stats['prefill_s']:.2f} s in {stats['prefill_forwards']} "
+        f"forwards; graph replays {stats['graph_replays']}, captures {stats['graph_captures']}"
+    )
 
 
 def hf_sequential_run(

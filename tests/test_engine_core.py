@@ -304,6 +304,7 @@ def test_cuda_graph_decode_gives_full_forward_logprobs(gqa_folders, dtype, toler
     try:
         assert_sampled_logprobs_equal_full_forward(core, model, tolerance)
         assert core.decoder.graphs is not None and core.decoder.graphs.graphs, "no decode step ran from a graph"
+        assert core.stats.graph_replays == core.stats.decode_forwards  # every step of <= 256 rows replays
         if dtype == "float32":
             assert_greedy_matches_hf_generate_with_staggered_arrivals(core, model)
     finally:

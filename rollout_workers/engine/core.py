@@ -96,6 +96,14 @@ class EngineStats:
     max_batch_size: int = 0
     running: int = 0
     waiting: int = 0
+    # Where a decode step's time goes, summed over steps (host seconds): launching the forward and the
+    # sampling, waiting for their results, the per-row bookkeeping; and prefills whole.
+    decode_launch_s: float = 0.0
+    decode_wait_s: float = 0.0
+    decode_record_s: float = 0.0
+    prefill_s: float = 0.0
+    graph_replays: int = 0
+    graph_captures: int = 0
 
 
 class EngineCore:
@@ -347,6 +355,8 @@ class EngineCore:
                         self._finish(seq, {"type": "abort", "message": "engine error during prefill"})
                 raise
         self.stats.steps += 1
+        if (graphs := self.decoder.graphs) is not None:
+            self.stats.graph_replays, self.stats.graph_captures = graphs.replays, graphs.captures
         running = len(self.batch.rows) if self.batch is not None else 0
         self.stats.running, self.stats.waiting = running, len(self.waiting)
         self.stats.max_batch_size = max(self.stats.max_batch_size, running)
@@ -374,12 +384,14 @@ class EngineCore:
     def _decode(self) -> None:
         batch = self.batch
         assert batch is not None  # _step decodes only while a batch runs
+        started = time.perf_counter()
         logits = self.decoder.decode(batch.last_tokens, batch.positions, batch.longest + 1)
         self.stats.decode_forwards += 1
         batch.advance()
         tokens, logprobs = sample(logits, batch.state, self.generator)
         batch.last_tokens = tokens
-        self._keep_rows(self._record(batch.rows, batch.state, tokens, logprobs))
+        self.stats.decode_launch_s += time.perf_counter() - started
+        self._keep_rows(self._record(batch.rows, batch.state, tokens, logprobs, timed=True))
 
     def _prefill(self, sequences: list[Sequence]) -> None:
         """Prefill `sequences` into the slots after the running rows; they join the batch."""
@@ -387,6 +399,7 @@ class EngineCore:
         texts = [seq.prompt_ids + seq.output_ids for seq in sequences]
         lengths = [len(t) for t in texts]
         longest = max(n + seq.remaining for n, seq in zip(lengths, sequences))
+        started = time.perf_counter()
         self.decoder.cache.reserve(first + len(texts), longest)
         last_hidden = self._prefill_hidden(texts, first, sequences)
         self.stats.prefill_forwards += 1
@@ -402,6 +415,7 @@ class EngineCore:
         going_on = self._record([sequences[i] for i in generating], state, tokens, logprobs, index)
         for i, k in zip(generating, going_on):
             keep[i] = k
+        self.stats.prefill_s += time.perf_counter() - started
         if self.batch is None:
             self.batch = fresh
             self._keep_rows(keep)
@@ -435,15 +449,24 @@ class EngineCore:
         tokens: torch.Tensor,
         logprobs: torch.Tensor,
         index: torch.Tensor | None = None,
+        timed: bool = False,
     ) -> list[bool]:
         """Append each row's new token; finish rows that are done. Returns which rows go on.
-        `index` picks `rows` out of the state's rows where not all of them generate."""
+        `index` picks `rows` out of the state's rows where not all of them generate; `timed` counts
+        the wait for the results and the bookkeeping in the decode stats."""
         done = state.finished(tokens)
         if index is not None:
             tokens, logprobs, done = tokens[index], logprobs[index], done[index]
+        started = time.perf_counter()
+        # One transfer (float64 holds token ids exactly): the step's only wait for the device.
+        host_tokens, host_logprobs, host_done = torch.stack(
+            [tokens.double(), logprobs.double(), done.double()]
+        ).tolist()
+        waited = time.perf_counter()
         keep = []
         version = self.weight_version
-        for seq, token, logprob, finished in zip(rows, tokens.tolist(), logprobs.tolist(), done.tolist()):
+        for seq, value, logprob, finished in zip(rows, host_tokens, host_logprobs, host_done):
+            token = int(value)
             seq.output_ids.append(token)
             seq.output_logprobs.append(logprob)
             seq.output_versions.append(version)
@@ -456,6 +479,9 @@ class EngineCore:
                 keep.append(False)
                 self._finish(seq, reason)
         self.stats.generated_tokens += len(rows)
+        if timed:
+            self.stats.decode_wait_s += waited - started
+            self.stats.decode_record_s += time.perf_counter() - waited
         return keep
 
     def _keep_rows(self, keep: list[bool]) -> None:

@@ -184,6 +184,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.generation = -1
         self.pool = None
+        self.replays = self.captures = 0
 
     def clear(self) -> None:
         self.graphs.clear()
@@ -207,7 +208,9 @@ class DecodeGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._capture(bucket, columns)
+            self.captures += 1
         graph.replay()
+        self.replays += 1
         return self.logits[:rows]
 
     def _capture(self, bucket: int, columns: int) -> torch.cuda.CUDAGraph:
