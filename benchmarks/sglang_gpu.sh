@@ -14,7 +14,7 @@
 #   megatron [.gpu/p2 .gpu/p3]: the megatron backend's GPU tests | megatron_parity: its parity and speed
 #   against the torch backend | megatron_e2e [.gpu/p4]: SmolLM2
 #   runs with the megatron and the torch backend | engine: the embedded engine's GPU tests and contract suite on CUDA |
-#   enginebench: its throughput beside SGLang's at five shapes | exact: behaviour vs trainer logprobs, engine.trainer_logprobs
+#   enginebench: its throughput beside SGLang's at five shapes | engineprof: its decode steps profiled | exact: behaviour vs trainer logprobs, engine.trainer_logprobs
 #   on and off
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -149,6 +149,13 @@ case "${1:?stage}" in
       --dtype bfloat16 --shapes 32x64,128x128,256x128,128x1024,256x1024 --prompt-len 64 \
       --sglang-args "${SGL_ARGS/--cuda-graph-max-bs 160/--cuda-graph-max-bs 256}" 2>&1 | tee "$OUT/throughput.txt" \
       | grep -E "RESULT|tok/s|Error|error" ;;
+  engineprof)  # issue 16: where the embedded engine's decode time goes (torch.profiler, in-process)
+    for shape in "128 128" "256 1024"; do
+      set -- $shape
+      timeout 280 python3 benchmarks/engine_profile.py --device cuda --model qwen2-0.5b --rows $1 --new-tokens $2 \
+        --trace "$OUT/engine-profile-$1x$2.json" 2>&1 | tee "$OUT/engine-profile-$1x$2.txt" | grep -v "^Loading" | head -60
+    done
+    gzip -f "$OUT"/engine-profile-*.json ;;
   exact)  # issue 16: behaviour vs trainer logprobs on the GPU, embedded engine, with and without engine.trainer_logprobs
     for model in tiny:llama qwen2-0.5b; do
       for tl in true false; do

@@ -54,9 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Per-token quantities summed over valid tokens, then divided by the token count.
-# Per-token quantities whose maximum over valid tokens is reported: the largest importance weight,
-# and the largest |behaviour - current| logprob (0 on-policy when engine.trainer_logprobs is on).
-_TOKEN_MAXIMA = ("is_weight/max", "logprob/behav_current_max_abs")
 _TOKEN_SUMS = (
     "clip_frac",
     "is_weight/mean",
@@ -65,6 +62,9 @@ _TOKEN_SUMS = (
     "kl/behav_current_k3",
     "kl/current_ref_k3",
 )
+# Per-token quantities whose maximum over valid tokens is reported: the largest importance weight,
+# and the largest |behaviour - current| logprob (0 on-policy when engine.trainer_logprobs is on).
+_TOKEN_MAXIMA = ("is_weight/max", "logprob/behav_current_max_abs")
 
 
 class WeightsExport(NamedTuple):

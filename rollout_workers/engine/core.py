@@ -517,7 +517,11 @@ class EngineCore:
             return
         ids = torch.tensor([seq.prompt_ids + seq.output_ids], device=self.device)
         temperature = 1.0 if RETURN_ORIGINAL_LOGPROB or seq.temperature == 0 else seq.temperature
-        values = token_logprobs(self.model, ids, torch.ones_like(ids), temperature, self.trainer_logprobs_chunk)
+        try:
+            values = token_logprobs(self.model, ids, torch.ones_like(ids), temperature, self.trainer_logprobs_chunk)
+        except Exception:  # e.g. out of memory: the sampler's logprobs stay (the trainer's metrics show the gap)
+            log.exception("trainer logprobs of %s failed; keeping the sampler's", seq.sid)
+            return
         start, prompt = seq.trainer_logprobs_upto, len(seq.prompt_ids)
         seq.output_logprobs[start:] = values[0, prompt - 1 + start :].tolist()
         seq.trainer_logprobs_upto = len(seq.output_ids)
