@@ -15,7 +15,7 @@
 #   against the torch backend | megatron_e2e [.gpu/p4]: SmolLM2
 #   runs with the megatron and the torch backend | engine: the embedded engine's GPU tests and contract suite on CUDA |
 #   enginebench: its throughput beside SGLang's at five shapes | engineprof: its decode steps profiled | exact: behaviour vs trainer logprobs, engine.trainer_logprobs
-#   on and off
+#   on and off | x2sync, x2e2e: issue 17's runs on nvidia-h200-x2 (NCCL sync; disaggregated async vs sync)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
@@ -169,6 +169,20 @@ case "${1:?stage}" in
           'steps', len(r))" $RUNS/$name/metrics.jsonl $name
       done
     done; pack exact ;;
+  x2sync)  # issue 17, nvidia-h200-x2 only: NCCL weight sync, engine on cuda:0, trainer on cuda:1
+    export NCCL_NVLS_ENABLE=0
+    timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda:1 --engine-device cuda:0 \
+      --methods distributed,disk --syncs 4 2>&1 | tee "$OUT/x2-synccost.txt" | tail -4
+    for kind in embedded sglang; do
+      extra=(); [ $kind = embedded ] && extra=(--set engine.kind=embedded --set "engine.extra_args=[]")  # tiny_run: SGLang
+      tiny_run "x2-tiny-$kind" 150 "${extra[@]}" --set engine.device=cuda:0 --set trainer.device=cuda:1 \
+        --set weight_sync.method=distributed --set trainer.total_steps=40
+    done
+    python3 benchmarks/summarize_runs.py $RUNS/x2-* | tee "$OUT/x2-runs.txt"; pack x2sync ;;
+  x2e2e)  # issue 17, nvidia-h200-x2 only: async vs sync disaggregated (SGLang on cuda:0, trainer on cuda:1)
+    export NCCL_NVLS_ENABLE=0
+    qwen_long_tail 512 10 560 --set engine.device=cuda:0 --set trainer.device=cuda:1 --set weight_sync.method=distributed
+    pack x2e2e ;;
   synccost)
     timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda --methods disk,tensor --syncs 4 \
       2>&1 | tee "$OUT/synccost.txt" | tail -4
