@@ -240,8 +240,9 @@ def test_killing_the_actors_of_one_node_mid_run_is_survived(cluster, tmp_path):
 def test_a_lost_node_is_survived_and_its_engine_followed_to_its_new_place(cluster, tmp_path):
     """The node of engine1 dies mid-run; Ray re-places its bundles on the other node, where engine1
     listens on a new port: the registry tells the trainer and the worker. Last in this module: it
-    takes a node away (and brings one back for whatever runs next)."""
-    steps = 40
+    takes a node away (and brings one back for whatever runs next). The run is long enough (~95 steps
+    after the loss) to outlast Ray's detection of the lost node and engine1's restart elsewhere."""
+    steps = 100
     process = start_ray_run(
         cluster, tmp_path, f"trainer.total_steps={steps}", "run.restart_backoff_s=0.2", "cluster.engine_strategy=SPREAD"
     )
