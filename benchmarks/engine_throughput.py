@@ -88,16 +88,14 @@ async def engine_run(
 
 async def step_breakdown(client) -> str:
     """The embedded engine's own account of its decode steps so far (SGLang reports none of this)."""
-    stats = ((await client.get_server_info()).get("internal_states") or [{}])[0]
-    steps = stats.get("decode_forwards", 0)
-    if not steps or "decode_wait_s" not in stats:
+    from dataclasses import fields
+
+    from rollout_workers.engine.core import EngineStats
+
+    state = ((await client.get_server_info()).get("internal_states") or [{}])[0]
+    if "decode_wait_s" not in state:
         return "no step breakdown from this engine"
-    per_step = {key: 1e3 * stats[f"decode_{key}_s"] / steps for key in ("launch", "wait", "record")}
-    return (
-        f"so far: {steps} decode steps, ms/step launch {per_step['launch']:.2f} wait {per_step['wait']:.2f} "
-        f"record {per_step['record']:.2f}; prefill {stats['prefill_s']:.2f} s in {stats['prefill_forwards']} "
-        f"forwards; graph replays {stats['graph_replays']}, captures {stats['graph_captures']}"
-    )
+    return "so far: " + EngineStats(**{f.name: state[f.name] for f in fields(EngineStats)}).breakdown()
 
 
 def hf_sequential_run(

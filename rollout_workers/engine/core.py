@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -104,6 +104,20 @@ class EngineStats:
     prefill_s: float = 0.0
     graph_replays: int = 0
     graph_captures: int = 0
+
+    def breakdown(self, since: dict[str, Any] | None = None) -> str:
+        """Where the decode steps' time went (since the `asdict` of an earlier copy), per step."""
+        now = asdict(self)
+        delta = {k: v - (since or {}).get(k, 0) for k, v in now.items() if isinstance(v, int | float)}
+        steps = max(delta["decode_forwards"], 1)
+        per_step = " ".join(
+            f"{key} {1e3 * delta[f'decode_{key}_s'] / steps:.3f}" for key in ("launch", "wait", "record")
+        )
+        return (
+            f"{delta['decode_forwards']} decode steps, ms/step {per_step}; prefill {delta['prefill_s']:.3f} s in "
+            f"{delta['prefill_forwards']} forwards; graph replays {delta['graph_replays']}, "
+            f"captures {delta['graph_captures']}"
+        )
 
 
 class EngineCore:
