@@ -76,7 +76,7 @@ class SlotCache:
             tensor[dst, :, :length] = tensor[src, :, :length]
 
     def clear(self) -> None:
-        """Free the tensors (release_memory_occupation, flush_cache)."""
+        """Free the tensors (release_memory_occupation; a flush keeps them: slots hold no shared prefix)."""
         self.keys, self.values = [], []
         self.slots = self.length = 0
         self.generation += 1
