@@ -145,10 +145,11 @@ case "${1:?stage}" in
       | tee "$OUT/engine-gpu-tests.txt" | tail -8
     timeout 400 python3 -m pytest tests/test_engine_api.py --engine-device cuda -p no:cacheprovider -q -rs --timeout 60 \
       2>&1 | tee "$OUT/contract-embedded-cuda.txt" | tail -4 ;;
-  enginebench)  # issue 16: the embedded engine's throughput beside SGLang's (SGLang with graphs up to 256 rows too)
+  enginebench)  # issue 16: the embedded engine's throughput beside SGLang's (SGLang with graphs up to 256 rows
+    # too); SHAPES and REPEATS (best of) override the defaults
     timeout 580 python3 benchmarks/engine_throughput.py --sides embedded,sglang --device cuda --model qwen2-0.5b \
-      --dtype bfloat16 --shapes 32x64,128x128,256x128,128x1024,256x1024 --prompt-len 64 \
-      --sglang-args "${SGL_ARGS/--cuda-graph-max-bs 160/--cuda-graph-max-bs 256}" 2>&1 | tee "$OUT/throughput.txt" \
+      --dtype bfloat16 --shapes "${SHAPES:-32x64,128x128,256x128,128x1024,256x1024}" --prompt-len 64 \
+      --repeats "${REPEATS:-1}" --sglang-args "${SGL_ARGS/--cuda-graph-max-bs 160/--cuda-graph-max-bs 256}" 2>&1 | tee "$OUT/throughput.txt" \
       | grep -E "RESULT|tok/s|Error|error" ;;
   engineprof)  # issue 16: where the embedded engine's decode time goes (torch.profiler, in-process)
     for shape in "128 128" "256 1024"; do

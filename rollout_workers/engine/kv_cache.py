@@ -32,6 +32,14 @@ def length_bucket(tokens: int) -> int:
     return bucket
 
 
+def column_bucket(tokens: int) -> int:
+    """Columns a captured decode step attends over: eighths of the power of two above `tokens`
+    (from MIN_LENGTH), so attention reads at most a quarter more than the live columns, with four
+    graphs per doubling."""
+    step = max(MIN_LENGTH, length_bucket(tokens) // 8)
+    return -(-tokens // step) * step
+
+
 class SlotCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.shape = (kv_heads, head_dim)

@@ -24,23 +24,22 @@ def sample(
     logprob, which the trainer recomputes at the same temperature.
     """
     logits = logits.float()
-    if RETURN_ORIGINAL_LOGPROB or rows.all_greedy:
-        scaled = logits
-    else:
-        scale = torch.where(rows.temperature > 0, rows.temperature, torch.ones_like(rows.temperature))
-        scaled = logits / scale.unsqueeze(1)
     greedy_tokens = logits.argmax(dim=-1)
     if rows.all_greedy:
         tokens = greedy_tokens
+        reported = torch.log_softmax(logits, dim=-1)
     else:
-        probs = torch.softmax(logits / rows.temperature.clamp_min(1e-6).unsqueeze(1), dim=-1)
+        scale = torch.where(rows.temperature > 0, rows.temperature, torch.ones_like(rows.temperature))
+        tempered = torch.log_softmax(logits / scale.unsqueeze(1), dim=-1)
+        # rows at temperature 0 sample from the temperature-1 distribution, then take the greedy token
+        probs = tempered.exp()
         if rows.needs_filter:
             tokens = _sample_filtered(probs, rows, generator)
         else:
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         tokens = torch.where(rows.temperature == 0, greedy_tokens, tokens)
-    # log_softmax at the sampled tokens only: one pass over the vocabulary instead of a full copy
-    return tokens, scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - scaled.logsumexp(dim=-1)
+        reported = torch.log_softmax(logits, dim=-1) if RETURN_ORIGINAL_LOGPROB else tempered
+    return tokens, reported.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
 def _sample_filtered(probs: torch.Tensor, rows: RowState, generator: torch.Generator | None) -> torch.Tensor:
