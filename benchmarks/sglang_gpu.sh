@@ -10,7 +10,7 @@
 #   intervals | perf512, perf2048 [perf512 carries .gpu/p2 .gpu/p3]: Qwen2-0.5B long tail, async vs
 #   sync | limits512: the saturated rates of perf512's async run | snapshot512: the CUDA snapshot
 #   test and perf512 in one command | smolreward [.gpu/p4]: SmolLM2 reward vs wall-clock, async and
-#   sync | synccost: weight sync phases vs their bounds | megatron [.gpu/p2 .gpu/p3]: the megatron
+#   sync (STEPS of each) | synccost: weight sync phases vs their bounds | megatron [.gpu/p2 .gpu/p3]: the megatron
 #   backend's GPU tests | megatron_parity: its parity and speed against the torch backend |
 #   megatron_e2e [.gpu/p4]: SmolLM2 runs with the megatron and the torch backend | engine: the
 #   embedded engine's GPU tests and contract suite on CUDA | enginebench: its throughput beside
@@ -121,7 +121,7 @@ case "${1:?stage}" in
   smolreward)
     cp .gpu/p4/part* /tmp/parts/ && install_smollm2
     timeout 560 python3 benchmarks/e2e_async_vs_sync.py --recipe recipes/smollm2_arithmetic.toml --lengths natural \
-      --max-new-tokens 24 --eta 2 --pause-modes in_place --steps 25 "${common[@]}" --set run.max_wall_s=260 \
+      --max-new-tokens 24 --eta 2 --pause-modes in_place --steps "${STEPS:-25}" "${common[@]}" --set run.max_wall_s=260 \
       --keep $RUNS/smolreward 2>&1 | tee "$OUT/smolreward.txt" | tail -6
     python3 benchmarks/summarize_runs.py $RUNS/smolreward/* | tee -a "$OUT/smolreward.txt"; pack smolreward ;;
   megatron)  # the megatron backend's GPU tests
