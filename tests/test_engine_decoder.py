@@ -4,6 +4,8 @@ the cache keeps rows across growth and moves."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -65,3 +67,33 @@ def test_models_the_decoder_cannot_run_are_named():
     config = tiny_config("llama")
     config.model_type = "gpt2"
     assert "gpt2" in unsupported(config)
+
+
+def test_fused_projections_follow_weight_updates_and_moves(model):
+    """The fused Q/K/V and gate/up tensors are the model's parameters: a state-dict update lands in them,
+    and after the parameters are replaced (what moving the model between devices does) reset binds anew."""
+    model = copy.deepcopy(model)
+    prompt = [5, 6, 7, 8]
+
+    def decoded_equals_full_forward(decoder: Decoder) -> bool:
+        decoder.reset()
+        with torch.inference_mode():
+            decoder.prefill(torch.tensor([prompt[:-1]]), 0, 0)
+            step = decoder.decode(torch.tensor(prompt[-1:]), torch.tensor([len(prompt) - 1]), len(prompt))
+            full = model(torch.tensor([prompt])).logits[:, -1]
+        return torch.allclose(step, full, atol=1e-4)
+
+    decoder = Decoder(model, torch.device("cpu"))
+    assert decoded_equals_full_forward(decoder)
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(1)
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        with torch.no_grad():
+            state[name].copy_(torch.randn(state[name].shape, generator=generator))
+    k_rows = slice(decoder.heads * decoder.head_dim, (decoder.heads + decoder.kv_heads) * decoder.head_dim)
+    assert torch.equal(decoder.layers[0].qkv_weight[k_rows], state["model.layers.0.self_attn.k_proj.weight"])
+    assert decoded_equals_full_forward(decoder)
+    model._apply(lambda tensor: tensor.clone())  # new tensors for every parameter, as .to(device) makes
+    assert not decoder.layers[0].is_bound()
+    assert decoded_equals_full_forward(decoder)
+    assert all(fused.is_bound() for fused in decoder.layers)
