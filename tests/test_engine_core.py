@@ -252,9 +252,16 @@ def test_pause_abort_and_weight_update_is_all_or_nothing(core, tiny):
     assert not ok and "shape" in message
     ok, message = core.call(core.load_weights, {name: torch.full_like(before, float("nan"))}, "9").result(WAIT_S)
     assert not ok and "non-finite" in message
+    opposite_infinities = before.clone()
+    opposite_infinities.view(-1)[:2] = torch.tensor([float("inf"), float("-inf")])
+    ok, message = core.call(core.load_weights, {name: opposite_infinities}, "9").result(WAIT_S)
+    assert not ok and "non-finite" in message
     ok, message = core.call(core.load_weights, {"no.such.weight": before}, "9").result(WAIT_S)
     assert not ok and "unknown" in message
     assert torch.equal(tiny.model.state_dict()[name], before) and core.weight_version == "0"
+    # Finite values whose sum overflows are loaded (the fast check's overflow falls back to the exact one).
+    assert core.call(core.load_weights, {name: torch.full_like(before, 3e38)}, "9").result(WAIT_S)[0]
+    assert core.call(core.load_weights, {name: before}, "0").result(WAIT_S)[0]
     core.call(core.resume).result(WAIT_S)
 
 

@@ -310,7 +310,7 @@ class EngineCore:
                     False,
                     f"shape mismatch for {name!r}: got {list(tensor.shape)}, model has {list(state[name].shape)}",
                 )
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not _all_finite(tensor):
                 return False, f"parameter {name!r} has non-finite values"
         if not tensors:
             return False, "no tensors given"
@@ -551,6 +551,12 @@ def _input_logprobs(logits: torch.Tensor, tokens: list[int], start: int) -> list
         targets = torch.tensor(tokens[first:], device=logits.device).unsqueeze(1)
         values += logprobs.gather(1, targets).squeeze(1).tolist()
     return values
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Exact, and one reduction where it can: a sum is finite only if every element is (an inf or a
+    NaN anywhere makes it inf or NaN); only a sum that overflows needs the elementwise check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _as_list(value) -> list[int]:
