@@ -10,11 +10,12 @@
 #   intervals | perf512, perf2048 [perf512 carries .gpu/p2 .gpu/p3]: Qwen2-0.5B long tail, async vs
 #   sync | limits512: the saturated rates of perf512's async run | snapshot512: the CUDA snapshot
 #   test and perf512 in one command | smolreward [.gpu/p4]: SmolLM2 reward vs wall-clock, async and
-#   sync (STEPS of each) | synccost: weight sync phases vs their bounds | megatron [.gpu/p2 .gpu/p3]: the megatron
-#   backend's GPU tests | megatron_parity: its parity and speed against the torch backend |
+#   sync (STEPS of each) | synccost: weight sync phases vs their bounds | megatron [.gpu/p2
+#   .gpu/p3]: the megatron backend's GPU tests | megatron_parity: its parity and speed against the
+#   torch backend |
 #   megatron_e2e [.gpu/p4]: SmolLM2 runs with the megatron and the torch backend | engine: the
 #   embedded engine's GPU tests and contract suite on CUDA | enginebench: its throughput beside
-#   SGLang's at five shapes | engineprof: its decode steps profiled | exact: behaviour vs trainer
+#   SGLang's at five shapes (SHAPES, REPEATS) | engineprof: its decode steps profiled | exact: behaviour vs trainer
 #   logprobs, engine.trainer_logprobs on and off | x2sync, x2e2e: issue 17's runs on nvidia-h200-x2
 #   (NCCL sync; disaggregated async vs sync)
 set -uo pipefail
