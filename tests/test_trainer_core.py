@@ -341,15 +341,16 @@ def test_weights_for_sync_use_hf_names(model_dir, tmp_path):
 def test_disk_export_is_the_state_at_export_while_training_goes_on(model_dir, tmp_path, device, dtype):
     """In the compute dtype: what the engines serve (a bfloat16 run writes and loads half the bytes)."""
     trainer = Trainer(*setup(model_dir, device=device, compute_dtype=dtype))
-    before = {name: tensor.to("cpu", getattr(torch, dtype)) for name, tensor in weights(trainer).items()}
-    export = trainer.export_weights("disk", tmp_path)
-    assert export is not None and not Path(export.path).exists()  # written later, beside training
-    trainer.train_step(make_batch(model_dir))
-    assert any(not torch.equal(before[n], t.cpu()) for n, t in weights(trainer).items())
-    path = trainer.write_export(export)
-    assert path == tmp_path / "v0"
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    assert_same_weights(before, dict(loaded.named_parameters()))
+    for version in range(2):  # the second write reuses the first one's host buffers
+        before = {name: tensor.to("cpu", getattr(torch, dtype)) for name, tensor in weights(trainer).items()}
+        export = trainer.export_weights("disk", tmp_path)
+        assert export is not None and not Path(export.path).exists()  # written later, beside training
+        trainer.train_step(make_batch(model_dir))
+        assert any(not torch.equal(before[n], t.cpu()) for n, t in weights(trainer).items())
+        path = trainer.write_export(export)
+        assert path == tmp_path / f"v{version}"
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        assert_same_weights(before, dict(loaded.named_parameters()))
 
 
 def test_fsdp_shards_each_decoder_layer(model_dir):
