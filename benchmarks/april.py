@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders (traces, logs) here")
     args = parser.parse_args()
     common = [
         f"rollout.max_new_tokens={args.max_new_tokens}",
@@ -108,7 +109,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = [("april", "true", False), ("async", "false", False), ("sync", "false", True)]
             for label, enabled, sync in order if repeat % 2 == 0 else order[::-1]:
-                run_dir = Path(scratch) / f"{label}{repeat}"
+                run_dir = (args.keep or Path(scratch)) / f"{label}{repeat}"
                 run(args.recipe, run_dir, [*common, f"april.enabled={enabled}"], sync)
                 sides[label].append(measure(run_dir, group_size=_group_size(run_dir)))
                 side = sides[label][-1]
