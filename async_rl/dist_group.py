@@ -10,6 +10,7 @@ adds "<group>/" and "<device>/" prefixes per backend); any other layout never me
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ class WeightUpdateGroup:
     backend: str
     process_group: Any
     store: Any  # kept alive: rank 0's store serves the others
+    staging: torch.Tensor | None = None  # flattened buckets' buffer, kept: fresh host memory faults in on every sync
 
     @property
     def device(self) -> torch.device:
@@ -86,7 +88,44 @@ def broadcast_raw(process_group, tensor: torch.Tensor, src: int) -> None:
     process_group.broadcast([tensor], options).wait()
 
 
+def broadcast_flattened(group: WeightUpdateGroup, tensors: list[torch.Tensor]) -> None:
+    """Rank 0: send `tensors` as one broadcast of their bytes, back to back in order (SGLang's
+    load_format "flattened_bucket": one collective instead of one per tensor)."""
+    parts = [tensor.detach().to(group.device).contiguous().reshape(-1).view(torch.uint8) for tensor in tensors]
+    flat = _staging(group, sum(part.numel() for part in parts))
+    torch.cat(parts, out=flat)
+    broadcast_raw(group.process_group, flat, 0)
+
+
+def receive_flattened(
+    group: WeightUpdateGroup, dtypes: list[torch.dtype], shapes: list[list[int]]
+) -> list[torch.Tensor]:
+    """The other ranks: one broadcast_flattened, as views of the group's staging buffer (valid until
+    the next receive). Received first, then checked, as SGLang does: the group stays in step either way."""
+    sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in zip(dtypes, shapes)]
+    flat = _staging(group, sum(sizes))
+    broadcast_raw(group.process_group, flat, 0)
+    views, offset = [], 0
+    for index, (dtype, shape, size) in enumerate(zip(dtypes, shapes, sizes)):
+        if offset % dtype.itemsize:
+            raise ValueError(
+                f"flattened bucket: tensor {index} starts at byte {offset}, no multiple of its element size "
+                f"{dtype.itemsize} (the sender must start a new bucket there)"
+            )
+        views.append(flat[offset : offset + size].view(dtype).reshape(shape))
+        offset += size
+    return views
+
+
+def _staging(group: WeightUpdateGroup, nbytes: int) -> torch.Tensor:
+    if group.staging is None or group.staging.numel() < nbytes:
+        group.staging = None  # the old buffer goes before the larger one is allocated
+        group.staging = torch.empty(nbytes, dtype=torch.uint8, device=group.device)
+    return group.staging[:nbytes]
+
+
 def destroy(group: WeightUpdateGroup) -> None:
+    group.staging = None
     dist.destroy_process_group(group.process_group)
 
 

@@ -1,8 +1,10 @@
 """Push the trainer's new weights to every engine, all engines concurrently.
 
 disk: one safetensors folder per version, loaded by each engine (update_weights_from_disk);
-tensor: the weights in the request body (same host, no disk); distributed: a broadcast from
-the trainer (rank 0 of a private process group, see broadcast_group) while every engine receives.
+tensor: the weights in the request body (same host, no disk); distributed: broadcasts from the
+trainer (rank 0 of a private process group, see broadcast_group) while every engine receives, one
+per bucket of tensors flattened into one buffer (SGLang's load_format "flattened_bucket"), one
+update request per bucket, the version set by the last.
 Each engine is paused with the configured mode around the update so no request mixes two
 versions mid-token.
 """
@@ -17,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,8 @@ from async_rl.trace import Tracer
 from rollout_workers.client import EngineClient, EngineConnectionError, EngineError, EngineTimeoutError, PauseMode
 
 if TYPE_CHECKING:
+    import torch
+
     from async_rl.dist_group import WeightUpdateGroup
     from async_rl.trainer.trainer import WeightsExport
 
@@ -35,6 +39,8 @@ KEEP_SNAPSHOTS = 2  # the one engines load now, and the previous one a slow engi
 GROUP_NAME = "async_rl_weights"
 # Bounds the rendezvous and every broadcast: a dead engine then fails the sync instead of hanging it.
 GROUP_TIMEOUT_S = 120.0
+# Distributed: tensor bytes per flattened broadcast (and per update request); bounds the buffer each side holds.
+BUCKET_BYTES = 512 << 20
 SYNC_TRACK = "weight-sync"
 PHASES = ("pause", "update", "continue")
 
@@ -191,18 +197,23 @@ async def load_weights(
     elif method == "distributed":
         if group is None:
             raise ValueError("weight_sync.method=distributed needs the open broadcast_group")
-        names = list(tensors)
-        dtypes, shapes = [tensors[n].dtype for n in names], [list(tensors[n].shape) for n in names]
-        update = lambda client: client.update_weights_from_distributed(  # noqa: E731
-            names,
-            dtypes,
-            shapes,
-            group_name=GROUP_NAME,
-            flush_cache=False,
-            weight_version=str(version),
-            timeout_s=timeout_s,
-        )
-        send = lambda: _broadcast_all(group, [tensors[n] for n in names])  # noqa: E731
+        buckets = flattened_buckets(tensors, BUCKET_BYTES)
+
+        async def update(client: EngineClient) -> None:
+            for index, names in enumerate(buckets):
+                last = index == len(buckets) - 1  # the version comes with the last bucket, once every tensor is in
+                await client.update_weights_from_distributed(
+                    names,
+                    [tensors[n].dtype for n in names],
+                    [list(tensors[n].shape) for n in names],
+                    group_name=GROUP_NAME,
+                    flush_cache=False,
+                    weight_version=str(version) if last else None,
+                    load_format="flattened_bucket",
+                    timeout_s=timeout_s,
+                )
+
+        send = lambda: _broadcast_buckets(group, tensors, buckets)  # noqa: E731
     else:
         raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
 
@@ -283,11 +294,27 @@ def _phase(tracer: Tracer, name: str, track: str, seconds: dict[str, float], **a
         tracer.complete(name, track, start_wall, start_wall + seconds[name], **args)
 
 
-def _broadcast_all(group: WeightUpdateGroup, tensors: list) -> None:
-    from async_rl.dist_group import broadcast
+def flattened_buckets(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Names in order, cut into buckets of at most `limit` bytes (a larger tensor alone in its own);
+    a tensor whose bytes would start at an offset that is no multiple of its element size starts a
+    new bucket, as the receiver views each tensor in place."""
+    buckets: list[list[str]] = []
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if not buckets or (buckets[-1] and size + nbytes > limit) or size % tensor.element_size():
+            buckets.append([])
+            size = 0
+        buckets[-1].append(name)
+        size += nbytes
+    return buckets
 
-    for tensor in tensors:
-        broadcast(group, tensor.detach().to(group.device).contiguous(), src=0)
+
+def _broadcast_buckets(group: WeightUpdateGroup, tensors: Mapping[str, torch.Tensor], buckets: list[list[str]]) -> None:
+    from async_rl.dist_group import broadcast_flattened
+
+    for names in buckets:
+        broadcast_flattened(group, [tensors[name] for name in names])
 
 
 def _prune_snapshots(weights_dir: Path, version: int) -> None:

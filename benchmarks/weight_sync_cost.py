@@ -9,7 +9,7 @@ cache's writeback, so each sync is paired with its own measurement):
 - tensor: the payload is encoded once and decoded once: 2 x bytes / copy bandwidth (torch clone);
 - distributed: one broadcast of the same bytes in one buffer between two processes on the trainer's
   and the engine's devices (NCCL on GPUs, gloo on CPU), measured once before the syncs (the sync
-  itself broadcasts tensor by tensor: the ratio shows what that costs);
+  itself broadcasts flattened buckets of weight_sync.BUCKET_BYTES, one update request each);
 - on CUDA both paths also cross the host once each way: + bytes / device-to-host + bytes /
   host-to-device bandwidth (torch copies of the same size, measured beside the others).
 The ratio is (export + write + update) / bound, the median over the pairs (export: what the trainer

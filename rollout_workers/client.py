@@ -709,10 +709,12 @@ class EngineClient:
         group_name: str = "weight_update_group",
         flush_cache: bool = True,
         weight_version: str | int | None = None,
+        load_format: Literal["flattened_bucket"] | None = None,
         timeout_s: float | None = None,
     ) -> str:
-        """Returns once the engine received every tensor: the trainer broadcasts them
-        (in `names` order, from rank 0) while this call is in flight."""
+        """Returns once the engine received every tensor: the trainer broadcasts them (in `names`
+        order, from rank 0; with load_format flattened_bucket as one buffer, dist_group.broadcast_flattened)
+        while this call is in flight."""
         if not len(names) == len(dtypes) == len(shapes):
             raise ValueError("names, dtypes and shapes must have the same length")
         if group_name not in self._groups:
@@ -727,6 +729,8 @@ class EngineClient:
             "group_name": group_name,
             "flush_cache": flush_cache,
         }
+        if load_format is not None:
+            payload["load_format"] = load_format
         return await self._update("/update_weights_from_distributed", payload, weight_version, timeout_s)
 
     async def destroy_weights_update_group(

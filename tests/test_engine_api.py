@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from async_rl.dist_group import broadcast, destroy, init_weight_update_group
+from async_rl.dist_group import broadcast, broadcast_flattened, destroy, init_weight_update_group
 from async_rl.messages import Trajectory
 from async_rl.trace import Tracer
 from rollout_workers.april import AprilController, AprilPlan
@@ -460,7 +460,8 @@ async def test_flush_cache_fails_while_a_request_runs(client):
     await client.flush_cache()
 
 
-async def test_update_weights_from_distributed_over_gloo(client, other_weights):
+@pytest.mark.parametrize("load_format", [None, "flattened_bucket"])  # one broadcast per tensor, or one in all
+async def test_update_weights_from_distributed_over_gloo(client, other_weights, load_format):
     tensors = other_weights["tensors"]
     names = list(tensors)
     new = await current_version(client) + 1
@@ -479,8 +480,12 @@ async def test_update_weights_from_distributed_over_gloo(client, other_weights):
     try:
 
         def send_all(scale: float) -> None:
-            for name in names:
-                broadcast(trainer_group, (tensors[name] * scale).contiguous(), src=0)
+            scaled = [(tensors[name] * scale).contiguous() for name in names]
+            if load_format:
+                broadcast_flattened(trainer_group, scaled)
+            else:
+                for tensor in scaled:
+                    broadcast(trainer_group, tensor, src=0)
 
         async def broadcast_update(scale: float, version: int) -> GenerateResult:
             async with asyncio.TaskGroup() as group:
@@ -491,6 +496,7 @@ async def test_update_weights_from_distributed_over_gloo(client, other_weights):
                         [tensors[n].shape for n in names],
                         group_name="test_sync",
                         weight_version=version,
+                        load_format=load_format,
                     )
                 )
                 await asyncio.to_thread(send_all, scale)

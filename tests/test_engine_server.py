@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import torch
 
 from async_rl import dist_group
 from rollout_workers.client import serialize_named_tensors
@@ -259,7 +260,8 @@ async def test_in_place_pause_blocks_flush_and_memory_release_refuses_generate(h
     await post(http, "/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 2}})
 
 
-async def test_update_weights_from_distributed_over_gloo(http, models, free_port):
+@pytest.mark.parametrize("load_format", [None, "flattened_bucket"])
+async def test_update_weights_from_distributed_over_gloo(http, models, free_port, load_format):
     port = free_port()
     init = asyncio.create_task(
         post(
@@ -280,27 +282,35 @@ async def test_update_weights_from_distributed_over_gloo(http, models, free_port
     assert (await init)["success"]
     weights = load_folder(str(models["other"]))
     names = sorted(weights)
-    update = asyncio.create_task(
-        post(
-            http,
-            "/update_weights_from_distributed",
-            {
-                "names": names,
-                "dtypes": [str(weights[n].dtype) for n in names],
-                "shapes": [list(weights[n].shape) for n in names],
-                "group_name": "g",
-                "weight_version": "7",
-            },
-        )
-    )
 
-    def send_all() -> None:
-        for name in names:
-            dist_group.broadcast(group, weights[name].contiguous(), src=0)
+    async def update(names, tensors, version: str, status: int = 200) -> dict:
+        body = {
+            "names": names,
+            "dtypes": [str(t.dtype) for t in tensors],
+            "shapes": [list(t.shape) for t in tensors],
+            "group_name": "g",
+            "weight_version": version,
+            **({"load_format": load_format} if load_format else {}),
+        }
+        updating = asyncio.create_task(post(http, "/update_weights_from_distributed", body, status))
+        if load_format:
+            await asyncio.to_thread(dist_group.broadcast_flattened, group, tensors)
+        else:
+            for tensor in tensors:
+                await asyncio.to_thread(dist_group.broadcast, group, tensor.contiguous(), 0)
+        return await updating
 
-    await asyncio.to_thread(send_all)
-    assert (await update)["success"]
+    assert (await update(names, [weights[n] for n in names], "7"))["success"]
     assert (await get(http, "/model_info"))["weight_version"] == "7"
+    if load_format:
+        # A bucket whose second tensor would start mid-element is received (the group stays in step), then refused.
+        odd = [torch.ones(1, dtype=torch.bfloat16), torch.ones(1)]
+        refused = await update(names[:2], odd, "8", status=400)
+        assert "element size" in refused["message"]
+        assert (await get(http, "/model_info"))["weight_version"] == "7"
+        # The staging buffer is reused: the next bucket still arrives whole.
+        assert (await update(names, [weights[n] * 2 for n in names], "9"))["success"]
+        assert (await get(http, "/model_info"))["weight_version"] == "9"
     assert (await post(http, "/destroy_weights_update_group", {"group_name": "g"}))["success"]
     dist_group.destroy(group)
     await post(http, "/destroy_weights_update_group", {"group_name": "g"}, status=400)

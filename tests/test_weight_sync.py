@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from async_rl.trace import Tracer, read_events
-from async_rl.weight_sync import PHASES, SYNC_TRACK, sync_weights
+from async_rl.weight_sync import PHASES, SYNC_TRACK, broadcast_group, flattened_buckets, sync_weights
 from rollout_workers.client import EngineClient
 from rollout_workers.engine.model import create_tiny_model
 
@@ -48,10 +49,18 @@ async def wait_generated(client: EngineClient, at_least: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "mode,method", [("abort", "disk"), ("retract", "disk"), ("in_place", "disk"), ("in_place", "tensor")]
+    "mode,method",
+    [("abort", "disk"), ("retract", "disk"), ("in_place", "disk"), ("in_place", "tensor"), ("in_place", "distributed")],
 )
-async def test_sync_with_a_request_in_flight(engine_url, trainer, tmp_path, mode, method):
-    async with asyncio.timeout(TIMEOUT_S), EngineClient(engine_url) as client:
+async def test_sync_with_a_request_in_flight(engine_url, trainer, tmp_path, mode, method, monkeypatch):
+    # distributed: buckets of 64 KiB, so the weights go in many broadcasts and requests (the version with the last)
+    monkeypatch.setattr("async_rl.weight_sync.BUCKET_BYTES", 64 << 10)
+    async with asyncio.timeout(TIMEOUT_S), EngineClient(engine_url) as client, contextlib.AsyncExitStack() as stack:
+        group = (
+            await stack.enter_async_context(broadcast_group([client], trainer.device))
+            if method == "distributed"
+            else None
+        )
         old = int(await client.get_weight_version())
         trainer.version = new = old + 1  # the trainer is one optimizer step ahead of the engine
         params = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "ignore_eos": True}
@@ -61,7 +70,7 @@ async def test_sync_with_a_request_in_flight(engine_url, trainer, tmp_path, mode
         request = asyncio.create_task(client.generate([1, 2, 3], sampling_params=params, rid=rid))
         await wait_generated(client, before + 3)
         with Tracer(tmp_path / "trainer.json", process_name="trainer") as tracer:
-            result = await sync_weights(trainer, [client], method, mode, tmp_path / "weights", tracer=tracer)
+            result = await sync_weights(trainer, [client], method, mode, tmp_path / "weights", group, tracer=tracer)
         if mode != "abort":  # let the resumed request decode a few tokens under the new weights, then stop it
             await wait_generated(client, await generated_tokens(client) + 3)
             await client.abort_request(rid)
@@ -101,6 +110,21 @@ async def test_sync_with_a_request_in_flight(engine_url, trainer, tmp_path, mode
         assert whole["ts"] <= span["ts"] and span["ts"] + span["dur"] <= whole["ts"] + whole["dur"] + 1
     tracks = {e["args"]["name"] for e in read_events(tmp_path / "trainer.json") if e["name"] == "thread_name"}
     assert tracks == {SYNC_TRACK, f"{SYNC_TRACK} engine-0"}
+
+
+def test_flattened_buckets_keep_order_bound_and_alignment():
+    import torch
+
+    tensors = {
+        "a": torch.zeros(100),  # 400 bytes
+        "b": torch.zeros(100),
+        "big": torch.zeros(1000),  # alone: larger than a bucket
+        "odd": torch.zeros(3, dtype=torch.bfloat16),  # 6 bytes: a float32 after it would start mid-element
+        "c": torch.zeros(1),
+        "d": torch.zeros(2, dtype=torch.bfloat16),
+    }
+    assert flattened_buckets(tensors, 1000) == [["a", "b"], ["big"], ["odd"], ["c", "d"]]
+    assert flattened_buckets(tensors, 1 << 20) == [["a", "b", "big", "odd"], ["c", "d"]]
 
 
 @pytest.mark.parametrize("method", ["disk", "tensor"])

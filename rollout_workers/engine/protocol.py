@@ -93,6 +93,7 @@ class UpdateFromDistributedRequest(msgspec.Struct, kw_only=True):
     group_name: str = "weight_update_group"
     flush_cache: bool = True
     weight_version: str | None = None
+    load_format: Literal["flattened_bucket"] | None = None  # None: one broadcast per tensor
 
 
 class DestroyGroupRequest(msgspec.Struct, kw_only=True):

@@ -456,15 +456,23 @@ class EngineServer:
         return _outcome(*await self._on_engine(self._receive_weights, group, req, dtypes))
 
     def _receive_weights(self, group, req: P.UpdateFromDistributedRequest, dtypes) -> tuple[bool, str]:
-        """Engine thread: receive every tensor first (the sender broadcasts them all), then check and load."""
+        """Engine thread: receive every tensor first (the sender broadcasts them all, one by one or, with
+        load_format flattened_bucket, in one buffer), then check and load."""
         import torch
 
-        from async_rl.dist_group import broadcast
+        from async_rl.dist_group import broadcast, receive_flattened
 
-        tensors = {}
-        for name, dtype, shape in zip(req.names, dtypes, req.shapes):
-            tensors[name] = broadcast(group, torch.empty(shape, dtype=dtype, device=group.device), src=0)
-        return self.core.load_weights(tensors, req.weight_version, req.flush_cache)
+        if req.load_format == "flattened_bucket":
+            try:
+                received = receive_flattened(group, dtypes, req.shapes)
+            except ValueError as exc:
+                return False, str(exc)
+        else:
+            received = [
+                broadcast(group, torch.empty(shape, dtype=dtype, device=group.device), src=0)
+                for dtype, shape in zip(dtypes, req.shapes)
+            ]
+        return self.core.load_weights(dict(zip(req.names, received)), req.weight_version, req.flush_cache)
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         from async_rl.dist_group import destroy
