@@ -8,16 +8,16 @@
 #   a -k filter) | stage3 [.gpu/p2 .gpu/p3]: runs in every pause mode, trainer memory | stage4
 #   [.gpu/p4]: SmolLM2 run, e2e async vs sync | april: APRIL vs async vs sync (ETA, ALPHA) | bench:
 #   engine throughput, SGLang's hand-over intervals | perf512, perf2048 [perf512 carries .gpu/p2
-#   .gpu/p3]: Qwen2-0.5B long tail, async vs sync | limits512: the saturated rates of perf512's
-#   async run | snapshot512: the CUDA snapshot test and perf512 in one command | smolreward
-#   [.gpu/p4]: SmolLM2 reward vs wall-clock, async and sync (STEPS of each) | synccost: weight sync
-#   phases vs their bounds | megatron [.gpu/p2 .gpu/p3]: the megatron backend's GPU tests |
-#   megatron_parity: its parity and speed against the torch backend | megatron_e2e [.gpu/p4]:
-#   SmolLM2 runs with the megatron and the torch backend | engine: the embedded engine's GPU tests
-#   and contract suite on CUDA | enginebench: its throughput beside SGLang's at five shapes (SHAPES,
-#   REPEATS) | engineprof: its decode steps profiled | exact: behaviour vs trainer logprobs,
-#   engine.trainer_logprobs on and off | x2sync, x2e2e: issue 17's runs on nvidia-h200-x2 (NCCL
-#   sync; disaggregated async vs sync)
+#   .gpu/p3]: Qwen2-0.5B long tail, async vs sync (STEPS) | limits512: the saturated rates of
+#   perf512's async run | snapshot512: the CUDA snapshot test and perf512 in one command |
+#   smolreward [.gpu/p4]: SmolLM2 reward vs wall-clock, async and sync (STEPS of each) | synccost:
+#   weight sync phases vs their bounds | megatron [.gpu/p2 .gpu/p3]: the megatron backend's GPU
+#   tests | megatron_parity: its parity and speed against the torch backend | megatron_e2e
+#   [.gpu/p4]: SmolLM2 runs with the megatron and the torch backend | engine: the embedded engine's
+#   GPU tests and contract suite on CUDA | enginebench: its throughput beside SGLang's at five
+#   shapes (SHAPES, REPEATS) | engineprof: its decode steps profiled | exact: behaviour vs trainer
+#   logprobs, engine.trainer_logprobs on and off | x2sync, x2e2e: issue 17's runs on nvidia-h200-x2
+#   (NCCL sync; disaggregated async vs sync)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
@@ -61,7 +61,8 @@ qwen_long_tail() {  # max_new_tokens, steps, seconds, extra benchmark flags...
 }
 
 limits512() {  # seconds
-  timeout "$1" python3 benchmarks/saturation.py $RUNS/qwen-512/async-in_place --groups 80 --steps 9 2>&1 \
+  local steps=${STEPS:-10}  # the run's own steps (perf512, snapshot512)
+  timeout "$1" python3 benchmarks/saturation.py $RUNS/qwen-512/async-in_place --groups $((8 * steps)) --steps $((steps - 1)) 2>&1 \
     | tee "$OUT/limits-512.txt" | tail -6
 }
 
@@ -110,13 +111,13 @@ case "${1:?stage}" in
       --dtype bfloat16 --concurrency 128 --max-new-tokens 128 --prompt-len 64 --sglang-args "$SGL_ARGS" 2>&1 | tee "$OUT/throughput.txt" | tail -8 ;;
   perf512)
     cp .gpu/p2/* .gpu/p3/* /tmp/parts/
-    qwen_long_tail 512 10 560; pack perf512 ;;
+    qwen_long_tail 512 "${STEPS:-10}" 560; pack perf512 ;;
   limits512)  # the saturated rates of perf512's async run (on the same warm machine)
     limits512 560 ;;
   snapshot512)  # the device snapshot on CUDA (its test), then perf512 (limits512 next, on the same machine)
     cp .gpu/p2/* .gpu/p3/* /tmp/parts/
     timeout 60 python3 -m pytest -m gpu tests/test_trainer_core.py -k disk_export -p no:cacheprovider -q 2>&1 | tail -2
-    qwen_long_tail 512 10 530; pack snapshot512 ;;
+    qwen_long_tail 512 "${STEPS:-10}" 530; pack snapshot512 ;;
   perf2048)
     qwen_long_tail 2048 8 580; pack perf2048 ;;
   smolreward)
@@ -184,7 +185,7 @@ case "${1:?stage}" in
     python3 benchmarks/summarize_runs.py $RUNS/x2-* | tee "$OUT/x2-runs.txt"; pack x2sync ;;
   x2e2e)  # issue 17, nvidia-h200-x2 only: async vs sync disaggregated (SGLang on cuda:0, trainer on cuda:1)
     export NCCL_NVLS_ENABLE=0
-    qwen_long_tail 512 10 560 --set engine.device=cuda:0 --set trainer.device=cuda:1 --set weight_sync.method=distributed
+    qwen_long_tail 512 "${STEPS:-10}" 560 --set engine.device=cuda:0 --set trainer.device=cuda:1 --set weight_sync.method=distributed
     pack x2e2e ;;
   synccost)
     timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda --methods disk,tensor --syncs 4 \
