@@ -186,9 +186,10 @@ class TaskConfig(_Table, frozen=True):
 class WeightSyncConfig(_Table, frozen=True):
     """[weight_sync] How new weights reach the engines after each step (async_rl/weight_sync.py)."""
 
-    method: Literal["disk", "tensor", "distributed"] = "disk"
+    method: Literal["disk", "tensor", "distributed", "cuda_ipc"] = "disk"
     """disk (safetensors folder + update_weights_from_disk) | tensor (in the request body; embedded
-    engines only) | distributed (a broadcast group: NCCL on GPUs, gloo on CPU)."""
+    engines only) | distributed (a broadcast group: NCCL on GPUs, gloo on CPU) | cuda_ipc (SGLang
+    engines on the trainer's GPU copy a device snapshot through CUDA IPC handles; one trainer rank)."""
     pause_mode: Literal["abort", "retract", "in_place"] = "retract"
     """What engines do with running requests during the update: abort (they return their partial output
     and are continued from it), retract (they leave the batch and resume after, KV recomputed) or
@@ -334,8 +335,10 @@ class RunConfig(_Table, frozen=True):
             raise ValueError(
                 'weight_sync.method = "tensor" cannot drive SGLang engines: SGLang decodes tensor updates '
                 "with its pickle-based MultiprocessingSerializer (any other payload ends the server), and "
-                'this project never pickles; use "disk" or "distributed"'
+                'tensor sends safetensors; use "cuda_ipc" (engines on the trainer\'s GPU), "disk" or "distributed"'
             )
+        if self.weight_sync.method == "cuda_ipc":
+            self._check_cuda_ipc()
         if self.run.sync and self.staleness.eta != 0:
             raise ValueError(
                 f"run.sync = true trains strictly on-policy: set staleness.eta = 0 (got {self.staleness.eta})"
@@ -352,6 +355,19 @@ class RunConfig(_Table, frozen=True):
             raise ValueError(
                 f"april.enabled retracts and resumes samples, which the worker-driven path does: unset "
                 f"rollout.generate ({self.rollout.generate}) and use rollout.sample_plan"
+            )
+
+    def _check_cuda_ipc(self) -> None:
+        """IPC handles name GPU memory of one trainer process (the devices: orchestrator.check_supported)."""
+        if self.engine.kind != "sglang":
+            raise ValueError(
+                'weight_sync.method = "cuda_ipc" drives SGLang engines (the payload is its pickle-based '
+                'serializer, which the embedded engine never decodes): use "tensor" or "disk" for embedded engines'
+            )
+        if self.trainer.processes != 1 or self.cluster.trainer_nodes != 1:
+            raise ValueError(
+                f'weight_sync.method = "cuda_ipc" needs one trainer process holding the whole model '
+                f"(trainer.processes = {self.trainer.processes}); use disk or distributed"
             )
 
     def _check_trainer_logprobs(self) -> None:

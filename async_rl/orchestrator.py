@@ -119,6 +119,7 @@ def check_supported(config: RunConfig, on_cluster: bool = False) -> None:
         _check_cluster_devices(config)
     else:
         _check_broadcast_devices(config)
+        _check_ipc_devices(config)
         if config.cluster.trainer_nodes > 1:
             raise ConfigError("cluster.trainer_nodes > 1 spreads the trainer over Ray nodes: run with --ray-address")
     if config.trainer.backend == "megatron":
@@ -135,6 +136,11 @@ def check_supported(config: RunConfig, on_cluster: bool = False) -> None:
 def _check_cluster_devices(config: RunConfig) -> None:
     """On Ray a component sees only its bundle's GPUs: a CUDA device needs GPUs in the bundle, and an
     NCCL broadcast needs whole GPUs on both sides (separate bundles never share one)."""
+    if config.weight_sync.method == "cuda_ipc":
+        raise ConfigError(
+            'weight_sync.method = "cuda_ipc" shares the trainer\'s GPU memory with engines on that GPU, '
+            "which separate Ray bundles never are: use disk or distributed on Ray"
+        )
     cluster = config.cluster
     engine = config.engine.device or config.model.device
     trainer = config.trainer.device or config.model.device
@@ -158,18 +164,34 @@ def _check_broadcast_devices(config: RunConfig) -> None:
         return  # gloo: any placement
     default = "cuda:0" if config.engine.kind == "sglang" else config.model.device
     engine = _device(config.engine.device or default)
-    gpu = lambda device: device if ":" in device else f"{device}:0"  # noqa: E731
     if config.engine.count > 1 and engine.startswith("cuda"):
         raise ConfigError(
             f'weight_sync.method = "distributed" over NCCL needs every engine on its own GPU, but all '
             f"{config.engine.count} engines use {engine}: set engine.count = 1 or use disk sync"
         )
-    if engine.startswith("cuda") and gpu(engine) == gpu(trainer):
+    if engine.startswith("cuda") and _gpu(engine) == _gpu(trainer):
         raise ConfigError(
             f'weight_sync.method = "distributed" over NCCL needs the trainer and the engines on '
-            f"different GPUs, both are on {gpu(trainer)}: set trainer.device / engine.device "
+            f"different GPUs, both are on {_gpu(trainer)}: set trainer.device / engine.device "
             f"(e.g. cuda:1 and cuda:0) or use disk sync"
         )
+
+
+def _check_ipc_devices(config: RunConfig) -> None:
+    """CUDA IPC hands the engines handles of the trainer's GPU memory: they must serve on that GPU."""
+    if config.weight_sync.method != "cuda_ipc":
+        return
+    trainer = _gpu(_device(config.trainer.device or config.model.device))
+    engine = _gpu(_device(config.engine.device or "cuda:0"))  # SGLang's default GPU is 0
+    if not trainer.startswith("cuda") or engine != trainer:
+        raise ConfigError(
+            f'weight_sync.method = "cuda_ipc" needs the trainer and the engines on one GPU, but the trainer is '
+            f"on {trainer} and the engines on {engine}: set trainer.device and engine.device, or use disk sync"
+        )
+
+
+def _gpu(device: str) -> str:
+    return f"{device}:0" if device == "cuda" else device
 
 
 def _device(configured: str) -> str:

@@ -30,7 +30,7 @@ from async_rl.metrics import MetricsSink, read_metrics
 from async_rl.supervisor import RESTARTS_ENV
 from async_rl.trace import TRACE_DIR, Tracer
 from async_rl.transport import BufferClient, VersionPublisher
-from async_rl.weight_sync import broadcast_group, export_weights, load_weights
+from async_rl.weight_sync import LIVE_METHODS, broadcast_group, export_weights, load_weights
 from rollout_workers.client import EngineClient, wait_until_healthy
 from rollout_workers.engine_registry import follow_moved
 
@@ -335,7 +335,7 @@ async def lead(
                     dropped.update(stale)
                     step = None
                     if batch.trajectories:
-                        if method != "disk":  # tensor and distributed send the live parameters
+                        if method in LIVE_METHODS:
                             await published()
                         with tracer.span("train step", TRACK, step=trainer.version + 1) as span:
                             span["samples"] = len(batch.trajectories)

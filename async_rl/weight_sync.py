@@ -4,7 +4,8 @@ disk: one safetensors folder per version, loaded by each engine (update_weights_
 tensor: the weights in the request body (same host, no disk); distributed: broadcasts from the
 trainer (rank 0 of a private process group, see broadcast_group) while every engine receives, one
 per bucket of tensors flattened into one buffer (SGLang's load_format "flattened_bucket"), one
-update request per bucket, the version set by the last.
+update request per bucket, the version set by the last; cuda_ipc: a device snapshot whose CUDA IPC
+handles go to SGLang engines on the trainer's GPU (update_weights_from_tensor), which copy from it.
 Each engine is paused with the configured mode around the update so no request mixes two
 versions mid-token.
 """
@@ -41,6 +42,8 @@ GROUP_NAME = "async_rl_weights"
 GROUP_TIMEOUT_S = 120.0
 # Distributed: tensor bytes per flattened broadcast (and per update request); bounds the buffer each side holds.
 BUCKET_BYTES = 512 << 20
+# Methods that send the live parameters: the trainer must not train while they are sent.
+LIVE_METHODS = ("tensor", "distributed")
 SYNC_TRACK = "weight-sync"
 PHASES = ("pause", "update", "continue")
 
@@ -90,7 +93,7 @@ class SyncResult:
 
     seconds: float  # trainer state -> every engine serving it, the export included
     path: str  # the disk snapshot, or ""
-    export_s: float  # taking the snapshot (disk) or gathering the tensors: the trainer waits for it
+    export_s: float  # taking the snapshot (disk, cuda_ipc) or gathering the tensors: the trainer waits for it
     write_s: float  # disk: writing the snapshot folder, beside training; 0 otherwise
     pause_s: float
     update_s: float
@@ -127,7 +130,8 @@ async def sync_weights(
 
 @dataclasses.dataclass(frozen=True)
 class SyncExport:
-    weights: WeightsExport  # tensor, distributed: the live parameters (do not train meanwhile); disk: no tensors
+    # tensor, distributed: the live parameters (do not train meanwhile); cuda_ipc: a device snapshot; disk: none
+    weights: WeightsExport
     seconds: float  # the export itself
     started: float  # perf_counter and wall clock at its start: a sync lasts from there to the last engine
     started_wall: float
@@ -138,10 +142,12 @@ async def export_weights(trainer, method: str, weights_dir: Path, tracer: Tracer
     """The trainer's weights in the form `method` sends. Once this returns, a disk export is a
     snapshot (on the trainer's device or host) whose folder is being written: the trainer may train
     on meanwhile, and the engines load it once written (load_weights waits for that). The snapshot's
-    tensors are let go once written, so only a write in flight holds one."""
+    tensors are let go once written, so only a write in flight holds one. A cuda_ipc export is a
+    complete device snapshot the trainer may train beside; the engines read it until they are loaded."""
     tracer = tracer or Tracer(None)
     started_wall, started = time.time(), time.perf_counter()
-    with tracer.span("snapshot weights" if method == "disk" else "gather weights", SYNC_TRACK, version=trainer.version):
+    span = "gather weights" if method in LIVE_METHODS else "snapshot weights"
+    with tracer.span(span, SYNC_TRACK, version=trainer.version):
         export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
     written = None
     if method == "disk":
@@ -194,6 +200,10 @@ async def load_weights(
         update = lambda client: client.update_weights_from_tensor(  # noqa: E731
             tensors, flush_cache=False, weight_version=str(version), timeout_s=timeout_s
         )
+    elif method == "cuda_ipc":
+        update = lambda client: client.update_weights_from_cuda_ipc(  # noqa: E731
+            tensors, flush_cache=False, weight_version=str(version), timeout_s=timeout_s
+        )
     elif method == "distributed":
         if group is None:
             raise ValueError("weight_sync.method=distributed needs the open broadcast_group")
@@ -215,7 +225,7 @@ async def load_weights(
 
         send = lambda: _broadcast_buckets(group, tensors, buckets)  # noqa: E731
     else:
-        raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
+        raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor, distributed or cuda_ipc)")
 
     phases = [dict.fromkeys(PHASES, 0.0) for _ in clients]
 

@@ -5,7 +5,8 @@ response lengths are forced from a heavy-tailed log-normal (recipes/long_tail.py
 is what leaves a synchronous loop idle: every step waits for its longest response, and
 the engines wait for the trainer. Throughput is measured between the first and the last
 logged step, so start-up is not counted. One synchronous baseline, then one asynchronous run
-per weight-sync pause mode (--pause-modes); each line also gives the mean pause of a sync.
+per weight-sync pause mode (--pause-modes) and, with --methods, per weight-sync method (the baseline
+uses the first); each line also gives the mean pause of a sync.
 With --lengths natural the recipe's own lengths stay (a learnable task: compare rewards with
 benchmarks/plot_reward.py on the --keep folders).
 
@@ -62,6 +63,11 @@ def main() -> None:
         "--pause-modes", default="retract", help="comma list: one asynchronous run per weight-sync pause mode"
     )
     parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma list: weight_sync.method of each asynchronous run (default: the recipe's)",
+    )
+    parser.add_argument(
         "--lengths",
         choices=("forced", "natural"),
         default="forced",
@@ -81,27 +87,33 @@ def main() -> None:
         f"trainer.total_steps={args.steps}",
         *args.overrides,
     ]
+    methods = args.methods.split(",") if args.methods else [None]
+    method_set = lambda method: [] if method is None else [f"weight_sync.method={method}"]  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="e2e-bench-") as scratch:
         root = args.keep or Path(scratch)
-        sync_rate, sync_pause = run(args.recipe, root / "sync", [*common, "staleness.eta=0"], sync=True)
+        sync_overrides = [*common, "staleness.eta=0", *method_set(methods[0])]
+        sync_rate, sync_pause = run(args.recipe, root / "sync", sync_overrides, sync=True)
         print(f"sync:                     {sync_rate:8.1f} trained samples/s   mean sync pause {sync_pause:.3f} s")
         for mode in args.pause_modes.split(","):
-            rate, pause = run(
-                args.recipe,
-                root / f"async-{mode}",
-                [*common, f"staleness.eta={args.eta}", f"weight_sync.pause_mode={mode}"],
-                sync=False,
-            )
-            print(f"async (eta={args.eta}, {mode:>8}): {rate:8.1f} trained samples/s   mean sync pause {pause:.3f} s")
-            print(
-                f"RESULT e2e_async_vs_sync recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
-                f"eta={args.eta} pause_mode={mode} async_samples_s={rate:.1f} sync_samples_s={sync_rate:.1f} "
-                f"ratio={rate / sync_rate:.2f} async_pause_s={pause:.3f}",
-                flush=True,
-            )
-            if args.limits:
-                limits = saturation.measure(root / f"async-{mode}", groups=8 * args.steps, steps=args.steps - 1)
-                print(f"limits (eta={args.eta}, {mode}): {limits.describe()}", flush=True)
+            for method in methods:
+                name = f"async-{mode}" if method is None else f"async-{mode}-{method}"
+                overrides = [
+                    *common,
+                    f"staleness.eta={args.eta}",
+                    f"weight_sync.pause_mode={mode}",
+                    *method_set(method),
+                ]
+                rate, pause = run(args.recipe, root / name, overrides, sync=False)
+                print(f"{name} (eta={args.eta}): {rate:8.1f} trained samples/s   mean sync pause {pause:.3f} s")
+                print(
+                    f"RESULT e2e_async_vs_sync recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
+                    f"eta={args.eta} pause_mode={mode} method={method or 'recipe'} async_samples_s={rate:.1f} "
+                    f"sync_samples_s={sync_rate:.1f} ratio={rate / sync_rate:.2f} async_pause_s={pause:.3f}",
+                    flush=True,
+                )
+                if args.limits:
+                    limits = saturation.measure(root / name, groups=8 * args.steps, steps=args.steps - 1)
+                    print(f"limits ({name}, eta={args.eta}): {limits.describe()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@
 #   GPU tests and contract suite on CUDA | enginebench: its throughput beside SGLang's at five
 #   shapes (SHAPES, REPEATS) | engineprof: its decode steps profiled | exact: behaviour vs trainer
 #   logprobs, engine.trainer_logprobs on and off | x2sync, x2e2e: issue 17's runs on nvidia-h200-x2
-#   (NCCL sync; disaggregated async vs sync)
+#   (NCCL sync; disaggregated async vs sync) | ipc: CUDA IPC sync (contract test, a run, its cost).
+#   perf512/snapshot512 take METHODS (an async run per weight_sync.method), limits512 RUN (the folder).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
@@ -57,12 +58,12 @@ qwen_long_tail() {  # max_new_tokens, steps, seconds, extra benchmark flags...
   local tokens=$1 steps=$2 seconds=$3; shift 3
   timeout "$seconds" python3 benchmarks/e2e_async_vs_sync.py --pause-modes in_place --max-new-tokens "$tokens" --eta 2 \
     --steps "$steps" "${common[@]}" --set model.spec=qwen2-0.5b --set model.dtype=bfloat16 --set run.max_wall_s=900 \
-    --keep $RUNS/qwen-$tokens "$@" 2>&1 | tee "$OUT/e2e-qwen-$tokens.txt" | tail -12
+    ${METHODS:+--methods "$METHODS"} --keep $RUNS/qwen-$tokens "$@" 2>&1 | tee "$OUT/e2e-qwen-$tokens.txt" | tail -12
 }
 
 limits512() {  # seconds
   local steps=${STEPS:-10}  # the run's own steps (perf512, snapshot512)
-  timeout "$1" python3 benchmarks/saturation.py $RUNS/qwen-512/async-in_place --groups $((8 * steps)) --steps $((steps - 1)) 2>&1 \
+  timeout "$1" python3 benchmarks/saturation.py "$RUNS/qwen-512/${RUN:-async-in_place}" --groups $((8 * steps)) --steps $((steps - 1)) 2>&1 \
     | tee "$OUT/limits-512.txt" | tail -6
 }
 
@@ -187,6 +188,13 @@ case "${1:?stage}" in
     export NCCL_NVLS_ENABLE=0
     qwen_long_tail 512 "${STEPS:-10}" 560 --set engine.device=cuda:0 --set trainer.device=cuda:1 --set weight_sync.method=distributed
     pack x2e2e ;;
+  ipc)  # CUDA IPC sync with SGLang on the trainer's GPU: its contract test, a run, its cost beside disk's
+    timeout 60 python3 -m pytest -m gpu tests/test_trainer_core.py -k cuda_ipc -p no:cacheprovider -q 2>&1 | tail -2
+    K=cuda_ipc contract 200
+    tiny_run tiny-cuda-ipc 110 --set trainer.total_steps=40 --set weight_sync.method=cuda_ipc --set weight_sync.pause_mode=in_place
+    python3 benchmarks/summarize_runs.py $RUNS/tiny-cuda-ipc | tee "$OUT/runs-summary.txt"
+    timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda --engine sglang \
+      --engine-args "$SGL_ARGS" --methods disk,cuda_ipc --syncs 4 2>&1 | tee "$OUT/synccost-ipc.txt" | tail -4; pack ipc ;;
   synccost)
     timeout 200 python3 benchmarks/weight_sync_cost.py --model qwen2-0.5b --device cuda --methods disk,tensor --syncs 4 \
       2>&1 | tee "$OUT/synccost.txt" | tail -4

@@ -7,6 +7,8 @@ cache's writeback, so each sync is paired with its own measurement):
 - disk: write the snapshot (safetensors, as the export does) + read it back (as the engine does):
   bytes / write bandwidth + bytes / read bandwidth of a plain file of the same size;
 - tensor: the payload is encoded once and decoded once: 2 x bytes / copy bandwidth (torch clone);
+- cuda_ipc (SGLang on the trainer's GPU): the snapshot is copied on the device once and the engine
+  copies it into its parameters once: 2 x bytes / device copy bandwidth (a clone of the same size);
 - distributed: one broadcast of the same bytes in one buffer between two processes on the trainer's
   and the engine's devices (NCCL on GPUs, gloo on CPU), measured once before the syncs (the sync
   itself broadcasts flattened buckets of weight_sync.BUCKET_BYTES, one update request each);
@@ -116,13 +118,18 @@ def _broadcast_rank(rank: int, device: str, size: int, port: int, results) -> No
     dist.destroy_process_group()
 
 
-def copy_bandwidth(size: int) -> float:
+def copy_bandwidth(size: int, device: str = "cpu") -> float:
+    """Bytes/s of one clone of `size` bytes on `device`."""
     import torch
 
-    source = torch.empty(size, dtype=torch.uint8)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
     source.clone()  # warm-up
+    if source.is_cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
     source.clone()
+    if source.is_cuda:
+        torch.cuda.synchronize()
     return size / (time.perf_counter() - started)
 
 
@@ -179,6 +186,7 @@ def main() -> None:
         bounds = {
             "disk": lambda: file_seconds(weights_dir, size, chunk, into) + host_crossing_seconds(size, args.device),
             "tensor": lambda: 2 * size / copy_bandwidth(size) + host_crossing_seconds(size, args.device),
+            "cuda_ipc": lambda: 2 * size / copy_bandwidth(size, args.device),
         }
         if "distributed" in args.methods.split(","):
             broadcast = broadcast_seconds(size, args.device, engine_device)

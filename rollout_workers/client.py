@@ -294,6 +294,24 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def serialize_cuda_ipc(named_tensors: Mapping[str, torch.Tensor]) -> str:
+    """base64 of SGLang's MultiprocessingSerializer payload for load_format None: a ForkingPickler dump
+    of [(name, tensor)], where torch's reductions turn each CUDA tensor into an IPC handle of its
+    memory (no tensor data). This is the one pickle the project writes, because it is SGLang's wire
+    format for that handle; it never unpickles anything."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's CUDA IPC reductions with ForkingPickler)
+
+    not_cuda = [name for name, tensor in named_tensors.items() if not tensor.is_cuda]
+    if not_cuda:
+        raise InvalidRequest(f"CUDA IPC sends CUDA tensors only; not on a GPU: {not_cuda[:3]}")
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump([(name, tensor.detach()) for name, tensor in named_tensors.items()])
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def serialize_named_tensors(named_tensors: Mapping[str, torch.Tensor]) -> str:
     """base64(safetensors) — the agreed pickle-free replacement for SGLang's pickled tensors."""
     from safetensors.torch import save
@@ -675,6 +693,22 @@ class EngineClient:
                 "/update_weights_from_tensor", payload, weight_version if last else None, timeout_s
             )
         return message
+
+    async def update_weights_from_cuda_ipc(
+        self,
+        named_tensors: Mapping[str, torch.Tensor],
+        *,
+        flush_cache: bool = True,
+        weight_version: str | int | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
+        """SGLang's colocated update: the request carries CUDA IPC handles of the caller's GPU
+        tensors (its MultiprocessingSerializer payload), and SGLang copies from them on the same
+        GPU, so no byte crosses the host. The tensors must be complete on the device and must
+        neither change nor be freed until this returns."""
+        serialized = await asyncio.to_thread(serialize_cuda_ipc, named_tensors)
+        payload: dict[str, Any] = {"serialized_named_tensors": [serialized], "flush_cache": flush_cache}
+        return await self._update("/update_weights_from_tensor", payload, weight_version, timeout_s)
 
     async def init_weights_update_group(
         self,

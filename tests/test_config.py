@@ -87,7 +87,7 @@ def test_overrides_parse_toml_literals_and_fall_back_to_strings(tmp_path):
         (
             dict(TASK),
             ("weight_sync.method=carrier_pigeon",),
-            "weight_sync.method: invalid enum value 'carrier_pigeon' (expected one of disk, tensor, distributed)",
+            "weight_sync.method: invalid enum value 'carrier_pigeon' (expected one of disk, tensor, distributed, cuda_ipc)",
         ),
         (
             dict(TASK),
@@ -159,6 +159,40 @@ def test_trainer_logprobs_are_refused_where_the_engine_cannot_compute_them(overr
 def test_tensor_sync_is_refused_for_sglang_engines():
     message = config_error(TASK, "engine.kind=sglang", "weight_sync.method=tensor")
     assert "MultiprocessingSerializer" in message and "disk" in message
+
+
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["engine.kind=embedded"], "embedded engine never decodes"),
+        (["trainer.processes=2"], "one trainer process"),
+    ],
+)
+def test_cuda_ipc_sync_is_refused_unless_one_trainer_process_drives_sglang(overrides, refused):
+    assert refused in config_error(TASK, "weight_sync.method=cuda_ipc", "engine.kind=sglang", *overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["trainer.device=cpu"], "trainer is on cpu"),
+        (["trainer.device=cuda:1"], "engines on cuda:0"),  # SGLang's default GPU is 0
+        (["trainer.device=cuda:1", "engine.device=cuda:0"], "engines on cuda:0"),
+        (["trainer.device=cuda", "engine.device=cuda:0"], None),
+        (["trainer.device=cuda:1", "engine.device=cuda:1", "engine.count=2"], None),  # engines may share it
+    ],
+)
+def test_cuda_ipc_sync_needs_the_engines_on_the_trainers_gpu(overrides, refused):
+    from async_rl.orchestrator import check_supported
+
+    config = load_config("tiny", ["weight_sync.method=cuda_ipc", "engine.kind=sglang", *overrides])
+    if refused is None:
+        check_supported(config)
+        with pytest.raises(ConfigError, match="separate Ray bundles"):
+            check_supported(config, on_cluster=True)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_supported(config)
 
 
 @pytest.mark.parametrize(

@@ -356,7 +356,8 @@ async def test_a_retracted_group_resumes_from_its_partial_and_counts_it_recycled
 
 # ------------------------------------------------- pause, update, continue
 TENSOR_UPDATES = (
-    "tensor updates take SGLang's pickled MultiprocessingSerializer payload, which this project never sends"
+    "SGLang decodes tensor updates only as its pickled MultiprocessingSerializer payload (the project sends "
+    "that only as CUDA IPC handles), never as safetensors"
 )
 
 
@@ -515,6 +516,29 @@ async def test_update_weights_from_distributed_over_gloo(client, other_weights, 
     finally:
         await client.destroy_weights_update_group("test_sync")
         destroy(trainer_group)
+
+
+@pytest.mark.gpu
+async def test_cuda_ipc_update_serves_the_same_weights_as_disk(engine, client, other_weights):
+    """SGLang copies from the sender's GPU memory; the embedded engine never unpickles, so it refuses."""
+    on_gpu = {name: tensor.to("cuda") for name, tensor in other_weights["tensors"].items()}
+    version = await current_version(client)
+    if engine.kind == "embedded":
+        with pytest.raises(EngineError) as refused:
+            await client.update_weights_from_cuda_ipc(on_gpu, weight_version=version + 1)
+        assert refused.value.status == 400 and "never unpickles" in refused.value.message
+        assert await current_version(client) == version
+        return
+    await client.update_weights_from_cuda_ipc({n: t * 0.5 for n, t in on_gpu.items()}, weight_version=version + 1)
+    scaled = await client.generate(PROMPT, sampling_params=SHORT)
+    assert scaled.token_versions() == [version + 1] * 6
+    await client.update_weights_from_disk(str(other_weights["folder"]), weight_version=version + 2)
+    by_disk = await client.generate(PROMPT, sampling_params=SHORT)
+    await client.update_weights_from_cuda_ipc(on_gpu, weight_version=version + 3)
+    by_ipc = await client.generate(PROMPT, sampling_params=SHORT)
+    assert by_ipc.output_ids == by_disk.output_ids
+    assert by_ipc.output_logprobs == pytest.approx(by_disk.output_logprobs, abs=1e-4)
+    assert await current_version(client) == version + 3
 
 
 @pytest.mark.embedded_only(TENSOR_UPDATES)

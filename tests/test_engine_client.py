@@ -16,11 +16,13 @@ from rollout_workers.client import (
     EngineError,
     EngineTimeoutError,
     GenerateResult,
+    InvalidRequest,
     _decode,
     _error_message,
     _result_from_wire,
     _StreamAccumulator,
     _WireGenerate,
+    serialize_cuda_ipc,
     serialize_named_tensors,
 )
 from rollout_workers.launcher import (
@@ -180,6 +182,11 @@ def test_tensors_travel_as_base64_safetensors_including_shared_storage():
     for name, tensor in tied.items():
         assert decoded[name].dtype == tensor.dtype
         assert torch.equal(decoded[name], tensor)
+
+
+def test_cuda_ipc_payload_refuses_tensors_off_the_gpu():
+    with pytest.raises(InvalidRequest, match="CUDA tensors only"):
+        serialize_cuda_ipc({"w": torch.zeros(2)})
 
 
 def test_sglang_command_line_keeps_the_api_key_in_a_private_options_file(tmp_path):

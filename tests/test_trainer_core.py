@@ -353,6 +353,21 @@ def test_disk_export_is_the_state_at_export_while_training_goes_on(model_dir, tm
         assert_same_weights(before, dict(loaded.named_parameters()))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cuda_ipc_export_is_a_device_snapshot_training_does_not_touch(model_dir, device):
+    trainer = Trainer(*setup(model_dir, device=device, compute_dtype="bfloat16"))
+    if device == "cpu":
+        with pytest.raises(ValueError, match="needs one trainer rank on a CUDA device"):
+            trainer.export_weights("cuda_ipc", "")
+        return
+    before = {name: tensor.to("cpu", torch.bfloat16) for name, tensor in weights(trainer).items()}
+    export = trainer.export_weights("cuda_ipc", "")
+    assert export is not None and export.path == "" and all(t.is_cuda for t in export.tensors.values())
+    trainer.train_step(make_batch(model_dir))
+    assert any(not torch.equal(before[n], t.to("cpu", torch.bfloat16)) for n, t in weights(trainer).items())
+    assert_same_weights(before, {name: tensor.cpu() for name, tensor in export.tensors.items()})
+
+
 def test_fsdp_shards_each_decoder_layer(model_dir):
     from async_rl.trainer.distributed import shard_units
 

@@ -70,7 +70,8 @@ _TOKEN_MAXIMA = ("is_weight/max", "logprob/behav_current_max_abs")
 class WeightsExport(NamedTuple):
     version: int
     path: str  # disk: the HF folder engines load (once written); "" otherwise
-    tensors: dict[str, torch.Tensor]  # disk: the host snapshot to write there; otherwise the whole live tensors
+    # disk: the snapshot to write there; cuda_ipc: the device snapshot engines read; otherwise the live tensors
+    tensors: dict[str, torch.Tensor]
 
 
 class StepResult(msgspec.Struct, kw_only=True):
@@ -363,10 +364,14 @@ class Trainer:
         snapshot of the state that training does not touch (write_export writes it to
         weights_dir/v{version}, beside the next step), whole tensors otherwise. A collective under
         FSDP: every rank calls it, rank 0 gets the export, the others None."""
-        if method not in ("disk", "tensor", "distributed"):
-            raise ValueError(f"weight_sync.method={method!r} is not supported (use disk, tensor or distributed)")
+        if method not in ("disk", "tensor", "distributed", "cuda_ipc"):
+            raise ValueError(
+                f"weight_sync.method={method!r} is not supported (use disk, tensor, distributed or cuda_ipc)"
+            )
         if method == "disk":
             path, tensors = str(Path(weights_dir) / f"v{self.version}"), self._snapshot()
+        elif method == "cuda_ipc":
+            path, tensors = "", self._device_snapshot()
         else:
             path, tensors = "", dict(self.named_tensors())
         return WeightsExport(version=self.version, path=path, tensors=tensors) if self.rank == 0 else None
@@ -436,6 +441,20 @@ class Trainer:
         with torch.cuda.stream(copies):
             snapshot = {name: t.detach().to(self.compute_dtype, copy=True) for name, t in state.items()}
         training.wait_stream(copies)
+        return snapshot
+
+    def _device_snapshot(self) -> dict[str, torch.Tensor]:
+        """cuda_ipc: the snapshot, complete on the GPU on return (the engine reads it from another
+        process, which no stream of this one orders); earlier snapshots an engine held by IPC are
+        given back to the allocator first."""
+        if self.world_size > 1 or self.device.type != "cuda":
+            raise ValueError(
+                f"weight_sync.method = 'cuda_ipc' needs one trainer rank on a CUDA device "
+                f"(this trainer: {self.world_size} rank(s) on {self.device})"
+            )
+        torch.cuda.ipc_collect()
+        snapshot = self._snapshot()
+        self._copy_stream.synchronize()
         return snapshot
 
     @functools.cached_property
