@@ -104,7 +104,7 @@ case "${1:?stage}" in
       --steps 15 "${common[@]}" --keep $RUNS/e2e 2>&1 | tee "$OUT/e2e.txt" | tail -8; pack stage4 ;;
   april)
     timeout 380 python3 benchmarks/april.py --device cuda --max-new-tokens 512 --eta "${ETA:-2}" --alpha "${ALPHA:-0.25}" --steps 10 \
-      "${common[@]}" 2>&1 | tee "$OUT/april.txt" | tail -8 ;;
+      "${common[@]}" ${METHOD:+--set weight_sync.method=$METHOD} 2>&1 | tee "$OUT/april.txt" | tail -8 ;;
   contract)
     contract 560; pack contract ;;
   bench)
