@@ -201,8 +201,8 @@ async def load_weights(
             tensors, flush_cache=False, weight_version=str(version), timeout_s=timeout_s
         )
     elif method == "cuda_ipc":
-        update = lambda client: client.update_weights_from_cuda_ipc(  # noqa: E731
-            tensors, flush_cache=False, weight_version=str(version), timeout_s=timeout_s
+        update = lambda client: client.update_weights_from_tensor(  # noqa: E731
+            tensors, payload="cuda_ipc", flush_cache=False, weight_version=str(version), timeout_s=timeout_s
         )
     elif method == "distributed":
         if group is None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 PauseMode = Literal["abort", "retract", "in_place"]
+TensorPayload = Literal["safetensors", "cuda_ipc"]  # how update_weights_from_tensor carries the tensors
 TENSOR_REQUEST_BYTES = 256 << 20
 
 # Status codes that mean "try again shortly" for an idempotent read.
@@ -664,13 +665,21 @@ class EngineClient:
         self,
         named_tensors: Mapping[str, torch.Tensor],
         *,
+        payload: TensorPayload = "safetensors",
         flush_cache: bool = True,
         weight_version: str | int | None = None,
         timeout_s: float | None = None,
     ) -> str:
-        """Send tensors in request bodies as base64 safetensors (never pickle), at most
+        """safetensors (the embedded engine): tensors in request bodies as base64 safetensors, at most
         TENSOR_REQUEST_BYTES of tensor data per request (a body has a size limit; base64 adds a
-        third); the version and the flush come with the last request, once every tensor is in."""
+        third); the version and the flush come with the last request, once every tensor is in.
+        cuda_ipc (SGLang on the caller's GPU): one request with CUDA IPC handles of the tensors (its
+        MultiprocessingSerializer payload); SGLang copies from them on the GPU, no byte crosses the
+        host. The tensors must be complete on the device and unchanged and alive until this returns."""
+        if payload == "cuda_ipc":
+            serialized = await asyncio.to_thread(serialize_cuda_ipc, named_tensors)
+            body: dict[str, Any] = {"serialized_named_tensors": [serialized], "flush_cache": flush_cache}
+            return await self._update("/update_weights_from_tensor", body, weight_version, timeout_s)
         buckets: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, tensor in named_tensors.items():
@@ -684,31 +693,15 @@ class EngineClient:
         for i, bucket in enumerate(buckets):
             last = i == len(buckets) - 1
             serialized = await asyncio.to_thread(serialize_named_tensors, bucket)
-            payload: dict[str, Any] = {
+            body = {
                 "serialized_named_tensors": [serialized],
                 "load_format": "safetensors",
                 "flush_cache": flush_cache and last,
             }
             message = await self._update(
-                "/update_weights_from_tensor", payload, weight_version if last else None, timeout_s
+                "/update_weights_from_tensor", body, weight_version if last else None, timeout_s
             )
         return message
-
-    async def update_weights_from_cuda_ipc(
-        self,
-        named_tensors: Mapping[str, torch.Tensor],
-        *,
-        flush_cache: bool = True,
-        weight_version: str | int | None = None,
-        timeout_s: float | None = None,
-    ) -> str:
-        """SGLang's colocated update: the request carries CUDA IPC handles of the caller's GPU
-        tensors (its MultiprocessingSerializer payload), and SGLang copies from them on the same
-        GPU, so no byte crosses the host. The tensors must be complete on the device and must
-        neither change nor be freed until this returns."""
-        serialized = await asyncio.to_thread(serialize_cuda_ipc, named_tensors)
-        payload: dict[str, Any] = {"serialized_named_tensors": [serialized], "flush_cache": flush_cache}
-        return await self._update("/update_weights_from_tensor", payload, weight_version, timeout_s)
 
     async def init_weights_update_group(
         self,

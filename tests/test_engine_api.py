@@ -525,16 +525,17 @@ async def test_cuda_ipc_update_serves_the_same_weights_as_disk(engine, client, o
     version = await current_version(client)
     if engine.kind == "embedded":
         with pytest.raises(EngineError) as refused:
-            await client.update_weights_from_cuda_ipc(on_gpu, weight_version=version + 1)
+            await client.update_weights_from_tensor(on_gpu, payload="cuda_ipc", weight_version=version + 1)
         assert refused.value.status == 400 and "never unpickles" in refused.value.message
         assert await current_version(client) == version
         return
-    await client.update_weights_from_cuda_ipc({n: t * 0.5 for n, t in on_gpu.items()}, weight_version=version + 1)
+    scaled_weights = {n: t * 0.5 for n, t in on_gpu.items()}
+    await client.update_weights_from_tensor(scaled_weights, payload="cuda_ipc", weight_version=version + 1)
     scaled = await client.generate(PROMPT, sampling_params=SHORT)
     assert scaled.token_versions() == [version + 1] * 6
     await client.update_weights_from_disk(str(other_weights["folder"]), weight_version=version + 2)
     by_disk = await client.generate(PROMPT, sampling_params=SHORT)
-    await client.update_weights_from_cuda_ipc(on_gpu, weight_version=version + 3)
+    await client.update_weights_from_tensor(on_gpu, payload="cuda_ipc", weight_version=version + 3)
     by_ipc = await client.generate(PROMPT, sampling_params=SHORT)
     assert by_ipc.output_ids == by_disk.output_ids
     assert by_ipc.output_logprobs == pytest.approx(by_disk.output_logprobs, abs=1e-4)
