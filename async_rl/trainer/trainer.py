@@ -362,7 +362,8 @@ class Trainer:
     def export_weights(self, method: str, weights_dir: str | Path) -> WeightsExport | None:
         """The weights the engines load next, in the form weight sync `method` sends: for disk a
         snapshot of the state that training does not touch (write_export writes it to
-        weights_dir/v{version}, beside the next step), whole tensors otherwise. A collective under
+        weights_dir/v{version}, beside the next step), for cuda_ipc that snapshot complete on the GPU,
+        whole tensors otherwise. A collective under
         FSDP: every rank calls it, rank 0 gets the export, the others None."""
         if method not in ("disk", "tensor", "distributed", "cuda_ipc"):
             raise ValueError(
