@@ -95,6 +95,7 @@ def main() -> None:
         sync_rate, sync_pause = run(args.recipe, root / "sync", sync_overrides, sync=True)
         print(f"sync:                     {sync_rate:8.1f} trained samples/s   mean sync pause {sync_pause:.3f} s")
         for mode in args.pause_modes.split(","):
+            rates: dict[str, float] = {}
             for method in methods:
                 name = f"async-{mode}" if method is None else f"async-{mode}-{method}"
                 overrides = [
@@ -104,6 +105,7 @@ def main() -> None:
                     *method_set(method),
                 ]
                 rate, pause = run(args.recipe, root / name, overrides, sync=False)
+                rates[method or "recipe"] = rate
                 print(f"{name} (eta={args.eta}): {rate:8.1f} trained samples/s   mean sync pause {pause:.3f} s")
                 print(
                     f"RESULT e2e_async_vs_sync recipe={args.recipe} steps={args.steps} max_new_tokens={args.max_new_tokens} "
@@ -114,6 +116,12 @@ def main() -> None:
                 if args.limits:
                     limits = saturation.measure(root / name, groups=8 * args.steps, steps=args.steps - 1)
                     print(f"limits ({name}, eta={args.eta}): {limits.describe()}", flush=True)
+            first, *others = rates
+            for other in others:  # the methods side by side, same pause mode and baseline
+                print(
+                    f"RESULT e2e_methods pause_mode={mode} {first}/{other}={rates[first] / rates[other]:.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -200,12 +200,17 @@ def main() -> None:
             f"{'method':<8} {'export ms':>9} {'write ms':>8} {'pause ms':>8} {'update ms':>9} {'continue ms':>11} "
             f"{'bound ms':>8} {'(export+write+update)/bound':>28}"
         )
+        totals = {}
         for method in args.methods.split(","):
             m = asyncio.run(measure(method, trainer, engine.url, weights_dir, args.syncs, bounds[method]))
+            totals[method] = m["export"] + m["write"] + m["update"]
             print(
                 f"{method:<8} {m['export'] * 1e3:>9.1f} {m['write'] * 1e3:>8.1f} {m['pause'] * 1e3:>8.1f} "
                 f"{m['update'] * 1e3:>9.1f} {m['continue'] * 1e3:>11.1f} {m['bound'] * 1e3:>8.1f} {m['ratio']:>28.2f}"
             )
+        first, *others = totals
+        for other in others:  # side by side in this run: how many times longer the other method's sync takes
+            print(f"(export+write+update) {other} / {first}: {totals[other] / totals[first]:.2f}")
 
 
 if __name__ == "__main__":
