@@ -8,9 +8,12 @@ per-process files into one `{"traceEvents": [...]}` document; `merge_run` does
 that for a run (RUN_DIR/trace/<process>.json -> RUN_DIR/trace.json), as the
 orchestrator does when a run ends and `async-rl trace merge RUN_DIR` on demand.
 
-Times are wall-clock (time.time()) in microseconds so files from different
-processes line up; `complete` also takes explicit seconds, which is how the
-throughput simulator draws its simulated timeline with the same writer.
+Times are wall-clock seconds in microseconds so files from different
+processes line up, read from `wall_clock` (wall time at start-up plus the monotonic
+clock since): one clock for every span of a process, so a span timed inside
+another stays inside it even while the system clock is slewed; `complete` also
+takes explicit seconds, which is how the throughput simulator draws its
+simulated timeline with the same writer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from typing import Any
 
 TRACE_DIR = "trace"  # RUN_DIR/trace/<process>.json, one file per process
 MERGED_NAME = "trace.json"
+
+
+_WALL_AT_PERF_ZERO = time.time() - time.perf_counter()
+
+
+def wall_clock() -> float:
+    """Wall-clock seconds on this process's monotonic clock (see the module docstring)."""
+    return _WALL_AT_PERF_ZERO + time.perf_counter()
 
 
 def _us(seconds: float) -> float:
@@ -90,7 +101,7 @@ class Tracer:
                 "ph": "i",
                 "s": "t",
                 "name": name,
-                "ts": _us(time.time() if at_s is None else at_s),
+                "ts": _us(wall_clock() if at_s is None else at_s),
                 "tid": self._tid(track),
                 "args": args,
             }
@@ -102,11 +113,11 @@ class Tracer:
         if self._file is None:
             yield args
             return
-        start_wall, start = time.time(), time.perf_counter()
+        start = wall_clock()
         try:
             yield args
         finally:
-            self.complete(name, track, start_wall, start_wall + time.perf_counter() - start, **args)
+            self.complete(name, track, start, wall_clock(), **args)
 
     def close(self) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from async_rl.supervisor import NODE_ADDRESS_ENV
-from async_rl.trace import Tracer
+from async_rl.trace import Tracer, wall_clock
 from rollout_workers.client import EngineClient, EngineConnectionError, EngineError, EngineTimeoutError, PauseMode
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ async def export_weights(trainer, method: str, weights_dir: Path, tracer: Tracer
     tensors are let go once written, so only a write in flight holds one. A cuda_ipc export is a
     complete device snapshot the trainer may train beside; the engines read it until they are loaded."""
     tracer = tracer or Tracer(None)
-    started_wall, started = time.time(), time.perf_counter()
+    started_wall, started = wall_clock(), time.perf_counter()
     span = "gather weights" if method in LIVE_METHODS else "snapshot weights"
     with tracer.span(span, SYNC_TRACK, version=trainer.version):
         export = await asyncio.to_thread(trainer.export_weights, method, weights_dir)
@@ -296,7 +296,7 @@ async def _flush_prefix_cache(client: EngineClient) -> None:
 @contextlib.contextmanager
 def _phase(tracer: Tracer, name: str, track: str, seconds: dict[str, float], **args) -> Iterator[None]:
     """Time one engine's phase into `seconds[name]` and the trace (a failed phase is recorded too)."""
-    start_wall, start = time.time(), time.perf_counter()
+    start_wall, start = wall_clock(), time.perf_counter()
     try:
         yield
     finally:
