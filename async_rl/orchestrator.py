@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -131,6 +132,21 @@ def check_supported(config: RunConfig, on_cluster: bool = False) -> None:
         )
         if problem:
             raise ConfigError(problem)
+
+
+def check_context(config: RunConfig, model_dir: Path) -> None:
+    """Refuse a response budget the engines' context cannot hold with a prompt: both engines answer
+    every such request with HTTP 400, which the workers would retry for the whole run."""
+    model_config = json.loads((model_dir / "config.json").read_text())
+    context, source = model_config.get("max_position_embeddings"), f"max_position_embeddings in {model_dir}/config.json"
+    args = config.engine.extra_args
+    if config.engine.kind == "sglang" and "--context-length" in args[:-1]:
+        context, source = int(args[args.index("--context-length") + 1]), "--context-length in engine.extra_args"
+    if context is not None and config.rollout.max_new_tokens >= context:
+        raise ConfigError(
+            f"rollout.max_new_tokens={config.rollout.max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {context} tokens ({source}): lower it below {context}"
+        )
 
 
 def _check_cluster_devices(config: RunConfig) -> None:
@@ -337,6 +353,11 @@ async def run(config: RunConfig, ray_address: str | None = None) -> int:
         model_dir = resolve_model_spec(config.model.spec)
     except FileNotFoundError as exc:
         print(f"error: model.spec: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_context(config, model_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         engine_weights, start_version = _resume_point(config, model_dir)

@@ -18,7 +18,8 @@
 #   shapes (SHAPES, REPEATS) | engineprof: its decode steps profiled | exact: behaviour vs trainer
 #   logprobs, engine.trainer_logprobs on and off | x2sync, x2e2e: issue 17's runs on nvidia-h200-x2
 #   (NCCL sync; disaggregated async vs sync) | ipc: CUDA IPC sync (contract test, a run, its cost).
-#   perf512/snapshot512 take METHODS (an async run per weight_sync.method), limits512 RUN (the folder).
+#   perf512/snapshot512/perf2048 take METHODS (an async run per weight_sync.method) and STEPS, limits512 RUN
+#   (the folder) and TOKENS (2048: perf2048's run).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; S=/tmp/sglpkgs; RUNS=/tmp/gpu-runs; mkdir -p $RUNS
@@ -63,8 +64,8 @@ qwen_long_tail() {  # max_new_tokens, steps, seconds, extra benchmark flags...
 
 limits512() {  # seconds
   local steps=${STEPS:-10}  # the run's own steps (perf512, snapshot512)
-  timeout "$1" python3 benchmarks/saturation.py "$RUNS/qwen-512/${RUN:-async-in_place}" --groups $((8 * steps)) --steps $((steps - 1)) 2>&1 \
-    | tee "$OUT/limits-512.txt" | tail -6
+  timeout "$1" python3 benchmarks/saturation.py "$RUNS/qwen-${TOKENS:-512}/${RUN:-async-in_place}" --groups $((8 * steps)) --steps $((steps - 1)) 2>&1 \
+    | tee "$OUT/limits-${TOKENS:-512}.txt" | tail -6
 }
 
 case "${1:?stage}" in
@@ -121,7 +122,7 @@ case "${1:?stage}" in
     timeout 60 python3 -m pytest -m gpu tests/test_trainer_core.py -k disk_export -p no:cacheprovider -q 2>&1 | tail -2
     qwen_long_tail 512 "${STEPS:-10}" 530; pack snapshot512 ;;
   perf2048)
-    qwen_long_tail 2048 8 580; pack perf2048 ;;
+    qwen_long_tail 2048 "${STEPS:-8}" 580; pack perf2048 ;;
   smolreward)
     cp .gpu/p4/part* /tmp/parts/ && install_smollm2
     timeout 560 python3 benchmarks/e2e_async_vs_sync.py --recipe recipes/smollm2_arithmetic.toml --lengths natural \

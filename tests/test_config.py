@@ -214,3 +214,29 @@ def test_an_nccl_broadcast_needs_one_gpu_per_process(overrides, refused):
     else:
         with pytest.raises(ConfigError, match=refused):
             check_supported(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["rollout.max_new_tokens=2048"], "max_position_embeddings"),
+        (["rollout.max_new_tokens=2047"], None),
+        (["rollout.max_new_tokens=4096", "engine.kind=sglang", 'engine.extra_args=["--context-length","8192"]'], None),
+        (
+            ["rollout.max_new_tokens=4096", "engine.kind=sglang", 'engine.extra_args=["--context-length","4096"]'],
+            "--context-length",
+        ),
+    ],
+)
+def test_a_response_budget_must_leave_room_for_a_prompt(tmp_path, overrides, refused):
+    """SGLang answers prompt + max_new_tokens > context with HTTP 400 on every request (seen on the H200
+    with max_new_tokens 2048 on a 2048-token model): the run refuses to start instead."""
+    from async_rl.orchestrator import check_context
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    config = load_config("tiny", overrides)
+    if refused is None:
+        check_context(config, tmp_path)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_context(config, tmp_path)

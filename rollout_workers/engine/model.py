@@ -21,7 +21,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 TINY_FAMILIES = ("llama", "qwen2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The shape of Qwen2-0.5B (vocabulary aside): a realistic size for throughput benchmarks.
-QWEN2_0_5B = dict(hidden_size=896, num_layers=24, num_heads=14, num_key_value_heads=2, intermediate_size=4864)
+QWEN2_0_5B = dict(
+    hidden_size=896,
+    num_layers=24,
+    num_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    max_position_embeddings=32768,
+)
 
 # Characters the tiny tokenizer knows: enough for arithmetic and short word tasks.
 TINY_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
