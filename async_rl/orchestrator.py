@@ -99,10 +99,13 @@ def run_argv(
 
 
 def _aborts_waiting_requests(config: RunConfig) -> bool:
-    """Whether requests may be aborted while they wait in an engine's queue with tokens made: every
-    abort-mode sync (a retract, then abort_all), and an APRIL retraction that lands in a retract-mode sync."""
-    mode = config.weight_sync.pause_mode
-    return mode == "abort" or (config.april.enabled and mode == "retract")
+    """Whether every sync aborts requests while they wait in an engine's queue with tokens made (an
+    abort-mode sync is a retract, then abort_all): SGLang must then hand over every token (2.68x slower
+    generation, benchmarks/RESULTS.md) or each sync would cut up to 49 tokens off every request. An APRIL
+    retraction that happens to land in a retract-mode pause costs at most those tokens of the requests
+    it aborts (their returned prefix stays consistent and the rest is generated again on resume), so it
+    does not pay for every-token hand-over all run long."""
+    return config.weight_sync.pause_mode == "abort"
 
 
 def check_supported(config: RunConfig, on_cluster: bool = False) -> None:

@@ -224,9 +224,15 @@ def test_sglang_command_line_keeps_the_api_key_in_a_private_options_file(tmp_pat
 
 @pytest.mark.parametrize(
     "pause_mode, april, every_token",
-    [("abort", False, True), ("retract", True, True), ("retract", False, False), ("in_place", True, False)],
+    [
+        ("abort", False, True),
+        ("abort", True, True),
+        ("retract", True, False),
+        ("retract", False, False),
+        ("in_place", True, False),
+    ],
 )
-def test_sglang_hands_over_every_token_where_a_waiting_request_may_be_aborted(pause_mode, april, every_token):
+def test_sglang_hands_over_every_token_where_every_sync_aborts_waiting_requests(pause_mode, april, every_token):
     from async_rl.config import load_config
     from async_rl.orchestrator import _aborts_waiting_requests
 
