@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from async_rl.messages import LogprobArray, Timings, TokenArray, Trajectory
-from rollout_workers.client import EngineClientError, EngineConnectionError, EngineProtocolError
+from rollout_workers.client import EngineClientError, EngineConnectionError, EngineError, EngineProtocolError
 from rollout_workers.generate import Sample, continuation, extend, remaining_budget
 from rollout_workers.reward import RewardResult
 from rollout_workers.rollout_metrics import RolloutMetrics
@@ -191,7 +191,8 @@ async def drive(group: GroupRollout, pool, metrics: RolloutMetrics) -> None:
 
     One batched request per engine visit carries every unfinished sample as prompt + partial
     response with its remaining budget. An aborted sample that nobody stopped (a weight sync
-    in abort mode) is simply continued; a failing engine is avoided on the next try.
+    in abort mode) is simply continued; a failing engine is avoided on the next try; a refused
+    request (HTTP 400) drops the group.
     """
     avoid = None
     for failures in itertools.count():
@@ -226,6 +227,13 @@ async def drive(group: GroupRollout, pool, metrics: RolloutMetrics) -> None:
                 tokens = sum(len(r.output_ids) for r in results)
                 extended = [extend(group.samples[i], result) for i, result in zip(pending, results)]
             except EngineClientError as exc:
+                if isinstance(exc, EngineError) and exc.status == 400:
+                    # The request itself is refused (too long for the context, ids outside the vocabulary):
+                    # every engine serves the same model and would refuse it again, so the group ends here.
+                    log.error("group %s dropped: engine %d refused its request: %s", group.group_id, engine, exc)
+                    group.dropped = True
+                    metrics.counts["groups_refused"] += 1
+                    return
                 log.warning("group %s on engine %d failed (%d failures): %s", group.group_id, engine, failures + 1, exc)
                 if isinstance(exc, EngineConnectionError):
                     pool.mark_down(engine, exc)

@@ -29,6 +29,7 @@ COUNTERS = (
     "tokens_recycled",
     "tokens_wasted",
     "partials_dropped_stale",
+    "groups_refused",
     "groups_completed",
     "samples_completed",
 )

@@ -354,6 +354,26 @@ async def test_a_retracted_group_resumes_from_its_partial_and_counts_it_recycled
         await pool.close()
 
 
+async def test_a_group_whose_request_the_engine_refuses_is_dropped_not_retried(client, tmp_path):
+    """A request no engine will take (prompt + max_new_tokens beyond the context: HTTP 400 on both engine
+    kinds) drops its group at once; retrying it ran a GPU run into its wall limit."""
+    pool = EnginePool([client.url])
+    metrics = RolloutMetrics(tmp_path, 0, 1, 1, Tracer(None))
+    group = GroupRollout(
+        group_id="w0-refused-g0",
+        task=TaskSample(prompt="", metadata={}),
+        prompt_ids=PROMPT,
+        params=[{"max_new_tokens": 100_000, "ignore_eos": True}],
+        samples=[None],
+    )
+    try:
+        await asyncio.wait_for(drive(group, pool, metrics), WAIT_S)
+    finally:
+        await pool.close()
+    assert group.dropped and not group.complete
+    assert metrics.counts["groups_refused"] == 1
+
+
 # ------------------------------------------------- pause, update, continue
 TENSOR_UPDATES = (
     "SGLang decodes tensor updates only as its pickled MultiprocessingSerializer payload (the project sends "
