@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import msgspec
+from keep_folder import keep_folder  # benchmarks/keep_folder.py, beside this file
 
 from async_rl.metrics import read_metrics
 from async_rl.orchestrator import run_argv
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders (traces, logs) here")
+    parser.add_argument("--keep", type=keep_folder, default=None, help="keep the run folders (traces, logs) here")
     args = parser.parse_args()
     common = [
         f"rollout.max_new_tokens={args.max_new_tokens}",

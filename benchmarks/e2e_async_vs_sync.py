@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import saturation  # benchmarks/saturation.py, beside this file
+from keep_folder import keep_folder  # benchmarks/keep_folder.py, beside this file
 
 from async_rl.metrics import read_metrics
 from async_rl.orchestrator import run_argv
@@ -74,7 +75,7 @@ def main() -> None:
         help="forced: log-normal response lengths (recipes/long_tail.py); natural: the recipe's own (compare rewards)",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders (traces, logs) here")
+    parser.add_argument("--keep", type=keep_folder, default=None, help="keep the run folders (traces, logs) here")
     parser.add_argument(
         "--limits",
         action="store_true",

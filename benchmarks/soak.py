@@ -26,6 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import psutil
+from keep_folder import keep_folder  # benchmarks/keep_folder.py, beside this file
 
 from async_rl.chaos import component_pids, signal_component
 from async_rl.messages import decode
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--kill-every-s", type=float, default=45.0)
     parser.add_argument("--eta", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", type=Path, default=None, help="run folder to keep (default: a temporary one)")
+    parser.add_argument("--keep", type=keep_folder, default=None, help="run folder to keep (default: a temporary one)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     duration = args.minutes * 60
