@@ -146,9 +146,12 @@ def _start_supervisor(tmp_path: Path, mode: str, grace_s: float):
     )
 
     def pids_logged():
+        """Both children's pid lines, once each is whole (print's pieces may land as separate writes)."""
         logs = [tmp_path / "logs" / f"{name}.log" for name in ("a", "b")]
-        lines = [log.read_text().splitlines() if log.exists() else [] for log in logs]
-        return [int(pid) for first, *_ in lines for pid in first.split()] if all(lines) else None
+        texts = [log.read_text() if log.exists() else "" for log in logs]
+        if not all("\n" in text for text in texts):
+            return None
+        return [int(pid) for text in texts for pid in text.split("\n", 1)[0].split()]
 
     return process, wait_for(pids_logged, what="children to start")
 
