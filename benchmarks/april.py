@@ -82,8 +82,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/april_tiny.toml")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--eta", type=int, default=1)
-    parser.add_argument("--alpha", type=float, default=0.25)
+    parser.add_argument("--eta", type=int, default=None, help="staleness.eta; default: the recipe's")
+    parser.add_argument("--alpha", type=float, default=None, help="april.alpha; default: the recipe's")
     parser.add_argument("--device", default="cpu", help="model.device: cpu, cuda, cuda:N")
     parser.add_argument(
         "--model", default=None, help="model.spec: a model folder, tiny:llama, tiny:qwen2, qwen2-0.5b, smollm2"
@@ -96,23 +96,27 @@ def main() -> None:
     common = [
         f"rollout.max_new_tokens={args.max_new_tokens}",
         f"trainer.total_steps={args.steps}",
-        f"staleness.eta={args.eta}",
         f"model.device={args.device!r}",
         f"engine.count={args.engines}",
-        f"april.alpha={args.alpha}",
         "run.max_wall_s=600",
     ]
+    if args.eta is not None:
+        common.append(f"staleness.eta={args.eta}")
+    if args.alpha is not None:
+        common.append(f"april.alpha={args.alpha}")
     if args.model:
         common.append(f"model.spec={args.model!r}")
     common += args.overrides
     sides: dict[str, list[Side]] = {"april": [], "async": [], "sync": []}
+    configs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="april-bench-") as scratch:
         for repeat in range(args.repeats):
             order = [("april", "true", False), ("async", "false", False), ("sync", "false", True)]
             for label, enabled, sync in order if repeat % 2 == 0 else order[::-1]:
                 run_dir = (args.keep or Path(scratch)) / f"{label}{repeat}"
                 run(args.recipe, run_dir, [*common, f"april.enabled={enabled}"], sync)
-                sides[label].append(measure(run_dir, group_size=_group_size(run_dir)))
+                configs[label] = msgspec.json.decode((run_dir / "config.json").read_bytes())
+                sides[label].append(measure(run_dir, group_size=configs[label]["rollout"]["group_size"]))
                 side = sides[label][-1]
                 print(
                     f"{label:6s} trained {side.trained_groups_s:7.2f} groups/s  completed "
@@ -124,19 +128,17 @@ def main() -> None:
                 )
     trained = {k: sum(s.trained_groups_s for s in v) / args.repeats for k, v in sides.items()}
     completed = {k: sum(s.completed_groups_s for s in v) / args.repeats for k, v in sides.items()}
+    config = configs["april"]
     print(
         f"RESULT april recipe={args.recipe} device={args.device} model={args.model or 'recipe'} steps={args.steps} "
-        f"max_new_tokens={args.max_new_tokens} eta={args.eta} alpha={args.alpha} repeats={args.repeats} "
+        f"max_new_tokens={args.max_new_tokens} eta={config['staleness']['eta']} alpha={config['april']['alpha']} "
+        f"group_size={config['rollout']['group_size']} repeats={args.repeats} "
         f"april_groups_s={trained['april']:.2f} async_groups_s={trained['async']:.2f} "
         f"sync_groups_s={trained['sync']:.2f} april/async={trained['april'] / trained['async']:.2f} "
         f"april/sync={trained['april'] / trained['sync']:.2f} "
         f"completed april/async={completed['april'] / completed['async']:.2f} "
         f"april/sync={completed['april'] / completed['sync']:.2f}"
     )
-
-
-def _group_size(run_dir: Path) -> int:
-    return msgspec.json.decode((run_dir / "config.json").read_bytes())["rollout"]["group_size"]
 
 
 if __name__ == "__main__":

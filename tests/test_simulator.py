@@ -93,6 +93,25 @@ def test_april_beats_async_on_heavy_tails(eta):
     assert april.max_staleness <= eta
 
 
+@pytest.mark.parametrize("group_size, low, high", [(4, 1.1, 10.0), (16, 0.0, 1.0)])
+def test_on_one_engine_april_pays_off_with_small_groups_only(group_size, low, high):
+    """recipes/april_small_groups.toml's map (GPU-like costs, 128 samples per step, the recipes' long tail):
+    a group of 16 nearly always holds a sample near the cap, so extra groups are tail-bound too."""
+    gpu_like = SimParams(decode_base=0.012, train_base=0.9, sync_time=0.06)
+    common = dict(
+        n_engines=1,
+        batch_groups=128 // group_size,
+        group_size=group_size,
+        eta=1,
+        steps=30,
+        max_new_tokens=512,
+        lengths=LengthDist(kind="lognormal", median=64, sigma=1.25),
+    )
+    plain = simulate(SimConfig(mode="async", **common), gpu_like)
+    april = simulate(SimConfig(mode="april", alpha=1.0, **common), gpu_like)
+    assert low < april.samples_per_s / plain.samples_per_s < high
+
+
 def heavy_tail_config(mode: str, eta: int, **extra) -> SimConfig:
     """Five engines, a heavy tail up to 2,000 tokens: where staleness would break first."""
     return SimConfig(
