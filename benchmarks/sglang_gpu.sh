@@ -6,7 +6,7 @@
 # .gpu/p{1..4} (part000..part003) with .gpu/p4/smollm2.sha256.
 #   stage1 [chunk1] | stage2 [chunk2 .gpu/small .gpu/p1]: install | contract: the contract suite (K:
 #   a -k filter) | stage3 [.gpu/p2 .gpu/p3]: runs in every pause mode, trainer memory | stage4
-#   [.gpu/p4]: SmolLM2 run, e2e async vs sync | april: APRIL vs async vs sync (RECIPE, ETA, ALPHA: the recipe's, METHOD) | bench:
+#   [.gpu/p4]: SmolLM2 run, e2e async vs sync | april: APRIL vs async vs sync (RECIPE, ETA, ALPHA: the recipe's, METHOD, STEPS, LIMIT: seconds) | bench:
 #   engine throughput, SGLang's hand-over intervals | perf512, perf2048 [perf512 carries .gpu/p2
 #   .gpu/p3]: Qwen2-0.5B long tail, async vs sync (STEPS) | limits512: the saturated rates of
 #   perf512's async run | snapshot512: the CUDA snapshot test and perf512 in one command |
@@ -105,8 +105,8 @@ case "${1:?stage}" in
       --steps 15 "${common[@]}" --keep $RUNS/e2e 2>&1 | tee "$OUT/e2e.txt" | tail -8; pack stage4 ;;
   april)
     recipe=${RECIPE:-recipes/april_tiny.toml}; name=$(basename "$recipe" .toml)-eta${ETA:-2}-${METHOD:-disk}
-    timeout 380 python3 benchmarks/april.py --recipe "$recipe" --device cuda --max-new-tokens 512 --eta "${ETA:-2}" \
-      ${ALPHA:+--alpha $ALPHA} --steps 10 "${common[@]}" ${METHOD:+--set weight_sync.method=$METHOD} --keep "$RUNS/$name" 2>&1 \
+    timeout "${LIMIT:-380}" python3 benchmarks/april.py --recipe "$recipe" --device cuda --max-new-tokens 512 --eta "${ETA:-2}" \
+      ${ALPHA:+--alpha $ALPHA} --steps "${STEPS:-10}" "${common[@]}" ${METHOD:+--set weight_sync.method=$METHOD} --keep "$RUNS/$name" 2>&1 \
       | tee "$OUT/$name.txt" | tail -8; pack "$name" ;;
   contract)
     contract 560; pack contract ;;
